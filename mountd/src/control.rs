@@ -1,0 +1,207 @@
+//! The control API: HTTP/1.1 + JSON on a unix socket (mode 0600), paths under `/v1`. Wire
+//! types and the endpoint table are in `volfs::api`. Handlers run the blocking work (index,
+//! mount syscalls) on tokio's blocking pool.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use volfs::api::{self, CreateVolume, MountInfo, MountRequest, PruneReply, PruneRequest, Status, UnmountRequest, VolumeInfo};
+use volfs::ids::VolumeName;
+use volfs::meta::VolumeRecord;
+use volfs::volume::CreateOptions;
+use volfs::Error;
+
+use crate::mounts::Mounts;
+
+pub struct Daemon {
+    pub mounts: Arc<Mounts>,
+    pub started: Instant,
+}
+
+pub struct ApiError(Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        tracing::warn!("control API: {}", self.0);
+        (status, Json(api::ErrorBody { error: self.0.to_string() })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> volfs::Result<T> + Send + 'static) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError),
+        Err(e) => Err(ApiError(Error::Db(format!("worker failed: {e}")))),
+    }
+}
+
+pub fn router(d: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/prune", post(prune))
+        .route("/v1/volumes/{name}", get(inspect).delete(remove))
+        .route("/v1/mounts", get(list_mounts).post(mount))
+        .route("/v1/unmount", post(unmount))
+        .with_state(d)
+}
+
+/// Builds the API view of a volume.
+pub fn volume_info(d: &Daemon, rec: &VolumeRecord) -> volfs::Result<VolumeInfo> {
+    let fs = d.mounts.volume_fs(&rec.name);
+    let bytes_used = match &fs {
+        Some(fs) => fs.used_bytes(),
+        None => d.mounts.registry().used_bytes(rec)?,
+    };
+    let mut options = std::collections::BTreeMap::new();
+    if let Some(s) = rec.size {
+        options.insert("size".to_string(), s.to_string());
+    }
+    if rec.read_only {
+        options.insert("ro".to_string(), "true".to_string());
+    }
+    Ok(VolumeInfo {
+        name: rec.name.clone(),
+        created: api::rfc3339(rec.created),
+        labels: rec.labels.clone(),
+        options,
+        read_only: rec.read_only,
+        size: rec.size,
+        bytes_used,
+        mountpoints: d.mounts.mountpoints(&rec.name).into_iter().map(|m| m.target.display().to_string()).collect(),
+        open_handles: fs.map(|f| f.open_handles()).unwrap_or(0),
+    })
+}
+
+pub fn create(d: &Daemon, req: &CreateVolume) -> volfs::Result<VolumeInfo> {
+    let name = VolumeName::new(&req.name)?;
+    let mut opts = CreateOptions { labels: req.labels.clone(), read_only: req.read_only, ..Default::default() };
+    for (k, v) in &req.opts {
+        opts.set_opt(k, v)?;
+    }
+    let rec = d.mounts.registry().create(&name, &opts)?;
+    volume_info(d, &rec)
+}
+
+pub fn remove_volume(d: &Daemon, name: &str, force: bool) -> volfs::Result<()> {
+    let name = VolumeName::new(name)?;
+    d.mounts.registry().require(&name)?;
+    let mps = d.mounts.mountpoints(name.as_str());
+    if !mps.is_empty() && !force {
+        return Err(Error::Busy(format!(
+            "volume {name} (mounted at {}; unmount it or use --force)",
+            mps.iter().map(|m| m.target.display().to_string()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    d.mounts.detach_volume(name.as_str())?;
+    d.mounts.registry().remove(&name)
+}
+
+async fn status(State(d): State<Arc<Daemon>>) -> ApiResult<Status> {
+    let d2 = d.clone();
+    Ok(Json(blocking(move || {
+        let store = d2.mounts.registry().store().clone();
+        let (total, free) = volfs::fs::disk_space(&store.data_dir);
+        let vols = d2.mounts.registry().list()?;
+        let volumes = vols.iter().map(|r| volume_info(&d2, r)).collect::<volfs::Result<Vec<_>>>()?;
+        let logical: u64 = volumes.iter().map(|v| v.bytes_used).sum();
+        let corrupt = store.chunks.stats.corrupt.load(std::sync::atomic::Ordering::Relaxed);
+        let mut warnings = Vec::new();
+        if total > 0 && free * 10 < total {
+            warnings.push(format!("data dir {} is over 90% full ({free} bytes free)", store.data_dir.display()));
+        }
+        if corrupt > 0 {
+            warnings.push(format!("{corrupt} chunk reads failed verification (run volfs fsck)"));
+        }
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_secs: d2.started.elapsed().as_secs(),
+            data_dir: store.data_dir.display().to_string(),
+            data_dir_free_bytes: free,
+            data_dir_total_bytes: total,
+            volumes,
+            stored_bytes: store.chunks.disk_bytes(),
+            logical_bytes: logical,
+            corrupt_chunks: corrupt,
+            warnings,
+        })
+    })
+    .await?))
+}
+
+async fn list_volumes(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<VolumeInfo>> {
+    Ok(Json(
+        blocking(move || d.mounts.registry().list()?.iter().map(|r| volume_info(&d, r)).collect()).await?,
+    ))
+}
+
+async fn create_volume(State(d): State<Arc<Daemon>>, Json(req): Json<CreateVolume>) -> ApiResult<VolumeInfo> {
+    Ok(Json(blocking(move || create(&d, &req)).await?))
+}
+
+async fn inspect(State(d): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult<VolumeInfo> {
+    Ok(Json(
+        blocking(move || {
+            let rec = d.mounts.registry().require(&VolumeName::new(&name)?)?;
+            volume_info(&d, &rec)
+        })
+        .await?,
+    ))
+}
+
+#[derive(Deserialize)]
+struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn remove(State(d): State<Arc<Daemon>>, Path(name): Path<String>, Query(q): Query<ForceQuery>) -> ApiResult<serde_json::Value> {
+    blocking(move || remove_volume(&d, &name, q.force)).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn prune(State(d): State<Arc<Daemon>>, Json(req): Json<PruneRequest>) -> ApiResult<PruneReply> {
+    Ok(Json(
+        blocking(move || {
+            let mut removed = Vec::new();
+            for rec in d.mounts.registry().list()? {
+                if api::labels_match(&rec.labels, &req.filters) && d.mounts.mountpoints(&rec.name).is_empty() {
+                    remove_volume(&d, &rec.name, false)?;
+                    removed.push(rec.name);
+                }
+            }
+            Ok(PruneReply { removed })
+        })
+        .await?,
+    ))
+}
+
+async fn list_mounts(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<MountInfo>> {
+    Ok(Json(blocking(move || d.mounts.recorded()).await?))
+}
+
+async fn mount(State(d): State<Arc<Daemon>>, Json(req): Json<MountRequest>) -> ApiResult<MountInfo> {
+    Ok(Json(
+        blocking(move || d.mounts.mount(&VolumeName::new(&req.volume)?, &PathBuf::from(&req.target), req.read_only)).await?,
+    ))
+}
+
+async fn unmount(State(d): State<Arc<Daemon>>, Json(req): Json<UnmountRequest>) -> ApiResult<serde_json::Value> {
+    blocking(move || d.mounts.unmount(&PathBuf::from(&req.target), false)).await?;
+    Ok(Json(serde_json::json!({})))
+}

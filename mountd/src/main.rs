@@ -1,0 +1,166 @@
+//! `volfs-mountd`: the volfs daemon. It owns the data dir (index + packs), serves each mounted
+//! volume over FUSE (see `fuse` and `mounts`) and answers the control API (see `control`).
+mod config;
+mod control;
+mod fuse;
+mod mounts;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use volfs::chunk::Compression;
+use volfs::store::{Store, StoreOptions};
+use volfs::volume::Registry;
+
+#[derive(Parser, Debug)]
+#[command(name = "volfs-mountd", version, about = "volfs daemon: persistent volumes for containers over FUSE")]
+struct Args {
+    /// Config file (default /etc/volfs/volfs.toml if it exists). Env VOLFS_CONFIG.
+    #[arg(long, env = "VOLFS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data dir (overrides config and VOLFS_DATA_DIR).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Control socket (overrides config and VOLFS_SOCKET).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Runtime dir for volume connections (overrides config and VOLFS_RUN_DIR).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let cfg = match config::Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("volfs-mountd: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let mut cfg = cfg;
+    if let Some(d) = args.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(s) = args.socket {
+        cfg.socket = s;
+    }
+    if let Some(r) = args.run_dir {
+        cfg.run_dir = r;
+    }
+    if let Some(f) = args.log_format {
+        cfg.log_format = f;
+    }
+    if let Err(e) = init_logging(&cfg.log_format) {
+        eprintln!("volfs-mountd: {e:#}");
+        std::process::exit(1);
+    }
+    if let Err(e) = run(cfg) {
+        tracing::error!("{e:#}");
+        eprintln!("volfs-mountd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        "json" => b.json().init(),
+        // Under systemd the journal adds its own timestamps.
+        "text" if std::env::var_os("JOURNAL_STREAM").is_some() => b.without_time().with_ansi(false).init(),
+        "text" => b.init(),
+        other => anyhow::bail!("unknown log format {other:?} (expected text or json)"),
+    }
+    Ok(())
+}
+
+fn run(cfg: config::Config) -> anyhow::Result<()> {
+    let compression = Compression::parse(&cfg.compression).context("config key compression")?;
+    let store = Arc::new(Store::open(
+        &cfg.data_dir,
+        &StoreOptions { compression, chunk_cache_bytes: cfg.chunk_cache_mb << 20 },
+    )?);
+    let registry = Arc::new(Registry::new(store.clone()));
+    let fuse_opts = fuse::FuseOptions {
+        ttl: Duration::from_millis(cfg.attr_ttl_ms),
+        writeback_cache: cfg.writeback_cache,
+        workers: cfg.fuse_threads.max(1),
+    };
+    let mounts = mounts::Mounts::new(registry, &cfg.run_dir, fuse_opts)?;
+    let listener = bind_socket(&cfg.socket)?;
+    let daemon = Arc::new(control::Daemon { mounts: mounts.clone(), started: Instant::now() });
+    tracing::info!(data_dir = %cfg.data_dir.display(), socket = %cfg.socket.display(), "volfs-mountd {} starting", env!("CARGO_PKG_VERSION"));
+    mounts.restore()?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let served = mounts.clone();
+    let result = rt.block_on(async move {
+        let mounts = served;
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        let reaper = mounts.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let m = reaper.clone();
+                let _ = tokio::task::spawn_blocking(move || m.reap_idle()).await;
+            }
+        });
+        notify_systemd("READY=1");
+        let app = control::router(daemon);
+        axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+        anyhow::Ok(())
+    });
+    tracing::info!("shutting down: flushing volumes");
+    notify_systemd("STOPPING=1");
+    mounts.shutdown();
+    store.sync()?;
+    let _ = std::fs::remove_file(&cfg.socket);
+    result
+}
+
+fn bind_socket(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("another volfs-mountd already answers on {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let l = std::os::unix::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+/// sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET.
+fn notify_systemd(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let p = PathBuf::from(&path);
+    if let Err(e) = sock.send_to(msg.as_bytes(), &p) {
+        tracing::warn!("sd_notify to {}: {e}", p.display());
+    }
+}

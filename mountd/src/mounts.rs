@@ -1,0 +1,405 @@
+//! The mount table: one FUSE connection per volume, and every user-visible mountpoint a bind
+//! mount of it.
+//!
+//! - A volume's connection (its "primary") is mounted at `<run dir>/mnt/<volume>` the first
+//!   time something mounts the volume. `mount -t volfs`, `volfs mount` and Docker all get bind
+//!   mounts of it (read-only ones are remounted `ro`), so all mountpoints share one superblock:
+//!   one page cache, one attribute cache and one lock table.
+//! - Mountpoints are read from /proc/self/mountinfo (by the connection's device number), so a
+//!   plain `umount DIR` is seen without telling the daemon.
+//! - Mounts made through the API are recorded in the index (`mounts` column family) and made
+//!   again when the daemon starts.
+//! - A primary with no mountpoints and no holders (Docker references) for a while is unmounted.
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use volfs::api::MountInfo;
+use volfs::db::{Batch, Cf};
+use volfs::fs::VolumeFs;
+use volfs::ids::VolumeName;
+use volfs::meta::{self, MountRecord, MOUNT_VERSION};
+use volfs::volume::Registry;
+use volfs::{Error, Result};
+
+use crate::fuse::{FuseFs, FuseOptions};
+
+/// How long an unused primary stays mounted.
+const IDLE_GRACE: Duration = Duration::from_secs(30);
+
+struct Active {
+    fs: Arc<VolumeFs>,
+    primary: PathBuf,
+    dev: u64,
+    last_used: Instant,
+    _session: fuser::BackgroundSession,
+}
+
+pub struct Mounts {
+    registry: Arc<Registry>,
+    run_dir: PathBuf,
+    fuse: FuseOptions,
+    active: Mutex<HashMap<String, Active>>,
+    /// Holders other than mountpoints (Docker mount references), by volume.
+    holders: Mutex<HashMap<String, usize>>,
+}
+
+fn cstr(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Invalid(format!("path {} contains NUL", p.display())))
+}
+
+fn sys_mount(src: Option<&Path>, target: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> std::io::Result<()> {
+    let src = src.map(cstr).transpose().map_err(std::io::Error::other)?;
+    let target = cstr(target).map_err(std::io::Error::other)?;
+    let fstype = fstype.map(CString::new).transpose().map_err(std::io::Error::other)?;
+    let data = data.map(CString::new).transpose().map_err(std::io::Error::other)?;
+    // SAFETY: all pointers are valid C strings (or null) for the duration of the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            target.as_ptr(),
+            fstype.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            flags,
+            data.as_ref().map_or(std::ptr::null(), |s| s.as_ptr() as *const libc::c_void),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+pub fn sys_umount(target: &Path, flags: i32) -> std::io::Result<()> {
+    let t = cstr(target).map_err(std::io::Error::other)?;
+    // SAFETY: t is a valid C string.
+    if unsafe { libc::umount2(t.as_ptr(), flags) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+pub struct MountEntry {
+    pub dev: u64,
+    pub target: PathBuf,
+    pub fstype: String,
+    pub source: String,
+    pub read_only: bool,
+}
+
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn mountinfo() -> Vec<MountEntry> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    text.lines().filter_map(parse_mountinfo_line).collect()
+}
+
+fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
+    let (left, right) = line.split_once(" - ")?;
+    let f: Vec<&str> = left.split(' ').collect();
+    let (maj, min) = f.get(2)?.split_once(':')?;
+    let dev = libc::makedev(maj.parse().ok()?, min.parse().ok()?);
+    let r: Vec<&str> = right.split(' ').collect();
+    Some(MountEntry {
+        dev,
+        target: PathBuf::from(unescape(f.get(4)?)),
+        read_only: f.get(5)?.split(',').any(|o| o == "ro"),
+        fstype: r.first()?.to_string(),
+        source: unescape(r.get(1)?),
+    })
+}
+
+impl Mounts {
+    pub fn new(registry: Arc<Registry>, run_dir: &Path, fuse: FuseOptions) -> Result<Arc<Mounts>> {
+        let mnt = run_dir.join("mnt");
+        std::fs::create_dir_all(&mnt).map_err(|e| Error::io(format!("creating {}", mnt.display()), e))?;
+        Ok(Arc::new(Mounts {
+            registry,
+            run_dir: run_dir.to_path_buf(),
+            fuse,
+            active: Mutex::new(HashMap::new()),
+            holders: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    fn primary_path(&self, vol: &VolumeName) -> PathBuf {
+        self.run_dir.join("mnt").join(vol.as_str())
+    }
+
+    /// Mounts the volume's FUSE connection if it is not up, and returns its primary path.
+    pub fn activate(&self, vol: &VolumeName) -> Result<PathBuf> {
+        let mut active = self.active.lock();
+        if let Some(a) = active.get_mut(vol.as_str()) {
+            a.last_used = Instant::now();
+            return Ok(a.primary.clone());
+        }
+        let rec = self.registry.require(vol)?;
+        let fs = VolumeFs::load(self.registry.store().clone(), &rec)?;
+        let primary = self.primary_path(vol);
+        // A primary left over from a daemon that died is a dead FUSE mount: detach it.
+        if mountinfo().iter().any(|m| m.target == primary) {
+            let _ = sys_umount(&primary, libc::MNT_DETACH);
+        }
+        std::fs::create_dir_all(&primary).map_err(|e| Error::io(format!("creating {}", primary.display()), e))?;
+        let dev_fuse: OwnedFd = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .map_err(|e| Error::io("opening /dev/fuse (is the fuse module loaded and /dev/fuse usable?)", e))?
+            .into();
+        let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+        if rec.read_only {
+            flags |= libc::MS_RDONLY;
+        }
+        let data = format!(
+            "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other,max_read={}",
+            dev_fuse.as_raw_fd(),
+            1 << 20
+        );
+        sys_mount(Some(Path::new(vol.as_str())), &primary, Some("fuse.volfs"), flags, Some(&data))
+            .map_err(|e| Error::io(format!("mounting volume {vol} at {}", primary.display()), e))?;
+        let mut cfg = fuser::Config::default();
+        cfg.acl = fuser::SessionACL::All;
+        cfg.n_threads = Some(self.fuse.workers.max(1));
+        cfg.clone_fd = true;
+        let session = fuser::Session::from_fd(FuseFs::new(fs.clone(), self.fuse.clone()), dev_fuse, fuser::SessionACL::All, cfg)
+            .and_then(|s| s.spawn());
+        let session = match session {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = sys_umount(&primary, libc::MNT_DETACH);
+                return Err(Error::io(format!("starting FUSE session for volume {vol}"), e));
+            }
+        };
+        let dev = std::fs::metadata(&primary)
+            .map_err(|e| Error::io(format!("volume {vol} does not answer at {}", primary.display()), e))?
+            .dev();
+        tracing::info!(volume = %vol, primary = %primary.display(), "volume connection up");
+        active.insert(
+            vol.to_string(),
+            Active { fs, primary: primary.clone(), dev, last_used: Instant::now(), _session: session },
+        );
+        Ok(primary)
+    }
+
+    /// Mountpoints of a volume (bind mounts of its primary, not the primary itself).
+    pub fn mountpoints(&self, vol: &str) -> Vec<MountEntry> {
+        let active = self.active.lock();
+        let Some(a) = active.get(vol) else { return Vec::new() };
+        let (dev, primary) = (a.dev, a.primary.clone());
+        drop(active);
+        mountinfo().into_iter().filter(|m| m.dev == dev && m.target != primary).collect()
+    }
+
+    pub fn volume_fs(&self, vol: &str) -> Option<Arc<VolumeFs>> {
+        self.active.lock().get(vol).map(|a| a.fs.clone())
+    }
+
+    /// Mounts `vol` at `target` (a bind mount of its primary), read-only if asked or if the
+    /// volume is read-only, and records it so that it comes back after a restart.
+    pub fn mount(&self, vol: &VolumeName, target: &Path, read_only: bool) -> Result<MountInfo> {
+        if !target.is_absolute() {
+            return Err(Error::Invalid(format!("mount target {} is not an absolute path", target.display())));
+        }
+        let md = std::fs::metadata(target).map_err(|e| Error::io(format!("mount target {}", target.display()), e))?;
+        if !md.is_dir() {
+            return Err(Error::Invalid(format!("mount target {} is not a directory", target.display())));
+        }
+        let primary = self.activate(vol)?;
+        let dev = self.active.lock().get(vol.as_str()).map(|a| a.dev).unwrap_or(0);
+        if let Some(existing) = mountinfo().into_iter().find(|m| m.target == target && m.fstype == "fuse.volfs") {
+            if existing.dev == dev && existing.read_only == read_only {
+                return Ok(MountInfo { volume: vol.to_string(), target: target.display().to_string(), read_only });
+            }
+            return Err(Error::Busy(format!("{} (already a volfs mountpoint of {})", target.display(), existing.source)));
+        }
+        sys_mount(Some(&primary), target, None, libc::MS_BIND, None)
+            .map_err(|e| Error::io(format!("bind-mounting volume {vol} at {}", target.display()), e))?;
+        let ro = read_only || self.registry.require(vol)?.read_only;
+        if ro {
+            if let Err(e) = sys_mount(None, target, None, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV, None) {
+                let _ = sys_umount(target, libc::MNT_DETACH);
+                return Err(Error::io(format!("making {} read-only", target.display()), e));
+            }
+        }
+        // Answer only once the mount answers.
+        let ok = std::fs::metadata(target).map(|m| m.dev() == dev).unwrap_or(false);
+        if !ok {
+            let _ = sys_umount(target, libc::MNT_DETACH);
+            return Err(Error::Io {
+                context: format!("volume {vol} mounted at {} does not answer", target.display()),
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        let mut b = Batch::new();
+        b.put(
+            Cf::Mounts,
+            target.as_os_str().as_bytes().to_vec(),
+            meta::encode(MOUNT_VERSION, &MountRecord { volume: vol.to_string(), read_only: ro }),
+        );
+        self.registry.store().engine.write(b, true)?;
+        tracing::info!(volume = %vol, target = %target.display(), read_only = ro, "mounted");
+        Ok(MountInfo { volume: vol.to_string(), target: target.display().to_string(), read_only: ro })
+    }
+
+    /// Unmounts a mountpoint made by `mount` (or any bind mount of a volume's connection).
+    pub fn unmount(&self, target: &Path, lazy: bool) -> Result<()> {
+        let entry = mountinfo().into_iter().rev().find(|m| m.target == target);
+        let ours = entry.as_ref().is_some_and(|m| m.fstype == "fuse.volfs");
+        let recorded = self.registry.store().engine.get(Cf::Mounts, target.as_os_str().as_bytes())?.is_some();
+        if !ours && !recorded {
+            return Err(Error::NotFound(format!("volfs mount at {}", target.display())));
+        }
+        if ours {
+            sys_umount(target, if lazy { libc::MNT_DETACH } else { 0 }).map_err(|e| {
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    Error::Busy(format!("{} (files are open on it)", target.display()))
+                } else {
+                    Error::io(format!("unmounting {}", target.display()), e)
+                }
+            })?;
+        }
+        let mut b = Batch::new();
+        b.delete(Cf::Mounts, target.as_os_str().as_bytes().to_vec());
+        self.registry.store().engine.write(b, true)?;
+        tracing::info!(target = %target.display(), "unmounted");
+        Ok(())
+    }
+
+    pub fn recorded(&self) -> Result<Vec<MountInfo>> {
+        self.registry
+            .store()
+            .engine
+            .scan_prefix(Cf::Mounts, b"")?
+            .into_iter()
+            .map(|(k, v)| {
+                let r: MountRecord = meta::decode(MOUNT_VERSION, "mount record", &v)?;
+                Ok(MountInfo { volume: r.volume, target: String::from_utf8_lossy(&k).into_owned(), read_only: r.read_only })
+            })
+            .collect()
+    }
+
+    /// Makes the recorded mounts again (after a restart). Failures are logged, not fatal.
+    pub fn restore(&self) -> Result<()> {
+        for m in self.recorded()? {
+            let target = PathBuf::from(&m.target);
+            // A mount left by a daemon that died answers ENOTCONN: detach it first.
+            if mountinfo().iter().any(|e| e.target == target && e.fstype == "fuse.volfs") {
+                let _ = sys_umount(&target, libc::MNT_DETACH);
+            }
+            let res = VolumeName::new(&m.volume).and_then(|v| self.mount(&v, &target, m.read_only));
+            if let Err(e) = res {
+                tracing::error!(volume = %m.volume, target = %m.target, "cannot restore mount: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmounts a volume everywhere (for `volume rm --force`) and closes its connection.
+    pub fn detach_volume(&self, vol: &str) -> Result<()> {
+        for m in self.mountpoints(vol) {
+            let _ = sys_umount(&m.target, libc::MNT_DETACH);
+        }
+        let recorded: Vec<MountInfo> = self.recorded()?.into_iter().filter(|m| m.volume == vol).collect();
+        let mut b = Batch::new();
+        for m in recorded {
+            b.delete(Cf::Mounts, m.target.into_bytes());
+        }
+        self.registry.store().engine.write(b, true)?;
+        self.close(vol)
+    }
+
+    fn close(&self, vol: &str) -> Result<()> {
+        let a = self.active.lock().remove(vol);
+        if let Some(a) = a {
+            a.fs.shutdown()?;
+            let _ = sys_umount(&a.primary, libc::MNT_DETACH);
+            tracing::info!(volume = %vol, "volume connection closed");
+        }
+        Ok(())
+    }
+
+    /// Unmounts primaries nobody uses any more.
+    pub fn reap_idle(&self) {
+        let candidates: Vec<String> = {
+            let active = self.active.lock();
+            let holders = self.holders.lock();
+            active
+                .iter()
+                .filter(|(v, a)| a.last_used.elapsed() > IDLE_GRACE && holders.get(*v).copied().unwrap_or(0) == 0)
+                .map(|(v, _)| v.clone())
+                .collect()
+        };
+        for v in candidates {
+            if self.mountpoints(&v).is_empty() {
+                if let Err(e) = self.close(&v) {
+                    tracing::warn!(volume = %v, "closing idle volume: {e}");
+                }
+            }
+        }
+    }
+
+    /// Flushes and detaches everything (daemon shutdown). Records stay, so the mounts come
+    /// back when the daemon starts again.
+    pub fn shutdown(&self) {
+        let vols: Vec<String> = self.active.lock().keys().cloned().collect();
+        for v in vols {
+            if let Some(fs) = self.volume_fs(&v) {
+                if let Err(e) = fs.shutdown() {
+                    tracing::error!(volume = %v, "flushing at shutdown failed: {e}");
+                }
+            }
+            for m in self.mountpoints(&v) {
+                let _ = sys_umount(&m.target, libc::MNT_DETACH);
+            }
+            if let Err(e) = self.close(&v) {
+                tracing::error!(volume = %v, "closing at shutdown failed: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mountinfo_lines() {
+        let l = "36 35 0:52 / /mnt/my\\040data rw,nosuid,nodev,relatime shared:1 - fuse.volfs data1 rw,user_id=0";
+        let m = parse_mountinfo_line(l).unwrap();
+        assert_eq!(m.target, PathBuf::from("/mnt/my data"));
+        assert_eq!(m.fstype, "fuse.volfs");
+        assert_eq!(m.source, "data1");
+        assert!(!m.read_only);
+        assert_eq!(m.dev, libc::makedev(0, 52));
+        assert!(parse_mountinfo_line("garbage").is_none());
+    }
+}

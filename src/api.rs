@@ -1,0 +1,151 @@
+//! Wire types of the control API (HTTP/1.1 + JSON on a unix socket, mode 0600).
+//!
+//! Paths are versioned; this is version 1:
+//! | method | path | body | answer |
+//! | --- | --- | --- | --- |
+//! | GET | /v1/status | | [`Status`] |
+//! | GET | /v1/volumes | | `[VolumeInfo]` |
+//! | POST | /v1/volumes | [`CreateVolume`] | [`VolumeInfo`] |
+//! | GET | /v1/volumes/{name} | | [`VolumeInfo`] |
+//! | DELETE | /v1/volumes/{name}?force=true | | `{}` |
+//! | POST | /v1/volumes/prune | [`PruneRequest`] | [`PruneReply`] |
+//! | GET | /v1/mounts | | `[MountInfo]` |
+//! | POST | /v1/mounts | [`MountRequest`] | [`MountInfo`] |
+//! | POST | /v1/unmount | [`UnmountRequest`] | `{}` |
+//!
+//! Errors answer with a 4xx/5xx status and an [`ErrorBody`].
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_SOCKET: &str = "/run/volfs/volfs.sock";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/volfs";
+pub const DEFAULT_RUN_DIR: &str = "/run/volfs";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct CreateVolume {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `size`, `ro`; unknown keys are refused.
+    #[serde(default)]
+    pub opts: BTreeMap<String, String>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VolumeInfo {
+    pub name: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub labels: BTreeMap<String, String>,
+    pub options: BTreeMap<String, String>,
+    pub read_only: bool,
+    /// Quota in bytes, if any.
+    pub size: Option<u64>,
+    pub bytes_used: u64,
+    pub mountpoints: Vec<String>,
+    pub open_handles: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct PruneRequest {
+    /// Only volumes carrying all these labels (`k=v`, or `k` for any value).
+    #[serde(default)]
+    pub filters: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct PruneReply {
+    pub removed: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountRequest {
+    pub volume: String,
+    /// Where to mount; absolute path to an existing directory.
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MountInfo {
+    pub volume: String,
+    pub target: String,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnmountRequest {
+    pub target: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub data_dir: String,
+    pub data_dir_free_bytes: u64,
+    pub data_dir_total_bytes: u64,
+    pub volumes: Vec<VolumeInfo>,
+    pub stored_bytes: u64,
+    pub logical_bytes: u64,
+    pub corrupt_chunks: u64,
+    pub warnings: Vec<String>,
+}
+
+/// Does a label map match `k=v` / `k` filters?
+pub fn labels_match(labels: &BTreeMap<String, String>, filters: &[String]) -> bool {
+    filters.iter().all(|f| match f.split_once('=') {
+        Some((k, v)) => labels.get(k).is_some_and(|x| x == v),
+        None => labels.contains_key(f.as_str()),
+    })
+}
+
+/// Formats unix seconds as RFC 3339 UTC.
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_values() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn label_filters() {
+        let mut l = BTreeMap::new();
+        l.insert("env".to_string(), "ci".to_string());
+        assert!(labels_match(&l, &["env=ci".into()]));
+        assert!(labels_match(&l, &["env".into()]));
+        assert!(!labels_match(&l, &["env=prod".into()]));
+        assert!(labels_match(&l, &[]));
+    }
+}

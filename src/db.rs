@@ -1,0 +1,362 @@
+//! The metadata index: a small ordered key-value interface ([`Engine`]) over column families
+//! ([`Cf`]), with two engines: [`RocksEngine`] (the product) and [`MemEngine`] (unit tests of
+//! code above this layer). Which keys live in which column family is documented in
+//! docs/FORMAT.md and built by [`crate::meta`].
+//!
+//! Durability contract: [`Engine::write`] applies a [`Batch`] atomically. With `sync = false`
+//! the batch is in RocksDB's write-ahead log in the OS page cache when `write` returns, so it
+//! survives `kill -9` of the daemon but not a power loss. With `sync = true` (or after
+//! [`Engine::sync_wal`]) it also survives a power loss.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use parking_lot::RwLock;
+
+use crate::error::{Error, Result};
+
+/// Column families, one per concern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cf {
+    /// Store-wide records: schema version, id counters.
+    Meta,
+    /// Volume name -> volume record.
+    Volumes,
+    /// tree | ino -> inode record.
+    Inodes,
+    /// tree | parent ino | name -> directory entry.
+    Dirents,
+    /// tree | ino | file offset -> extent (a range of one chunk).
+    Extents,
+    /// tree | ino | name -> xattr value.
+    Xattrs,
+    /// chunk id -> location in a pack file.
+    Chunks,
+    /// tree | ino -> () for unlinked inodes still open; cleaned at the next start.
+    Orphans,
+    /// volume id -> i64 counters (bytes used), updated by the add merge operator.
+    Counters,
+    /// mount target path -> persisted mount (restored when the daemon restarts).
+    Mounts,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 10] = [
+        Cf::Meta,
+        Cf::Volumes,
+        Cf::Inodes,
+        Cf::Dirents,
+        Cf::Extents,
+        Cf::Xattrs,
+        Cf::Chunks,
+        Cf::Orphans,
+        Cf::Counters,
+        Cf::Mounts,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Meta => "meta",
+            Cf::Volumes => "volumes",
+            Cf::Inodes => "inodes",
+            Cf::Dirents => "dirents",
+            Cf::Extents => "extents",
+            Cf::Xattrs => "xattrs",
+            Cf::Chunks => "chunks",
+            Cf::Orphans => "orphans",
+            Cf::Counters => "counters",
+            Cf::Mounts => "mounts",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    Put(Cf, Vec<u8>, Vec<u8>),
+    Delete(Cf, Vec<u8>),
+    /// Add to a little-endian i64 counter (missing counts as 0).
+    Add(Cf, Vec<u8>, i64),
+    /// Delete every key in `[start, end)`.
+    DeleteRange(Cf, Vec<u8>, Vec<u8>),
+}
+
+/// A set of changes applied atomically by [`Engine::write`].
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    pub ops: Vec<Op>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Put(cf, key.into(), value.into()));
+    }
+    pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Delete(cf, key.into()));
+    }
+    pub fn add(&mut self, cf: Cf, key: impl Into<Vec<u8>>, delta: i64) {
+        if delta != 0 {
+            self.ops.push(Op::Add(cf, key.into(), delta));
+        }
+    }
+    pub fn delete_prefix(&mut self, cf: Cf, prefix: &[u8]) {
+        self.ops.push(Op::DeleteRange(cf, prefix.to_vec(), prefix_end(prefix)));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    pub fn append(&mut self, other: Batch) {
+        self.ops.extend(other.ops);
+    }
+}
+
+/// Visitor for [`Engine::scan`]: return `Ok(false)` to stop.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool> + 'a;
+
+pub trait Engine: Send + Sync {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    fn write(&self, batch: Batch, sync: bool) -> Result<()>;
+    /// Visits keys in `[start, end)` in ascending order.
+    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut Visit<'_>) -> Result<()>;
+    /// Makes every write so far durable against power loss.
+    fn sync_wal(&self) -> Result<()>;
+    /// A counter written with [`Batch::add`].
+    fn counter(&self, cf: Cf, key: &[u8]) -> Result<i64> {
+        Ok(self.get(cf, key)?.map(|v| decode_i64(&v)).unwrap_or(0))
+    }
+    /// Convenience: collect a prefix scan.
+    fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let end = prefix_end(prefix);
+        let mut out = Vec::new();
+        self.scan(cf, prefix, &end, &mut |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
+}
+
+fn decode_i64(v: &[u8]) -> i64 {
+    let mut b = [0u8; 8];
+    let n = v.len().min(8);
+    b[..n].copy_from_slice(&v[..n]);
+    i64::from_le_bytes(b)
+}
+
+fn add_merge(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    let mut total = existing.map(decode_i64).unwrap_or(0);
+    for op in operands {
+        total = total.wrapping_add(decode_i64(op));
+    }
+    Some(total.to_le_bytes().to_vec())
+}
+
+/// The RocksDB engine (Debian's librocksdb 7.8, see docs/ARCHITECTURE.md for why).
+pub struct RocksEngine {
+    db: rocksdb::DB,
+}
+
+impl RocksEngine {
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        opts.set_max_background_jobs(2);
+        opts.set_bytes_per_sync(1 << 20);
+        let mut block = rocksdb::BlockBasedOptions::default();
+        let cache = rocksdb::Cache::new_lru_cache(64 << 20)?;
+        block.set_block_cache(&cache);
+        block.set_bloom_filter(10.0, false);
+        block.set_cache_index_and_filter_blocks(true);
+        let cfs = Cf::ALL.iter().map(|cf| {
+            let mut o = rocksdb::Options::default();
+            o.set_block_based_table_factory(&block);
+            if *cf == Cf::Counters {
+                o.set_merge_operator_associative("volfs_add_i64", add_merge);
+            }
+            rocksdb::ColumnFamilyDescriptor::new(cf.name(), o)
+        });
+        let db = rocksdb::DB::open_cf_descriptors(&opts, path, cfs)?;
+        Ok(RocksEngine { db })
+    }
+
+    fn cf(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily> {
+        self.db
+            .cf_handle(cf.name())
+            .ok_or_else(|| Error::Db(format!("column family {} missing", cf.name())))
+    }
+
+    /// Pending compaction bytes, for status and metrics.
+    pub fn compaction_backlog(&self) -> u64 {
+        self.db
+            .property_int_value("rocksdb.estimate-pending-compaction-bytes")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+}
+
+impl Engine for RocksEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(cf)?, key)?)
+    }
+
+    fn write(&self, batch: Batch, sync: bool) -> Result<()> {
+        let mut wb = rocksdb::WriteBatch::default();
+        for op in batch.ops {
+            match op {
+                Op::Put(cf, k, v) => wb.put_cf(self.cf(cf)?, k, v),
+                Op::Delete(cf, k) => wb.delete_cf(self.cf(cf)?, k),
+                Op::Add(cf, k, d) => wb.merge_cf(self.cf(cf)?, k, d.to_le_bytes()),
+                Op::DeleteRange(cf, s, e) => wb.delete_range_cf(self.cf(cf)?, s, e),
+            }
+        }
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(sync);
+        Ok(self.db.write_opt(wb, &wo)?)
+    }
+
+    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut Visit<'_>) -> Result<()> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_vec());
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf)?, ro);
+        it.seek(start);
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
+            if !visit(k, v)? {
+                return Ok(());
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(())
+    }
+
+    fn sync_wal(&self) -> Result<()> {
+        Ok(self.db.flush_wal(true)?)
+    }
+}
+
+/// An in-memory engine with the same semantics, for unit tests of the layers above.
+#[derive(Default)]
+pub struct MemEngine {
+    cfs: RwLock<BTreeMap<(Cf, Vec<u8>), Vec<u8>>>,
+}
+
+impl Engine for MemEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.cfs.read().get(&(cf, key.to_vec())).cloned())
+    }
+    fn write(&self, batch: Batch, _sync: bool) -> Result<()> {
+        let mut m = self.cfs.write();
+        for op in batch.ops {
+            match op {
+                Op::Put(cf, k, v) => {
+                    m.insert((cf, k), v);
+                }
+                Op::Delete(cf, k) => {
+                    m.remove(&(cf, k));
+                }
+                Op::Add(cf, k, d) => {
+                    let e = m.entry((cf, k)).or_insert_with(|| 0i64.to_le_bytes().to_vec());
+                    *e = decode_i64(e).wrapping_add(d).to_le_bytes().to_vec();
+                }
+                Op::DeleteRange(cf, s, e) => {
+                    let keys: Vec<_> = m.range((cf, s)..(cf, e)).map(|(k, _)| k.clone()).collect();
+                    for k in keys {
+                        m.remove(&k);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut Visit<'_>) -> Result<()> {
+        let items: Vec<(Vec<u8>, Vec<u8>)> = self
+            .cfs
+            .read()
+            .range((cf, start.to_vec())..(cf, end.to_vec()))
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect();
+        for (k, v) in items {
+            if !visit(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+    fn sync_wal(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One suite, run against every engine.
+    fn engine_suite(e: &dyn Engine) {
+        let mut b = Batch::new();
+        b.put(Cf::Inodes, b"a1".to_vec(), b"x".to_vec());
+        b.put(Cf::Inodes, b"a2".to_vec(), b"y".to_vec());
+        b.put(Cf::Inodes, b"b1".to_vec(), b"z".to_vec());
+        b.put(Cf::Dirents, b"a1".to_vec(), b"other cf".to_vec());
+        b.add(Cf::Counters, b"c".to_vec(), 5);
+        e.write(b, true).unwrap();
+        assert_eq!(e.get(Cf::Inodes, b"a1").unwrap().unwrap(), b"x");
+        assert_eq!(e.get(Cf::Inodes, b"zz").unwrap(), None);
+        let got = e.scan_prefix(Cf::Inodes, b"a").unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].0, b"a2");
+        let mut b = Batch::new();
+        b.delete(Cf::Inodes, b"a1".to_vec());
+        b.add(Cf::Counters, b"c".to_vec(), -7);
+        b.delete_prefix(Cf::Dirents, b"a");
+        e.write(b, false).unwrap();
+        assert_eq!(e.get(Cf::Dirents, b"a1").unwrap(), None);
+        assert_eq!(e.scan_prefix(Cf::Inodes, b"a").unwrap().len(), 1);
+        assert_eq!(e.counter(Cf::Counters, b"c").unwrap(), -2);
+        assert_eq!(e.counter(Cf::Counters, b"missing").unwrap(), 0);
+        let mut n = 0;
+        e.scan(Cf::Inodes, b"", b"\xff", &mut |_, _| {
+            n += 1;
+            Ok(false)
+        })
+        .unwrap();
+        assert_eq!(n, 1, "visitor returning false stops the scan");
+    }
+
+    #[test]
+    fn mem_engine() {
+        engine_suite(&MemEngine::default());
+    }
+
+    #[test]
+    fn rocks_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        engine_suite(&RocksEngine::open(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn prefix_end_works() {
+        assert_eq!(prefix_end(b"ab"), b"ac");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+    }
+}

@@ -1,0 +1,593 @@
+//! File data: the write buffer, chunking on commit, reads that merge committed extents with
+//! buffered data, truncate, fallocate, SEEK_DATA/SEEK_HOLE and chunk-sharing copy_file_range.
+//!
+//! Write path: `write` copies the bytes into the inode's dirty buffer and returns. A commit
+//! (on flush/close, fsync, or when a file buffers more than [`FILE_DIRTY_LIMIT`]) turns each
+//! dirty range into chunks: the range is widened to whole committed extents at its edges,
+//! split with FastCDC, each chunk is stored (or found: dedup), and one index batch replaces the
+//! old extents with the new ones and stores the inode record. A range at the end of a file that
+//! is still being appended to keeps its last, incomplete chunk buffered, so that streaming
+//! writes chunk exactly as the whole file would.
+//!
+//! Durability contract: after `fsync` returns, every byte written before it is in a pack file
+//! that was fdatasync'ed, and the batch that references it was written with a synced WAL.
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{NodeState, VolumeFs};
+use crate::chunk::ChunkStore;
+use crate::chunker;
+use crate::db::{Batch, Cf};
+use crate::error::{posix, Error, Result};
+use crate::meta::{self, Extent, Kind, Ts};
+
+/// A file buffering more than this commits its complete chunks.
+const FILE_DIRTY_LIMIT: u64 = 16 << 20;
+/// A volume buffering more than this commits the file being written in full.
+const VOLUME_DIRTY_LIMIT: u64 = 256 << 20;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Commit {
+    /// Everything buffered.
+    All,
+    /// Everything but the incomplete last chunk of an append at the end of the file.
+    KeepTail,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Whence {
+    Data,
+    Hole,
+}
+
+impl VolumeFs {
+    fn extents<'a>(&self, ino: u64, st: &'a mut NodeState) -> Result<&'a mut BTreeMap<u64, Extent>> {
+        if st.extents.is_none() {
+            let mut m = BTreeMap::new();
+            for (k, v) in self.engine.scan_prefix(Cf::Extents, &self.ikey(ino))? {
+                m.insert(meta::extent_offset(&k)?, meta::decode(meta::EXTENT_VERSION, "extent", &v)?);
+            }
+            st.extents = Some(m);
+        }
+        st.extents.as_mut().ok_or_else(|| Error::Db("extent map missing".into()))
+    }
+
+    pub(super) fn drop_dirty(&self, st: &mut NodeState) {
+        self.dirty_total.fetch_sub(st.dirty_bytes, Ordering::Relaxed);
+        self.reserved.fetch_sub(st.reserved, Ordering::Relaxed);
+        st.dirty.clear();
+        st.dirty_bytes = 0;
+        st.reserved = 0;
+    }
+
+    pub fn read(&self, ino: u64, off: u64, len: u32) -> Result<Vec<u8>> {
+        let mut st = self.lock(ino)?;
+        if st.rec.kind == Kind::Dir {
+            return posix(libc::EISDIR);
+        }
+        let size = st.rec.size;
+        if off >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = size.min(off + len as u64);
+        let pieces = overlapping(self.extents(ino, &mut st)?, off, end);
+        let overlay: Vec<(u64, Vec<u8>)> = dirty_overlapping(&st.dirty, off, end)
+            .map(|(a, d)| {
+                let s = a.max(off);
+                let e = (a + d.len() as u64).min(end);
+                (s, d[(s - a) as usize..(e - a) as usize].to_vec())
+            })
+            .collect();
+        drop(st);
+        // Chunk reads happen without the inode lock; chunks are immutable.
+        let mut buf = vec![0u8; (end - off) as usize];
+        for (eoff, e) in pieces {
+            let chunk = self.store.chunks.get(&e.chunk)?;
+            let s = eoff.max(off);
+            let t = (eoff + e.len as u64).min(end);
+            let src = (e.chunk_off as u64 + (s - eoff)) as usize;
+            let src_end = src + (t - s) as usize;
+            let bytes = chunk.get(src..src_end).ok_or_else(|| Error::Corrupt {
+                id: e.chunk,
+                why: format!("extent wants bytes {src}..{src_end} of a {}-byte chunk", chunk.len()),
+            })?;
+            buf[(s - off) as usize..(t - off) as usize].copy_from_slice(bytes);
+        }
+        for (s, d) in overlay {
+            buf[(s - off) as usize..(s - off) as usize + d.len()].copy_from_slice(&d);
+        }
+        self.stats.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(buf)
+    }
+
+    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<u32> {
+        self.check_writable()?;
+        let end = off.checked_add(data.len() as u64).ok_or(Error::Posix(libc::EFBIG))?;
+        if end > i64::MAX as u64 {
+            return posix(libc::EFBIG);
+        }
+        let mut st = self.lock(ino)?;
+        if st.rec.kind != Kind::File {
+            return posix(libc::EINVAL);
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        // Quota: bytes that land on holes or past the end are new allocation.
+        if let Some(q) = self.quota {
+            let covered = covered_bytes(self.extents(ino, &mut st)?, off, end)
+                + dirty_overlapping(&st.dirty, off, end)
+                    .map(|(a, d)| (a + d.len() as u64).min(end) - a.max(off))
+                    .sum::<u64>();
+            let new = (end - off).saturating_sub(covered) as i64;
+            if new > 0 {
+                let used = self.used.load(Ordering::Relaxed) + self.reserved.load(Ordering::Relaxed);
+                if used + new > q as i64 {
+                    return Err(Error::NoSpace(format!("volume {} is at its size limit of {q} bytes", self.name)));
+                }
+                st.reserved += new;
+                self.reserved.fetch_add(new, Ordering::Relaxed);
+            }
+        }
+        let added = insert_dirty(&mut st.dirty, off, data);
+        st.dirty_bytes += added;
+        self.dirty_total.fetch_add(added, Ordering::Relaxed);
+        if end > st.rec.size {
+            st.rec.size = end;
+        }
+        let now = Ts::now();
+        st.rec.mtime = now;
+        st.rec.ctime = now;
+        st.rec_dirty = true;
+        self.stats.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if st.dirty_bytes > FILE_DIRTY_LIMIT {
+            self.commit(ino, &mut st, Commit::KeepTail, false)?;
+        } else if self.dirty_total.load(Ordering::Relaxed) > VOLUME_DIRTY_LIMIT {
+            self.commit(ino, &mut st, Commit::All, false)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// Commits buffered data (see the module comment). With `sync`, packs are synced before
+    /// the index batch, which is written with a synced WAL.
+    pub(super) fn commit(&self, ino: u64, st: &mut NodeState, mode: Commit, sync: bool) -> Result<()> {
+        if st.dirty.is_empty() && !st.rec_dirty {
+            if sync {
+                self.store.sync()?;
+            }
+            return Ok(());
+        }
+        let size = st.rec.size;
+        let dirty = std::mem::take(&mut st.dirty);
+        let dirty_before = st.dirty_bytes;
+        let mut keep: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut b = Batch::new();
+        let mut delta: i64 = 0;
+        let result = (|| -> Result<()> {
+            for (a, data) in dirty {
+                let end = a + data.len() as u64;
+                let chunks = self.store.chunks.clone();
+                let ext = self.extents(ino, st)?;
+                // Widen to whole committed extents at the edges.
+                let left = ext.range(..a).next_back().map(|(o, e)| (*o, *e)).filter(|(o, e)| o + e.len as u64 > a);
+                let right = ext.range(..end).next_back().map(|(o, e)| (*o, *e)).filter(|(o, e)| o + e.len as u64 > end);
+                let start = left.map(|(o, _)| o).unwrap_or(a);
+                let stop = right.map(|(o, e)| o + e.len as u64).unwrap_or(end);
+                let keep_tail = mode == Commit::KeepTail && left.is_none() && end >= size;
+                let mut region = Vec::with_capacity((stop - start) as usize);
+                if let Some((o, e)) = left {
+                    region.extend_from_slice(&extent_bytes(&chunks, &e, 0, (a - o) as u32)?);
+                }
+                region.extend_from_slice(&data);
+                if let Some((o, e)) = right {
+                    let from = (end - o) as u32;
+                    region.extend_from_slice(&extent_bytes(&chunks, &e, from, e.len - from)?);
+                }
+                let cuts = chunker::split(&region, !keep_tail);
+                let consumed: usize = cuts.iter().sum();
+                if consumed == 0 {
+                    keep.insert(a, data);
+                    continue;
+                }
+                let commit_end = start + consumed as u64;
+                // Remove the old extents the committed part replaces.
+                let old: Vec<u64> = ext.range(start..commit_end).map(|(o, _)| *o).collect();
+                for o in old {
+                    if let Some(e) = ext.remove(&o) {
+                        delta -= e.len as i64;
+                        b.delete(Cf::Extents, meta::extent_key(self.tree, ino, o));
+                    }
+                }
+                let mut pos = 0usize;
+                for n in cuts {
+                    let piece = &region[pos..pos + n];
+                    let (id, loc) = chunks.put(piece)?;
+                    if let Some(loc) = loc {
+                        ChunkStore::index(&mut b, &id, &loc);
+                    }
+                    let e = Extent { chunk: id, chunk_off: 0, len: n as u32 };
+                    let o = start + pos as u64;
+                    b.put(Cf::Extents, meta::extent_key(self.tree, ino, o), meta::encode(meta::EXTENT_VERSION, &e));
+                    ext.insert(o, e);
+                    delta += n as i64;
+                    pos += n;
+                }
+                if consumed < region.len() {
+                    // Only in keep-tail mode; the region had no committed bytes on its left, so
+                    // the kept tail is all uncommitted data.
+                    keep.insert(commit_end, region[consumed..].to_vec());
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Nothing was written to the index: put the data back so a retry can commit it.
+            // Chunks already appended are unreferenced and collected by gc.
+            st.extents = None;
+            let merged = std::mem::take(&mut st.dirty);
+            st.dirty = keep;
+            for (a, d) in merged {
+                insert_dirty(&mut st.dirty, a, &d);
+            }
+            return Err(e);
+        }
+        let kept: u64 = keep.values().map(|d| d.len() as u64).sum();
+        st.dirty = keep;
+        st.dirty_bytes = kept;
+        self.dirty_total.fetch_sub(dirty_before - kept, Ordering::Relaxed);
+        st.rec.alloc = (st.rec.alloc as i64 + delta).max(0) as u64;
+        self.persist_rec(&mut b, ino, &st.rec);
+        b.add(Cf::Counters, meta::used_key(self.id), delta);
+        if sync {
+            self.store.chunks.sync()?;
+        }
+        self.engine.write(b, sync)?;
+        self.used.fetch_add(delta, Ordering::Relaxed);
+        // Reservations are released once the data is committed (the used counter took over).
+        let release = if st.dirty.is_empty() { st.reserved } else { st.reserved.min(delta.max(0)) };
+        st.reserved -= release;
+        self.reserved.fetch_sub(release, Ordering::Relaxed);
+        st.rec_dirty = false;
+        Ok(())
+    }
+
+    /// Commits and makes durable everything written to `ino` (and, as a side effect, every
+    /// earlier change in the store).
+    pub fn fsync(&self, ino: u64) -> Result<()> {
+        let mut st = self.lock(ino)?;
+        self.commit(ino, &mut st, Commit::All, true)?;
+        drop(st);
+        self.store.sync()
+    }
+
+    /// `flush` is sent on every close(2): commit so that the data reaches the store.
+    pub fn flush(&self, ino: u64) -> Result<()> {
+        let mut st = self.lock(ino)?;
+        self.commit(ino, &mut st, Commit::All, false)
+    }
+
+    /// Changes the size of a locked file; the caller persists the record.
+    pub(super) fn truncate_locked(&self, ino: u64, st: &mut NodeState, size: u64, b: &mut Batch) -> Result<()> {
+        if size > i64::MAX as u64 {
+            return posix(libc::EFBIG);
+        }
+        if size < st.rec.size {
+            // Trim buffered data.
+            let keys: Vec<u64> = st.dirty.range(..).map(|(k, _)| *k).collect();
+            let mut removed = 0u64;
+            for k in keys {
+                if k >= size {
+                    removed += st.dirty.remove(&k).map(|d| d.len() as u64).unwrap_or(0);
+                } else if let Some(d) = st.dirty.get_mut(&k) {
+                    if k + d.len() as u64 > size {
+                        removed += k + d.len() as u64 - size;
+                        d.truncate((size - k) as usize);
+                    }
+                }
+            }
+            st.dirty_bytes -= removed;
+            self.dirty_total.fetch_sub(removed, Ordering::Relaxed);
+            let tree = self.tree;
+            let ext = self.extents(ino, st)?;
+            let mut delta = 0i64;
+            let cut: Vec<u64> = ext.range(size..).map(|(o, _)| *o).collect();
+            for o in cut {
+                if let Some(e) = ext.remove(&o) {
+                    delta -= e.len as i64;
+                    b.delete(Cf::Extents, meta::extent_key(tree, ino, o));
+                }
+            }
+            if let Some((o, e)) = ext.range_mut(..size).next_back() {
+                if o + e.len as u64 > size {
+                    let nl = (size - o) as u32;
+                    delta -= (e.len - nl) as i64;
+                    e.len = nl;
+                    b.put(Cf::Extents, meta::extent_key(tree, ino, *o), meta::encode(meta::EXTENT_VERSION, e));
+                }
+            }
+            self.apply_delta(st, delta, b);
+        }
+        st.rec.size = size;
+        Ok(())
+    }
+
+    fn apply_delta(&self, st: &mut NodeState, delta: i64, b: &mut Batch) {
+        st.rec.alloc = (st.rec.alloc as i64 + delta).max(0) as u64;
+        b.add(Cf::Counters, meta::used_key(self.id), delta);
+        self.used.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Removes the extents in `[a, b)`, splitting those that straddle the edges.
+    fn punch_locked(&self, ino: u64, st: &mut NodeState, a: u64, end: u64, b: &mut Batch) -> Result<()> {
+        let tree = self.tree;
+        let ext = self.extents(ino, st)?;
+        let mut delta = 0i64;
+        let hit: Vec<(u64, Extent)> = overlapping(ext, a, end);
+        for (o, e) in hit {
+            ext.remove(&o);
+            b.delete(Cf::Extents, meta::extent_key(tree, ino, o));
+            delta -= e.len as i64;
+            let eend = o + e.len as u64;
+            if o < a {
+                let l = Extent { len: (a - o) as u32, ..e };
+                b.put(Cf::Extents, meta::extent_key(tree, ino, o), meta::encode(meta::EXTENT_VERSION, &l));
+                ext.insert(o, l);
+                delta += l.len as i64;
+            }
+            if eend > end {
+                let skip = (end - o) as u32;
+                let r = Extent { chunk: e.chunk, chunk_off: e.chunk_off + skip, len: e.len - skip };
+                b.put(Cf::Extents, meta::extent_key(tree, ino, end), meta::encode(meta::EXTENT_VERSION, &r));
+                ext.insert(end, r);
+                delta += r.len as i64;
+            }
+        }
+        self.apply_delta(st, delta, b);
+        Ok(())
+    }
+
+    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> Result<()> {
+        self.check_writable()?;
+        let end = off.checked_add(len).ok_or(Error::Posix(libc::EFBIG))?;
+        if end > i64::MAX as u64 {
+            return posix(libc::EFBIG);
+        }
+        let mut st = self.lock(ino)?;
+        if st.rec.kind != Kind::File {
+            return posix(libc::ENODEV);
+        }
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0
+            || (punch && !keep_size)
+        {
+            return posix(libc::EOPNOTSUPP);
+        }
+        let mut b = Batch::new();
+        if punch || zero {
+            self.commit(ino, &mut st, Commit::All, false)?;
+            let stop = if punch { end.min(st.rec.size) } else { end };
+            if stop > off {
+                self.punch_locked(ino, &mut st, off, stop, &mut b)?;
+            }
+        } else if let Some(q) = self.quota {
+            // Mode 0 reserves nothing on disk (holes read as zeros), but must not promise space
+            // beyond the quota.
+            let covered = covered_bytes(self.extents(ino, &mut st)?, off, end);
+            let need = (end - off - covered) as i64;
+            if self.used.load(Ordering::Relaxed) + self.reserved.load(Ordering::Relaxed) + need > q as i64 {
+                return Err(Error::NoSpace(format!("volume {} is at its size limit of {q} bytes", self.name)));
+            }
+        }
+        if !keep_size && end > st.rec.size {
+            st.rec.size = end;
+        }
+        let now = Ts::now();
+        st.rec.mtime = now;
+        st.rec.ctime = now;
+        self.persist_rec(&mut b, ino, &st.rec);
+        self.engine.write(b, false)?;
+        st.rec_dirty = false;
+        Ok(())
+    }
+
+    pub fn lseek(&self, ino: u64, off: u64, whence: Whence) -> Result<u64> {
+        let mut st = self.lock(ino)?;
+        self.commit(ino, &mut st, Commit::All, false)?;
+        let size = st.rec.size;
+        if off >= size {
+            return posix(libc::ENXIO);
+        }
+        let ext = self.extents(ino, &mut st)?;
+        let mut pos = off;
+        match whence {
+            Whence::Data => {
+                if let Some((o, e)) = ext.range(..=off).next_back() {
+                    if o + e.len as u64 > off {
+                        return Ok(off);
+                    }
+                }
+                match ext.range(off..).next() {
+                    Some((o, _)) if *o < size => Ok(*o),
+                    _ => posix(libc::ENXIO),
+                }
+            }
+            Whence::Hole => {
+                // Walk contiguous extents from `off`.
+                loop {
+                    let cur = ext.range(..=pos).next_back().map(|(o, e)| o + e.len as u64).filter(|e| *e > pos);
+                    match cur {
+                        Some(e) => pos = e,
+                        None => return Ok(pos.min(size)),
+                    }
+                    if pos >= size {
+                        return Ok(size);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies `len` bytes by sharing chunks: the destination gets extents that point at the
+    /// source's chunks; no file data is read or written.
+    pub fn copy_file_range(&self, src: u64, off_in: u64, dst: u64, off_out: u64, len: u64) -> Result<u64> {
+        self.check_writable()?;
+        if off_out.checked_add(len).is_none_or(|e| e > i64::MAX as u64) {
+            return posix(libc::EFBIG);
+        }
+        // Collect the source's extents for the range.
+        let (pieces, n) = {
+            let mut st = self.lock(src)?;
+            if st.rec.kind != Kind::File {
+                return posix(libc::EINVAL);
+            }
+            self.commit(src, &mut st, Commit::All, false)?;
+            let size = st.rec.size;
+            if off_in >= size {
+                return Ok(0);
+            }
+            let n = len.min(size - off_in);
+            (overlapping(self.extents(src, &mut st)?, off_in, off_in + n), n)
+        };
+        let mut st = self.lock(dst)?;
+        if st.rec.kind != Kind::File {
+            return posix(libc::EINVAL);
+        }
+        self.commit(dst, &mut st, Commit::All, false)?;
+        if let Some(q) = self.quota {
+            let covered = covered_bytes(self.extents(dst, &mut st)?, off_out, off_out + n);
+            let need = (n - covered.min(n)) as i64;
+            if self.used.load(Ordering::Relaxed) + self.reserved.load(Ordering::Relaxed) + need > q as i64 {
+                return Err(Error::NoSpace(format!("volume {} is at its size limit of {q} bytes", self.name)));
+            }
+        }
+        let mut b = Batch::new();
+        self.punch_locked(dst, &mut st, off_out, off_out + n, &mut b)?;
+        let tree = self.tree;
+        let mut delta = 0i64;
+        let ext = self.extents(dst, &mut st)?;
+        for (o, e) in pieces {
+            // Clip the source extent to [off_in, off_in + n).
+            let s = o.max(off_in);
+            let t = (o + e.len as u64).min(off_in + n);
+            let ne = Extent { chunk: e.chunk, chunk_off: e.chunk_off + (s - o) as u32, len: (t - s) as u32 };
+            let at = off_out + (s - off_in);
+            b.put(Cf::Extents, meta::extent_key(tree, dst, at), meta::encode(meta::EXTENT_VERSION, &ne));
+            ext.insert(at, ne);
+            delta += ne.len as i64;
+        }
+        self.apply_delta(&mut st, delta, &mut b);
+        if off_out + n > st.rec.size {
+            st.rec.size = off_out + n;
+        }
+        let now = Ts::now();
+        st.rec.mtime = now;
+        st.rec.ctime = now;
+        self.persist_rec(&mut b, dst, &st.rec);
+        self.engine.write(b, false)?;
+        st.rec_dirty = false;
+        Ok(n)
+    }
+}
+
+/// Bytes `[from, from + len)` of an extent.
+fn extent_bytes(chunks: &Arc<ChunkStore>, e: &Extent, from: u32, len: u32) -> Result<Vec<u8>> {
+    let c = chunks.get(&e.chunk)?;
+    let s = (e.chunk_off + from) as usize;
+    c.get(s..s + len as usize)
+        .map(|b| b.to_vec())
+        .ok_or_else(|| Error::Corrupt { id: e.chunk, why: "extent points past the chunk's end".into() })
+}
+
+/// Extents that overlap `[a, b)`.
+fn overlapping(ext: &BTreeMap<u64, Extent>, a: u64, b: u64) -> Vec<(u64, Extent)> {
+    let mut out = Vec::new();
+    if let Some((o, e)) = ext.range(..a).next_back() {
+        if o + e.len as u64 > a {
+            out.push((*o, *e));
+        }
+    }
+    out.extend(ext.range(a..b).map(|(o, e)| (*o, *e)));
+    out
+}
+
+fn covered_bytes(ext: &BTreeMap<u64, Extent>, a: u64, b: u64) -> u64 {
+    overlapping(ext, a, b)
+        .iter()
+        .map(|(o, e)| (o + e.len as u64).min(b) - (*o).max(a))
+        .sum()
+}
+
+fn dirty_overlapping(d: &BTreeMap<u64, Vec<u8>>, a: u64, b: u64) -> impl Iterator<Item = (u64, &Vec<u8>)> {
+    let first = d.range(..a).next_back().filter(|(o, v)| **o + v.len() as u64 > a).map(|(o, v)| (*o, v));
+    first.into_iter().chain(d.range(a..b).map(|(o, v)| (*o, v)))
+}
+
+/// Adds `data` at `off` to the dirty ranges, merging with overlapping or adjacent ranges.
+/// Returns by how many bytes the buffered total grew.
+fn insert_dirty(d: &mut BTreeMap<u64, Vec<u8>>, off: u64, data: &[u8]) -> u64 {
+    let end = off + data.len() as u64;
+    // Fast path: extends or overwrites within the range that starts at or before `off`.
+    if let Some((&o, v)) = d.range_mut(..=off).next_back() {
+        let vend = o + v.len() as u64;
+        if vend >= off && d.range(off + 1..=end).next().is_none() {
+            let v = d.get_mut(&o).expect("range just seen");
+            let before = v.len() as u64;
+            let at = (off - o) as usize;
+            if end > vend {
+                v.resize((end - o) as usize, 0);
+            }
+            v[at..at + data.len()].copy_from_slice(data);
+            return v.len() as u64 - before;
+        }
+    }
+    // General case: merge every range touching [off, end].
+    let touching: Vec<u64> = {
+        let mut t: Vec<u64> = d.range(..off).next_back().filter(|(o, v)| **o + v.len() as u64 >= off).map(|(o, _)| *o).into_iter().collect();
+        t.extend(d.range(off..=end).map(|(o, _)| *o));
+        t
+    };
+    let mut start = off;
+    let mut stop = end;
+    let mut old_total = 0u64;
+    let mut parts = Vec::new();
+    for o in touching {
+        if let Some(v) = d.remove(&o) {
+            start = start.min(o);
+            stop = stop.max(o + v.len() as u64);
+            old_total += v.len() as u64;
+            parts.push((o, v));
+        }
+    }
+    let mut merged = vec![0u8; (stop - start) as usize];
+    for (o, v) in parts {
+        merged[(o - start) as usize..(o - start) as usize + v.len()].copy_from_slice(&v);
+    }
+    merged[(off - start) as usize..(end - start) as usize].copy_from_slice(data);
+    let grew = merged.len() as u64 - old_total;
+    d.insert(start, merged);
+    grew
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_ranges_merge() {
+        let mut d = BTreeMap::new();
+        assert_eq!(insert_dirty(&mut d, 10, b"abc"), 3);
+        assert_eq!(insert_dirty(&mut d, 13, b"de"), 2); // append fast path
+        assert_eq!(insert_dirty(&mut d, 20, b"xy"), 2); // separate range
+        assert_eq!(d.len(), 2);
+        assert_eq!(insert_dirty(&mut d, 8, b"0123456789abcd"), 7);
+        assert_eq!(d.len(), 1);
+        let (o, v) = d.iter().next().unwrap();
+        assert_eq!(*o, 8);
+        assert_eq!(v, b"0123456789abcd");
+        assert_eq!(insert_dirty(&mut d, 9, b"Z"), 0); // overwrite inside
+        assert_eq!(d[&8][1], b'Z');
+    }
+}

@@ -1,0 +1,501 @@
+//! The POSIX filesystem of one mounted volume ([`VolumeFs`]): inodes, directories, file data,
+//! xattrs and open handles, on top of the metadata index and the chunk store. The FUSE adapter
+//! in `volfs-mountd` calls one method per kernel request; every method returns [`Result`] and
+//! errors map to errno with [`crate::Error::errno`].
+//!
+//! Concurrency: there is no global lock on the read/write path. Each inode has its own mutex
+//! ([`Node`]); namespace changes (create, unlink, rename, ...) take the volume's namespace
+//! mutex so that they see a consistent directory tree. Metadata changes are written through to
+//! the index in one atomic batch per operation. File data is buffered per inode (`dirty`) and
+//! turned into chunks on flush, fsync, release or when the buffer grows large (see [`data`]).
+//!
+//! Permission checks are the kernel's (`default_permissions`); this module implements the
+//! parts the kernel leaves to the filesystem (setgid inheritance, timestamps, link counts).
+mod data;
+mod namespace;
+mod xattr;
+
+pub use namespace::{NewNode, RENAME_EXCHANGE, RENAME_NOREPLACE};
+pub use xattr::XattrReply;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+
+use crate::db::{Batch, Cf, Engine};
+use crate::error::{posix, Error, Result};
+use crate::ids::{TreeId, VolumeId, VolumeName};
+use crate::meta::{self, Extent, InodeRecord, Kind, Ts, VolumeRecord, INODE_VERSION};
+use crate::store::Store;
+use crate::volume::ROOT_INO;
+
+pub use data::Whence;
+
+/// Inode numbers are handed out from ranges of this size; the range's end is persisted first,
+/// so numbers are never reused, also across restarts.
+const INO_BATCH: u64 = 1024;
+
+/// Attributes as the kernel sees them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub btime: SystemTime,
+    pub kind: Kind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+}
+
+/// Who makes a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+impl Caller {
+    pub const ROOT: Caller = Caller { uid: 0, gid: 0, pid: 0 };
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    Now,
+    At(SystemTime),
+}
+
+/// What `setattr` changes; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub ctime: Option<SystemTime>,
+}
+
+/// One directory entry as listed by `readdir`.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: Vec<u8>,
+}
+
+enum Handle {
+    File { ino: u64 },
+    Dir { ino: u64, entries: Arc<Vec<DirEntry>> },
+}
+
+/// In-memory state of one inode.
+struct NodeState {
+    rec: InodeRecord,
+    /// Committed extents by file offset, loaded on first data access.
+    extents: Option<BTreeMap<u64, Extent>>,
+    /// Written but not yet chunked data: non-overlapping ranges by file offset.
+    dirty: BTreeMap<u64, Vec<u8>>,
+    dirty_bytes: u64,
+    /// Quota reserved by dirty data that covers holes or grows the file.
+    reserved: i64,
+    /// The record changed in memory (size, mtime from writes) and is not yet in the index.
+    rec_dirty: bool,
+    lookups: u64,
+    opens: u32,
+    /// Removed from the inode table; whoever holds this node must look the inode up again.
+    evicted: bool,
+}
+
+type Node = Mutex<NodeState>;
+type NodeGuard = parking_lot::ArcMutexGuard<parking_lot::RawMutex, NodeState>;
+
+#[derive(Default)]
+pub struct VolumeStats {
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+pub struct VolumeFs {
+    pub name: VolumeName,
+    id: VolumeId,
+    tree: TreeId,
+    store: Arc<Store>,
+    engine: Arc<dyn Engine>,
+    read_only: bool,
+    quota: Option<u64>,
+    /// Bytes covered by committed extents (mirrors the persisted counter).
+    used: AtomicI64,
+    /// Quota reserved by dirty data not yet committed.
+    reserved: AtomicI64,
+    nodes: DashMap<u64, Arc<Node>>,
+    ns: Mutex<()>,
+    handles: DashMap<u64, Handle>,
+    next_fh: AtomicU64,
+    ino_alloc: Mutex<(u64, u64)>,
+    /// Dirty bytes buffered across all inodes of this volume.
+    dirty_total: AtomicU64,
+    pub stats: VolumeStats,
+    shut: AtomicBool,
+}
+
+impl VolumeFs {
+    /// Opens a volume's filesystem and cleans up inodes that were unlinked while open when
+    /// the daemon last stopped.
+    pub fn load(store: Arc<Store>, rec: &VolumeRecord) -> Result<Arc<VolumeFs>> {
+        let engine = store.engine.clone();
+        let hw = match engine.get(Cf::Meta, &meta::ino_hw_key(rec.top))? {
+            Some(v) => u64::from_le_bytes(
+                v.as_slice().try_into().map_err(|_| Error::Encoding("inode high-water mark".into()))?,
+            ),
+            None => ROOT_INO + 1,
+        };
+        let used = engine.counter(Cf::Counters, &meta::used_key(rec.id))?;
+        let fs = Arc::new(VolumeFs {
+            name: VolumeName::new(&rec.name)?,
+            id: rec.id,
+            tree: rec.top,
+            store: store.clone(),
+            engine,
+            read_only: rec.read_only,
+            quota: rec.size,
+            used: AtomicI64::new(used),
+            reserved: AtomicI64::new(0),
+            nodes: DashMap::new(),
+            ns: Mutex::new(()),
+            handles: DashMap::new(),
+            next_fh: AtomicU64::new(1),
+            ino_alloc: Mutex::new((hw, hw)),
+            dirty_total: AtomicU64::new(0),
+            stats: VolumeStats::default(),
+            shut: AtomicBool::new(false),
+        });
+        fs.clean_orphans()?;
+        Ok(fs)
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    pub fn open_handles(&self) -> u64 {
+        self.handles.len() as u64
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly(format!("volume {}", self.name)));
+        }
+        Ok(())
+    }
+
+    fn ikey(&self, ino: u64) -> Vec<u8> {
+        meta::inode_key(self.tree, ino)
+    }
+
+    /// Returns the node of `ino`, loading it from the index if needed.
+    fn node(&self, ino: u64) -> Result<Arc<Node>> {
+        if let Some(n) = self.nodes.get(&ino) {
+            return Ok(n.clone());
+        }
+        let v = self
+            .engine
+            .get(Cf::Inodes, &self.ikey(ino))?
+            .ok_or(Error::Posix(libc::ENOENT))?;
+        let rec: InodeRecord = meta::decode(INODE_VERSION, "inode", &v)?;
+        let node = Arc::new(Mutex::new(NodeState {
+                rec,
+                extents: None,
+                dirty: BTreeMap::new(),
+                dirty_bytes: 0,
+                reserved: 0,
+                rec_dirty: false,
+                lookups: 0,
+                opens: 0,
+                evicted: false,
+        }));
+        Ok(self.nodes.entry(ino).or_insert(node).clone())
+    }
+
+    /// Locks the state of `ino`, retrying if the node was evicted meanwhile.
+    fn lock(&self, ino: u64) -> Result<NodeGuard> {
+        loop {
+            let g = self.node(ino)?.lock_arc();
+            if !g.evicted {
+                return Ok(g);
+            }
+        }
+    }
+
+    fn persist_rec(&self, b: &mut Batch, ino: u64, rec: &InodeRecord) {
+        b.put(Cf::Inodes, self.ikey(ino), meta::encode(INODE_VERSION, rec));
+    }
+
+    fn alloc_ino(&self, b: &mut Batch) -> u64 {
+        let mut a = self.ino_alloc.lock();
+        if a.0 >= a.1 {
+            a.1 = a.0 + INO_BATCH;
+            b.put(Cf::Meta, meta::ino_hw_key(self.tree), a.1.to_le_bytes().to_vec());
+        }
+        let ino = a.0;
+        a.0 += 1;
+        ino
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let st = self.lock(ino)?;
+        Ok(attr_of(ino, &st.rec))
+    }
+
+    /// Counts a kernel lookup reference (lookup, create, readdirplus entries).
+    fn remember(&self, ino: u64, st: &mut NodeState) {
+        let _ = ino;
+        st.lookups += 1;
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let Some(node) = self.nodes.get(&ino).map(|n| n.clone()) else { return };
+        let mut st = node.lock();
+        st.lookups = st.lookups.saturating_sub(n);
+        self.maybe_evict(ino, &mut st);
+    }
+
+    fn maybe_evict(&self, ino: u64, st: &mut NodeState) {
+        if st.lookups == 0 && st.opens == 0 && st.dirty.is_empty() && !st.rec_dirty && ino != ROOT_INO {
+            st.evicted = true;
+            self.nodes.remove(&ino);
+        }
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        let child = self.dirent(parent, name)?.ok_or(Error::Posix(libc::ENOENT))?;
+        let mut st = self.lock(child.ino)?;
+        self.remember(child.ino, &mut st);
+        Ok(attr_of(child.ino, &st.rec))
+    }
+
+    pub fn setattr(&self, ino: u64, s: &SetAttr) -> Result<Attr> {
+        self.check_writable()?;
+        let mut st = self.lock(ino)?;
+        let now = Ts::now();
+        let mut b = Batch::new();
+        if let Some(size) = s.size {
+            match st.rec.kind {
+                Kind::Dir => return posix(libc::EISDIR),
+                Kind::File => {}
+                _ => return posix(libc::EINVAL),
+            }
+            self.truncate_locked(ino, &mut st, size, &mut b)?;
+            st.rec.mtime = now;
+        }
+        if let Some(mode) = s.mode {
+            st.rec.perm = mode & 0o7777;
+        }
+        if let Some(uid) = s.uid {
+            st.rec.uid = uid;
+        }
+        if let Some(gid) = s.gid {
+            st.rec.gid = gid;
+        }
+        match s.atime {
+            Some(SetTime::Now) => st.rec.atime = now,
+            Some(SetTime::At(t)) => st.rec.atime = t.into(),
+            None => {}
+        }
+        match s.mtime {
+            Some(SetTime::Now) => st.rec.mtime = now,
+            Some(SetTime::At(t)) => st.rec.mtime = t.into(),
+            None => {}
+        }
+        st.rec.ctime = s.ctime.map(Ts::from).unwrap_or(now);
+        self.persist_rec(&mut b, ino, &st.rec);
+        self.engine.write(b, false)?;
+        st.rec_dirty = false;
+        Ok(attr_of(ino, &st.rec))
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let st = self.lock(ino)?;
+        if st.rec.kind != Kind::Symlink {
+            return posix(libc::EINVAL);
+        }
+        Ok(st.rec.target.clone())
+    }
+
+    /// Opens a file; returns the handle number.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        let acc = flags & libc::O_ACCMODE;
+        if acc != libc::O_RDONLY && self.read_only {
+            return Err(Error::ReadOnly(format!("volume {}", self.name)));
+        }
+        let mut st = self.lock(ino)?;
+        if st.rec.kind == Kind::Dir && acc != libc::O_RDONLY {
+            return posix(libc::EISDIR);
+        }
+        st.opens += 1;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.insert(fh, Handle::File { ino });
+        Ok(fh)
+    }
+
+    /// Closes a handle: commits buffered data, and frees an unlinked inode on its last close.
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let Some((_, Handle::File { ino })) = self.handles.remove(&fh) else {
+            return posix(libc::EBADF);
+        };
+        let mut st = self.lock(ino)?;
+        st.opens = st.opens.saturating_sub(1);
+        let res = self.commit(ino, &mut st, data::Commit::All, false);
+        if st.opens == 0 && st.rec.nlink == 0 {
+            self.purge(ino, &mut st)?;
+        }
+        self.maybe_evict(ino, &mut st);
+        res
+    }
+
+    /// Deletes an inode with no links and no opens, with its data.
+    fn purge(&self, ino: u64, st: &mut NodeState) -> Result<()> {
+        let mut b = Batch::new();
+        self.purge_into(&mut b, ino, st);
+        self.engine.write(b, false)?;
+        self.used.fetch_sub(st.rec.alloc as i64, Ordering::Relaxed);
+        st.rec.alloc = 0;
+        st.extents = Some(BTreeMap::new());
+        self.drop_dirty(st);
+        Ok(())
+    }
+
+    fn purge_into(&self, b: &mut Batch, ino: u64, st: &NodeState) {
+        b.delete(Cf::Inodes, self.ikey(ino));
+        b.delete_prefix(Cf::Extents, &self.ikey(ino));
+        b.delete_prefix(Cf::Xattrs, &self.ikey(ino));
+        b.delete(Cf::Orphans, self.ikey(ino));
+        b.add(Cf::Counters, meta::used_key(self.id), -(st.rec.alloc as i64));
+    }
+
+    fn clean_orphans(&self) -> Result<()> {
+        let orphans = self.engine.scan_prefix(Cf::Orphans, &meta::tree_prefix(self.tree))?;
+        for (k, _) in orphans {
+            let ino = meta::u64_at(&k, 8)?;
+            match self.lock(ino) {
+                Ok(mut st) if st.rec.nlink == 0 => {
+                    self.purge(ino, &mut st)?;
+                    st.evicted = true;
+                    self.nodes.remove(&ino);
+                }
+                _ => {
+                    let mut b = Batch::new();
+                    b.delete(Cf::Orphans, k);
+                    self.engine.write(b, false)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        let bsize = 4096u64;
+        let (blocks, bfree) = match self.quota {
+            Some(q) => {
+                let used = (self.used_bytes() + self.reserved.load(Ordering::Relaxed).max(0) as u64).min(q);
+                (q / bsize, (q - used) / bsize)
+            }
+            None => {
+                let (total, free) = disk_space(&self.store.data_dir);
+                (total / bsize, free / bsize)
+            }
+        };
+        Ok(StatFs { blocks, bfree, bavail: bfree, files: 1 << 40, ffree: (1 << 40) - self.nodes.len() as u64, bsize: bsize as u32, namelen: 255 })
+    }
+
+    /// Commits every file's buffered data (used before shutdown and snapshots).
+    pub fn flush_all(&self) -> Result<()> {
+        let inos: Vec<u64> = self.nodes.iter().map(|e| *e.key()).collect();
+        for ino in inos {
+            if let Ok(mut st) = self.lock(ino) {
+                self.commit(ino, &mut st, data::Commit::All, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes everything and makes it durable; called when the volume is unmounted.
+    pub fn shutdown(&self) -> Result<()> {
+        if self.shut.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.flush_all()?;
+        self.store.sync()
+    }
+}
+
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+pub fn attr_of(ino: u64, r: &InodeRecord) -> Attr {
+    Attr {
+        ino,
+        size: r.size,
+        blocks: r.alloc.div_ceil(512),
+        atime: r.atime.into(),
+        mtime: r.mtime.into(),
+        ctime: r.ctime.into(),
+        btime: r.btime.into(),
+        kind: r.kind,
+        perm: r.perm as u16,
+        nlink: r.nlink,
+        uid: r.uid,
+        gid: r.gid,
+        rdev: r.rdev,
+    }
+}
+
+/// Total and available bytes of the filesystem holding `path`.
+pub fn disk_space(path: &std::path::Path) -> (u64, u64) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return (0, 0) };
+    // SAFETY: statvfs writes into a zeroed struct we own; c is a valid C string.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
+            return (0, 0);
+        }
+        (s.f_blocks * s.f_frsize, s.f_bavail * s.f_frsize)
+    }
+}
+
+pub(crate) fn check_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
+        return posix(libc::EINVAL);
+    }
+    if name.len() > 255 {
+        return posix(libc::ENAMETOOLONG);
+    }
+    Ok(())
+}

@@ -1,0 +1,270 @@
+//! Records of the metadata index and the keys they live under. Every value starts with a
+//! one-byte record version followed by the postcard encoding of the struct; every key is built
+//! here from big-endian integers so that keys sort by tree, inode and offset. The full table is
+//! in docs/FORMAT.md; change both together.
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::ids::{ChunkId, LayerId, TreeId, VolumeId};
+
+/// The schema version of the whole index, stored under `meta/schema_version`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+pub fn encode<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
+    let mut v = vec![version];
+    // postcard only fails on writer errors, which a Vec never has.
+    v.extend(postcard::to_stdvec(value).unwrap_or_default());
+    v
+}
+
+pub fn decode<T: DeserializeOwned>(version: u8, what: &str, bytes: &[u8]) -> Result<T> {
+    match bytes.split_first() {
+        Some((v, rest)) if *v == version => Ok(postcard::from_bytes(rest)
+            .map_err(|e| Error::Encoding(format!("{what}: {e}")))?),
+        Some((v, _)) => Err(Error::Encoding(format!(
+            "{what}: record version {v}, this volfs reads version {version}"
+        ))),
+        None => Err(Error::Encoding(format!("{what}: empty record"))),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+impl Kind {
+    pub fn from_mode(mode: u32) -> Option<Kind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            0 => Kind::File,
+            _ => return None,
+        })
+    }
+}
+
+/// A point in time: seconds and nanoseconds since the epoch (seconds may be negative).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct Ts {
+    pub secs: i64,
+    pub nsec: u32,
+}
+
+impl Ts {
+    pub fn now() -> Ts {
+        Ts::from(SystemTime::now())
+    }
+}
+
+impl From<SystemTime> for Ts {
+    fn from(t: SystemTime) -> Ts {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Ts { secs: d.as_secs() as i64, nsec: d.subsec_nanos() },
+            Err(e) => {
+                let d = e.duration();
+                if d.subsec_nanos() == 0 {
+                    Ts { secs: -(d.as_secs() as i64), nsec: 0 }
+                } else {
+                    Ts { secs: -(d.as_secs() as i64) - 1, nsec: 1_000_000_000 - d.subsec_nanos() }
+                }
+            }
+        }
+    }
+}
+
+impl From<Ts> for SystemTime {
+    fn from(t: Ts) -> SystemTime {
+        if t.secs >= 0 {
+            UNIX_EPOCH + Duration::new(t.secs as u64, t.nsec)
+        } else {
+            UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(t.nsec as u64)
+        }
+    }
+}
+
+pub const INODE_VERSION: u8 = 1;
+
+/// `inodes`: tree | ino -> InodeRecord.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InodeRecord {
+    pub kind: Kind,
+    /// Permission bits including setuid, setgid and sticky (no file type bits).
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// Bytes of the file covered by extents (not holes); `st_blocks` is derived from it.
+    pub alloc: u64,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub atime: Ts,
+    pub mtime: Ts,
+    pub ctime: Ts,
+    pub btime: Ts,
+    /// Symlink target; empty for other kinds.
+    pub target: Vec<u8>,
+}
+
+impl InodeRecord {
+    pub fn new(kind: Kind, perm: u32, uid: u32, gid: u32) -> Self {
+        let now = Ts::now();
+        InodeRecord {
+            kind,
+            perm: perm & 0o7777,
+            uid,
+            gid,
+            size: 0,
+            alloc: 0,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            rdev: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            btime: now,
+            target: Vec::new(),
+        }
+    }
+}
+
+pub const DIRENT_VERSION: u8 = 1;
+
+/// `dirents`: tree | parent ino | name -> Dirent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dirent {
+    pub ino: u64,
+    pub kind: Kind,
+}
+
+pub const EXTENT_VERSION: u8 = 1;
+
+/// `extents`: tree | ino | file offset -> Extent: bytes `[chunk_off, chunk_off + len)` of a
+/// chunk are the file's bytes `[offset, offset + len)`. Gaps between extents are holes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub chunk: ChunkId,
+    pub chunk_off: u32,
+    pub len: u32,
+}
+
+pub const VOLUME_VERSION: u8 = 1;
+
+/// `volumes`: volume name -> VolumeRecord.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: VolumeId,
+    pub name: String,
+    /// Unix seconds.
+    pub created: i64,
+    pub labels: BTreeMap<String, String>,
+    /// Quota in bytes.
+    pub size: Option<u64>,
+    pub read_only: bool,
+    /// The writable tree on top of `layers`.
+    pub top: TreeId,
+    /// Read-only layers below the top, topmost first.
+    pub layers: Vec<LayerId>,
+}
+
+pub const MOUNT_VERSION: u8 = 1;
+
+/// `mounts`: target path -> MountRecord, restored when the daemon starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountRecord {
+    pub volume: String,
+    pub read_only: bool,
+}
+
+fn key(parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+pub fn tree_prefix(t: TreeId) -> Vec<u8> {
+    t.0.to_be_bytes().to_vec()
+}
+pub fn inode_key(t: TreeId, ino: u64) -> Vec<u8> {
+    key(&[&t.0.to_be_bytes(), &ino.to_be_bytes()])
+}
+pub fn dirent_prefix(t: TreeId, parent: u64) -> Vec<u8> {
+    inode_key(t, parent)
+}
+pub fn dirent_key(t: TreeId, parent: u64, name: &[u8]) -> Vec<u8> {
+    key(&[&t.0.to_be_bytes(), &parent.to_be_bytes(), name])
+}
+pub fn extent_key(t: TreeId, ino: u64, off: u64) -> Vec<u8> {
+    key(&[&t.0.to_be_bytes(), &ino.to_be_bytes(), &off.to_be_bytes()])
+}
+pub fn xattr_key(t: TreeId, ino: u64, name: &[u8]) -> Vec<u8> {
+    dirent_key(t, ino, name)
+}
+pub fn used_key(v: VolumeId) -> Vec<u8> {
+    key(&[b"used/", &v.0.to_be_bytes()])
+}
+pub fn ino_hw_key(t: TreeId) -> Vec<u8> {
+    key(&[b"ino_hw/", &t.0.to_be_bytes()])
+}
+/// Decodes the offset from an extent key.
+pub fn extent_offset(k: &[u8]) -> Result<u64> {
+    k.get(16..24)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| Error::Encoding("short extent key".into()))
+}
+pub fn u64_at(k: &[u8], at: usize) -> Result<u64> {
+    k.get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| Error::Encoding("short key".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_reject_other_versions() {
+        let r = InodeRecord::new(Kind::File, 0o644, 1, 2);
+        let b = encode(INODE_VERSION, &r);
+        assert_eq!(decode::<InodeRecord>(INODE_VERSION, "inode", &b).unwrap(), r);
+        let mut bad = b.clone();
+        bad[0] = 99;
+        assert!(decode::<InodeRecord>(INODE_VERSION, "inode", &bad).is_err());
+        assert!(decode::<InodeRecord>(INODE_VERSION, "inode", &[]).is_err());
+    }
+
+    #[test]
+    fn timestamps_before_epoch() {
+        for secs in [-5i64, 0, 12345] {
+            for nsec in [0u32, 1, 999_999_999] {
+                let t = Ts { secs, nsec };
+                assert_eq!(Ts::from(SystemTime::from(t)), t);
+            }
+        }
+    }
+
+    #[test]
+    fn extent_keys_sort_by_offset() {
+        let t = TreeId(3);
+        assert!(extent_key(t, 5, 10) < extent_key(t, 5, 256));
+        assert_eq!(extent_offset(&extent_key(t, 5, 777)).unwrap(), 777);
+    }
+}
