@@ -102,7 +102,9 @@ impl ChunkLoc {
     pub fn decode(v: &[u8]) -> Result<Self> {
         match v.split_first() {
             Some((&LOC_VERSION, rest)) => Ok(postcard::from_bytes(rest)?),
-            _ => Err(Error::Encoding("chunk location with unknown version".into())),
+            _ => Err(Error::Encoding(
+                "chunk location with unknown version".into(),
+            )),
         }
     }
 }
@@ -150,9 +152,11 @@ impl ChunkStore {
         compression: Compression,
         cache_bytes: u64,
     ) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let mut max = 0u32;
-        let rd = std::fs::read_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+        let rd = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
         for ent in rd {
             let ent = ent.map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
             if let Some(id) = pack_id_of(&ent.file_name().to_string_lossy()) {
@@ -167,7 +171,11 @@ impl ChunkStore {
             next_pack: Mutex::new(max + 1),
             readers: RwLock::new(HashMap::new()),
             unsynced: Mutex::new(HashSet::new()),
-            cache: quick_cache::sync::Cache::with_weighter(4096, cache_bytes.max(1 << 20), ChunkWeighter),
+            cache: quick_cache::sync::Cache::with_weighter(
+                4096,
+                cache_bytes.max(1 << 20),
+                ChunkWeighter,
+            ),
             stats: ChunkStats::default(),
         })
     }
@@ -229,7 +237,9 @@ impl ChunkStore {
         if guard.as_ref().is_none_or(|w| w.len >= PACK_TARGET_SIZE) {
             *guard = Some(self.new_pack()?);
         }
-        let w = guard.as_mut().ok_or_else(|| Error::Db("no pack writer".into()))?;
+        let w = guard
+            .as_mut()
+            .ok_or_else(|| Error::Db("no pack writer".into()))?;
         let offset = w.len;
         if let Err(e) = w.file.write_all(&rec) {
             // A partial record may be on disk; start a fresh pack so that offsets stay right.
@@ -262,12 +272,17 @@ impl ChunkStore {
         hdr.extend_from_slice(PACK_MAGIC);
         hdr.extend_from_slice(&PACK_VERSION.to_le_bytes());
         hdr.extend_from_slice(&id.to_le_bytes());
-        file.write_all(&hdr).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        file.write_all(&hdr)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         // The new directory entry must be durable before any index entry points into it.
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
-        Ok(PackWriter { id, file, len: PACK_HEADER_LEN })
+        Ok(PackWriter {
+            id,
+            file,
+            len: PACK_HEADER_LEN,
+        })
     }
 
     /// Makes every record appended so far durable (fdatasync of each pack written to).
@@ -289,7 +304,8 @@ impl ChunkStore {
         }
         let path = self.pack_path(pack);
         let f = Arc::new(
-            File::open(&path).map_err(|e| Error::io(format!("opening pack {}", path.display()), e))?,
+            File::open(&path)
+                .map_err(|e| Error::io(format!("opening pack {}", path.display()), e))?,
         );
         self.readers.write().insert(pack, f.clone());
         Ok(f)
@@ -301,7 +317,10 @@ impl ChunkStore {
     }
 
     pub fn location(&self, id: &ChunkId) -> Result<Option<ChunkLoc>> {
-        self.engine.get(Cf::Chunks, &id.0)?.map(|v| ChunkLoc::decode(&v)).transpose()
+        self.engine
+            .get(Cf::Chunks, &id.0)?
+            .map(|v| ChunkLoc::decode(&v))
+            .transpose()
     }
 
     /// Reads and verifies a chunk.
@@ -366,7 +385,9 @@ impl ChunkStore {
 
     /// Bytes in pack files on disk.
     pub fn disk_bytes(&self) -> u64 {
-        let Ok(rd) = std::fs::read_dir(&self.dir) else { return 0 };
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
         rd.flatten()
             .filter(|e| pack_id_of(&e.file_name().to_string_lossy()).is_some())
             .filter_map(|e| e.metadata().ok())
@@ -422,7 +443,8 @@ mod tests {
         // Flip one payload byte on disk.
         let path = s.pack_path(loc.pack);
         let f = OpenOptions::new().write(true).open(path).unwrap();
-        f.write_all_at(b"J", loc.offset + RECORD_HEADER_LEN as u64).unwrap();
+        f.write_all_at(b"J", loc.offset + RECORD_HEADER_LEN as u64)
+            .unwrap();
         s.clear_cache();
         let err = s.get(&id).unwrap_err();
         assert_eq!(err.errno(), libc::EIO);

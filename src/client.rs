@@ -15,7 +15,10 @@ pub enum ClientError {
     #[error("volfs-mountd is not running (no daemon answers on {0})")]
     NotRunning(PathBuf),
     #[error("talking to volfs-mountd on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("volfs-mountd sent a malformed answer: {0}")]
     Protocol(String),
     /// The daemon refused the request; the message is the daemon's.
@@ -30,7 +33,10 @@ pub struct Client {
 
 impl Client {
     pub fn new(socket: impl AsRef<Path>) -> Self {
-        Client { socket: socket.as_ref().to_path_buf(), timeout: Duration::from_secs(120) }
+        Client {
+            socket: socket.as_ref().to_path_buf(),
+            timeout: Duration::from_secs(120),
+        }
     }
 
     pub fn with_timeout(mut self, t: Duration) -> Self {
@@ -55,12 +61,21 @@ impl Client {
         self.call("DELETE", path, None)
     }
 
-    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    pub fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         let body = serde_json::to_vec(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.call("POST", path, Some(&body))
     }
 
-    fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<T, ClientError> {
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<T, ClientError> {
         let (status, resp) = self.raw(method, path, body)?;
         if (200..300).contains(&status) {
             serde_json::from_slice(&resp).map_err(|e| ClientError::Protocol(format!("{e}")))
@@ -73,8 +88,16 @@ impl Client {
     }
 
     /// Sends one request and returns the status and body.
-    pub fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Vec<u8>), ClientError> {
-        let io = |source| ClientError::Io { path: self.socket.clone(), source };
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
+        let io = |source| ClientError::Io {
+            path: self.socket.clone(),
+            source,
+        };
         let mut s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 ClientError::NotRunning(self.socket.clone())
@@ -98,7 +121,10 @@ impl Client {
 
 fn parse_response(buf: &[u8]) -> Result<(u16, Vec<u8>), ClientError> {
     let bad = |m: &str| ClientError::Protocol(m.to_string());
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no header end"))?;
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no header end"))?;
     let head = std::str::from_utf8(&buf[..end]).map_err(|_| bad("header is not UTF-8"))?;
     let mut lines = head.split("\r\n");
     let status: u16 = lines
@@ -123,9 +149,14 @@ fn parse_response(buf: &[u8]) -> Result<(u16, Vec<u8>), ClientError> {
         let mut out = Vec::new();
         let mut r = rest;
         loop {
-            let nl = r.windows(2).position(|w| w == b"\r\n").ok_or_else(|| bad("bad chunk"))?;
+            let nl = r
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .ok_or_else(|| bad("bad chunk"))?;
             let n = usize::from_str_radix(
-                std::str::from_utf8(&r[..nl]).map_err(|_| bad("bad chunk size"))?.trim(),
+                std::str::from_utf8(&r[..nl])
+                    .map_err(|_| bad("bad chunk size"))?
+                    .trim(),
                 16,
             )
             .map_err(|_| bad("bad chunk size"))?;
@@ -154,7 +185,10 @@ mod tests {
     fn parses_plain_and_chunked() {
         let (s, b) = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").unwrap();
         assert_eq!((s, b.as_slice()), (200, &b"{}"[..]));
-        let (s, b) = parse_response(b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n").unwrap();
+        let (s, b) = parse_response(
+            b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!((s, b.as_slice()), (404, &b"abc"[..]));
         assert!(parse_response(b"garbage").is_err());
     }

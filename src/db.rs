@@ -100,7 +100,8 @@ impl Batch {
         }
     }
     pub fn delete_prefix(&mut self, cf: Cf, prefix: &[u8]) {
-        self.ops.push(Op::DeleteRange(cf, prefix.to_vec(), prefix_end(prefix)));
+        self.ops
+            .push(Op::DeleteRange(cf, prefix.to_vec(), prefix_end(prefix)));
     }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
@@ -239,7 +240,9 @@ impl Engine for RocksEngine {
         let mut it = self.db.raw_iterator_cf_opt(self.cf(cf)?, ro);
         it.seek(start);
         while it.valid() {
-            let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
             if !visit(k, v)? {
                 return Ok(());
             }
@@ -255,9 +258,11 @@ impl Engine for RocksEngine {
 }
 
 /// An in-memory engine with the same semantics, for unit tests of the layers above.
+type MemMap = BTreeMap<(Cf, Vec<u8>), Vec<u8>>;
+
 #[derive(Default)]
 pub struct MemEngine {
-    cfs: RwLock<BTreeMap<(Cf, Vec<u8>), Vec<u8>>>,
+    cfs: RwLock<MemMap>,
 }
 
 impl Engine for MemEngine {
@@ -275,7 +280,9 @@ impl Engine for MemEngine {
                     m.remove(&(cf, k));
                 }
                 Op::Add(cf, k, d) => {
-                    let e = m.entry((cf, k)).or_insert_with(|| 0i64.to_le_bytes().to_vec());
+                    let e = m
+                        .entry((cf, k))
+                        .or_insert_with(|| 0i64.to_le_bytes().to_vec());
                     *e = decode_i64(e).wrapping_add(d).to_le_bytes().to_vec();
                 }
                 Op::DeleteRange(cf, s, e) => {

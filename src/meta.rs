@@ -23,8 +23,9 @@ pub fn encode<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
 
 pub fn decode<T: DeserializeOwned>(version: u8, what: &str, bytes: &[u8]) -> Result<T> {
     match bytes.split_first() {
-        Some((v, rest)) if *v == version => Ok(postcard::from_bytes(rest)
-            .map_err(|e| Error::Encoding(format!("{what}: {e}")))?),
+        Some((v, rest)) if *v == version => {
+            Ok(postcard::from_bytes(rest).map_err(|e| Error::Encoding(format!("{what}: {e}")))?)
+        }
         Some((v, _)) => Err(Error::Encoding(format!(
             "{what}: record version {v}, this volfs reads version {version}"
         ))),
@@ -75,13 +76,22 @@ impl Ts {
 impl From<SystemTime> for Ts {
     fn from(t: SystemTime) -> Ts {
         match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => Ts { secs: d.as_secs() as i64, nsec: d.subsec_nanos() },
+            Ok(d) => Ts {
+                secs: d.as_secs() as i64,
+                nsec: d.subsec_nanos(),
+            },
             Err(e) => {
                 let d = e.duration();
                 if d.subsec_nanos() == 0 {
-                    Ts { secs: -(d.as_secs() as i64), nsec: 0 }
+                    Ts {
+                        secs: -(d.as_secs() as i64),
+                        nsec: 0,
+                    }
                 } else {
-                    Ts { secs: -(d.as_secs() as i64) - 1, nsec: 1_000_000_000 - d.subsec_nanos() }
+                    Ts {
+                        secs: -(d.as_secs() as i64) - 1,
+                        nsec: 1_000_000_000 - d.subsec_nanos(),
+                    }
                 }
             }
         }
@@ -93,7 +103,8 @@ impl From<Ts> for SystemTime {
         if t.secs >= 0 {
             UNIX_EPOCH + Duration::new(t.secs as u64, t.nsec)
         } else {
-            UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(t.nsec as u64)
+            UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+                + Duration::from_nanos(t.nsec as u64)
         }
     }
 }
@@ -244,7 +255,10 @@ mod tests {
     fn records_round_trip_and_reject_other_versions() {
         let r = InodeRecord::new(Kind::File, 0o644, 1, 2);
         let b = encode(INODE_VERSION, &r);
-        assert_eq!(decode::<InodeRecord>(INODE_VERSION, "inode", &b).unwrap(), r);
+        assert_eq!(
+            decode::<InodeRecord>(INODE_VERSION, "inode", &b).unwrap(),
+            r
+        );
         let mut bad = b.clone();
         bad[0] = 99;
         assert!(decode::<InodeRecord>(INODE_VERSION, "inode", &bad).is_err());

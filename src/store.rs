@@ -26,7 +26,10 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { compression: Compression::None, chunk_cache_bytes: 256 << 20 }
+        StoreOptions {
+            compression: Compression::None,
+            chunk_cache_bytes: 256 << 20,
+        }
     }
 }
 
@@ -46,7 +49,10 @@ impl Store {
             .map_err(|e| Error::io(format!("cannot create data dir {}", data_dir.display()), e))?;
         let lock = lock_data_dir(data_dir)?;
         let rocks = Arc::new(RocksEngine::open(&data_dir.join("index")).map_err(|e| {
-            Error::Db(format!("opening metadata index in {}: {e}", data_dir.display()))
+            Error::Db(format!(
+                "opening metadata index in {}: {e}",
+                data_dir.display()
+            ))
         })?);
         let engine: Arc<dyn Engine> = rocks.clone();
         check_schema(&*engine, data_dir)?;
@@ -56,7 +62,14 @@ impl Store {
             opts.compression,
             opts.chunk_cache_bytes,
         )?);
-        Ok(Store { data_dir: data_dir.to_path_buf(), rocks, engine, chunks, ids: Mutex::new(()), _lock: lock })
+        Ok(Store {
+            data_dir: data_dir.to_path_buf(),
+            rocks,
+            engine,
+            chunks,
+            ids: Mutex::new(()),
+            _lock: lock,
+        })
     }
 
     /// Allocates the next value of a store-wide counter (volume ids, tree ids).
@@ -65,7 +78,9 @@ impl Store {
         let key = format!("next/{name}");
         let cur = match self.engine.get(Cf::Meta, key.as_bytes())? {
             Some(v) => u64::from_le_bytes(
-                v.as_slice().try_into().map_err(|_| Error::Encoding(format!("counter {key}")))?,
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Encoding(format!("counter {key}")))?,
             ),
             None => 1,
         };
@@ -86,7 +101,11 @@ fn check_schema(engine: &dyn Engine, data_dir: &Path) -> Result<()> {
     match engine.get(Cf::Meta, b"schema_version")? {
         None => {
             let mut b = Batch::new();
-            b.put(Cf::Meta, b"schema_version".to_vec(), SCHEMA_VERSION.to_le_bytes().to_vec());
+            b.put(
+                Cf::Meta,
+                b"schema_version".to_vec(),
+                SCHEMA_VERSION.to_le_bytes().to_vec(),
+            );
             engine.write(b, true)
         }
         Some(v) if v == SCHEMA_VERSION.to_le_bytes() => Ok(()),
@@ -123,8 +142,10 @@ fn lock_data_dir(data_dir: &Path) -> Result<File> {
         }
         return Err(Error::io(format!("cannot lock {}", path.display()), err));
     }
-    f.set_len(0).map_err(|e| Error::io("truncating lock file", e))?;
-    f.rewind().map_err(|e| Error::io("rewinding lock file", e))?;
+    f.set_len(0)
+        .map_err(|e| Error::io("truncating lock file", e))?;
+    f.rewind()
+        .map_err(|e| Error::io("rewinding lock file", e))?;
     writeln!(f, "{}", std::process::id()).map_err(|e| Error::io("writing lock file", e))?;
     Ok(f)
 }

@@ -26,7 +26,11 @@ impl CreateOptions {
         match key {
             "size" => self.size = Some(parse_size(value)?),
             "ro" | "read_only" | "readonly" => self.read_only = parse_bool(key, value)?,
-            _ => return Err(Error::Invalid(format!("unknown volume option {key:?} (known: size, ro)"))),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "unknown volume option {key:?} (known: size, ro)"
+                )))
+            }
         }
         Ok(())
     }
@@ -36,18 +40,24 @@ pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
     match v {
         "" | "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err(Error::Invalid(format!("option {key}: {v:?} is not a boolean"))),
+        _ => Err(Error::Invalid(format!(
+            "option {key}: {v:?} is not a boolean"
+        ))),
     }
 }
 
 /// Parses sizes like `1048576`, `512K`, `10G`, `1.5GiB`, `2TB` (binary units).
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| Error::Invalid(format!("size {s:?}: expected a number with an optional unit (K, M, G, T)")))?;
+    let n: f64 = num.parse().map_err(|_| {
+        Error::Invalid(format!(
+            "size {s:?}: expected a number with an optional unit (K, M, G, T)"
+        ))
+    })?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -70,7 +80,10 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(store: Arc<Store>) -> Self {
-        Registry { store, lock: parking_lot::Mutex::new(()) }
+        Registry {
+            store,
+            lock: parking_lot::Mutex::new(()),
+        }
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -96,8 +109,16 @@ impl Registry {
         };
         let mut b = Batch::new();
         let root = InodeRecord::new(Kind::Dir, 0o755, 0, 0);
-        b.put(Cf::Inodes, meta::inode_key(top, ROOT_INO), meta::encode(meta::INODE_VERSION, &root));
-        b.put(Cf::Volumes, name.as_str().as_bytes().to_vec(), meta::encode(VOLUME_VERSION, &rec));
+        b.put(
+            Cf::Inodes,
+            meta::inode_key(top, ROOT_INO),
+            meta::encode(meta::INODE_VERSION, &root),
+        );
+        b.put(
+            Cf::Volumes,
+            name.as_str().as_bytes().to_vec(),
+            meta::encode(VOLUME_VERSION, &rec),
+        );
         self.store.engine.write(b, true)?;
         tracing::info!(volume = %name, "volume created");
         Ok(rec)
@@ -112,7 +133,8 @@ impl Registry {
     }
 
     pub fn require(&self, name: &VolumeName) -> Result<VolumeRecord> {
-        self.get(name)?.ok_or_else(|| Error::NotFound(format!("volume {name}")))
+        self.get(name)?
+            .ok_or_else(|| Error::NotFound(format!("volume {name}")))
     }
 
     pub fn list(&self) -> Result<Vec<VolumeRecord>> {
@@ -125,7 +147,11 @@ impl Registry {
     }
 
     pub fn used_bytes(&self, rec: &VolumeRecord) -> Result<u64> {
-        Ok(self.store.engine.counter(Cf::Counters, &meta::used_key(rec.id))?.max(0) as u64)
+        Ok(self
+            .store
+            .engine
+            .counter(Cf::Counters, &meta::used_key(rec.id))?
+            .max(0) as u64)
     }
 
     /// Deletes the volume record and all its files. The caller makes sure it is not mounted.
@@ -135,7 +161,13 @@ impl Registry {
         let mut b = Batch::new();
         b.delete(Cf::Volumes, name.as_str().as_bytes().to_vec());
         let p = meta::tree_prefix(rec.top);
-        for cf in [Cf::Inodes, Cf::Dirents, Cf::Extents, Cf::Xattrs, Cf::Orphans] {
+        for cf in [
+            Cf::Inodes,
+            Cf::Dirents,
+            Cf::Extents,
+            Cf::Xattrs,
+            Cf::Orphans,
+        ] {
             b.delete_prefix(cf, &p);
         }
         b.delete(Cf::Counters, meta::used_key(rec.id));

@@ -56,8 +56,13 @@ impl Config {
             None => (PathBuf::from(DEFAULT_CONFIG), false),
         };
         let mut cfg = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str::<Config>(&text)
-                .map_err(|e| anyhow::anyhow!("invalid config {}: {}", path.display(), e.to_string().trim()))?,
+            Ok(text) => toml::from_str::<Config>(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid config {}: {}",
+                    path.display(),
+                    e.to_string().trim()
+                )
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Config::default(),
             Err(e) => anyhow::bail!("cannot read config {}: {e}", path.display()),
         };
@@ -70,7 +75,8 @@ impl Config {
             std::env::var(k).ok().filter(|v| !v.is_empty())
         }
         fn parse<T: std::str::FromStr>(k: &str, v: String) -> anyhow::Result<T> {
-            v.parse().map_err(|_| anyhow::anyhow!("environment variable {k}={v:?} is not valid"))
+            v.parse()
+                .map_err(|_| anyhow::anyhow!("environment variable {k}={v:?} is not valid"))
         }
         if let Some(v) = env("VOLFS_DATA_DIR") {
             self.data_dir = v.into();

@@ -11,7 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use volfs::api::{self, CreateVolume, MountInfo, MountRequest, PruneReply, PruneRequest, Status, UnmountRequest, VolumeInfo};
+use volfs::api::{
+    self, CreateVolume, MountInfo, MountRequest, PruneReply, PruneRequest, Status, UnmountRequest,
+    VolumeInfo,
+};
 use volfs::ids::VolumeName;
 use volfs::meta::VolumeRecord;
 use volfs::volume::CreateOptions;
@@ -34,15 +37,24 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         tracing::warn!("control API: {}", self.0);
-        (status, Json(api::ErrorBody { error: self.0.to_string() })).into_response()
+        (
+            status,
+            Json(api::ErrorBody {
+                error: self.0.to_string(),
+            }),
+        )
+            .into_response()
     }
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> volfs::Result<T> + Send + 'static) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> volfs::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(ApiError),
         Err(e) => Err(ApiError(Error::Db(format!("worker failed: {e}")))),
@@ -82,14 +94,23 @@ pub fn volume_info(d: &Daemon, rec: &VolumeRecord) -> volfs::Result<VolumeInfo> 
         read_only: rec.read_only,
         size: rec.size,
         bytes_used,
-        mountpoints: d.mounts.mountpoints(&rec.name).into_iter().map(|m| m.target.display().to_string()).collect(),
+        mountpoints: d
+            .mounts
+            .mountpoints(&rec.name)
+            .into_iter()
+            .map(|m| m.target.display().to_string())
+            .collect(),
         open_handles: fs.map(|f| f.open_handles()).unwrap_or(0),
     })
 }
 
 pub fn create(d: &Daemon, req: &CreateVolume) -> volfs::Result<VolumeInfo> {
     let name = VolumeName::new(&req.name)?;
-    let mut opts = CreateOptions { labels: req.labels.clone(), read_only: req.read_only, ..Default::default() };
+    let mut opts = CreateOptions {
+        labels: req.labels.clone(),
+        read_only: req.read_only,
+        ..Default::default()
+    };
     for (k, v) in &req.opts {
         opts.set_opt(k, v)?;
     }
@@ -104,7 +125,10 @@ pub fn remove_volume(d: &Daemon, name: &str, force: bool) -> volfs::Result<()> {
     if !mps.is_empty() && !force {
         return Err(Error::Busy(format!(
             "volume {name} (mounted at {}; unmount it or use --force)",
-            mps.iter().map(|m| m.target.display().to_string()).collect::<Vec<_>>().join(", ")
+            mps.iter()
+                .map(|m| m.target.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     d.mounts.detach_volume(name.as_str())?;
@@ -113,44 +137,69 @@ pub fn remove_volume(d: &Daemon, name: &str, force: bool) -> volfs::Result<()> {
 
 async fn status(State(d): State<Arc<Daemon>>) -> ApiResult<Status> {
     let d2 = d.clone();
-    Ok(Json(blocking(move || {
-        let store = d2.mounts.registry().store().clone();
-        let (total, free) = volfs::fs::disk_space(&store.data_dir);
-        let vols = d2.mounts.registry().list()?;
-        let volumes = vols.iter().map(|r| volume_info(&d2, r)).collect::<volfs::Result<Vec<_>>>()?;
-        let logical: u64 = volumes.iter().map(|v| v.bytes_used).sum();
-        let corrupt = store.chunks.stats.corrupt.load(std::sync::atomic::Ordering::Relaxed);
-        let mut warnings = Vec::new();
-        if total > 0 && free * 10 < total {
-            warnings.push(format!("data dir {} is over 90% full ({free} bytes free)", store.data_dir.display()));
-        }
-        if corrupt > 0 {
-            warnings.push(format!("{corrupt} chunk reads failed verification (run volfs fsck)"));
-        }
-        Ok(Status {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            pid: std::process::id(),
-            uptime_secs: d2.started.elapsed().as_secs(),
-            data_dir: store.data_dir.display().to_string(),
-            data_dir_free_bytes: free,
-            data_dir_total_bytes: total,
-            volumes,
-            stored_bytes: store.chunks.disk_bytes(),
-            logical_bytes: logical,
-            corrupt_chunks: corrupt,
-            warnings,
+    Ok(Json(
+        blocking(move || {
+            let store = d2.mounts.registry().store().clone();
+            let (total, free) = volfs::fs::disk_space(&store.data_dir);
+            let vols = d2.mounts.registry().list()?;
+            let volumes = vols
+                .iter()
+                .map(|r| volume_info(&d2, r))
+                .collect::<volfs::Result<Vec<_>>>()?;
+            let logical: u64 = volumes.iter().map(|v| v.bytes_used).sum();
+            let corrupt = store
+                .chunks
+                .stats
+                .corrupt
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let mut warnings = Vec::new();
+            if total > 0 && free * 10 < total {
+                warnings.push(format!(
+                    "data dir {} is over 90% full ({free} bytes free)",
+                    store.data_dir.display()
+                ));
+            }
+            if corrupt > 0 {
+                warnings.push(format!(
+                    "{corrupt} chunk reads failed verification (run volfs fsck)"
+                ));
+            }
+            Ok(Status {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                pid: std::process::id(),
+                uptime_secs: d2.started.elapsed().as_secs(),
+                data_dir: store.data_dir.display().to_string(),
+                data_dir_free_bytes: free,
+                data_dir_total_bytes: total,
+                volumes,
+                stored_bytes: store.chunks.disk_bytes(),
+                logical_bytes: logical,
+                corrupt_chunks: corrupt,
+                warnings,
+            })
         })
-    })
-    .await?))
+        .await?,
+    ))
 }
 
 async fn list_volumes(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<VolumeInfo>> {
     Ok(Json(
-        blocking(move || d.mounts.registry().list()?.iter().map(|r| volume_info(&d, r)).collect()).await?,
+        blocking(move || {
+            d.mounts
+                .registry()
+                .list()?
+                .iter()
+                .map(|r| volume_info(&d, r))
+                .collect()
+        })
+        .await?,
     ))
 }
 
-async fn create_volume(State(d): State<Arc<Daemon>>, Json(req): Json<CreateVolume>) -> ApiResult<VolumeInfo> {
+async fn create_volume(
+    State(d): State<Arc<Daemon>>,
+    Json(req): Json<CreateVolume>,
+) -> ApiResult<VolumeInfo> {
     Ok(Json(blocking(move || create(&d, &req)).await?))
 }
 
@@ -170,17 +219,26 @@ struct ForceQuery {
     force: bool,
 }
 
-async fn remove(State(d): State<Arc<Daemon>>, Path(name): Path<String>, Query(q): Query<ForceQuery>) -> ApiResult<serde_json::Value> {
+async fn remove(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    Query(q): Query<ForceQuery>,
+) -> ApiResult<serde_json::Value> {
     blocking(move || remove_volume(&d, &name, q.force)).await?;
     Ok(Json(serde_json::json!({})))
 }
 
-async fn prune(State(d): State<Arc<Daemon>>, Json(req): Json<PruneRequest>) -> ApiResult<PruneReply> {
+async fn prune(
+    State(d): State<Arc<Daemon>>,
+    Json(req): Json<PruneRequest>,
+) -> ApiResult<PruneReply> {
     Ok(Json(
         blocking(move || {
             let mut removed = Vec::new();
             for rec in d.mounts.registry().list()? {
-                if api::labels_match(&rec.labels, &req.filters) && d.mounts.mountpoints(&rec.name).is_empty() {
+                if api::labels_match(&rec.labels, &req.filters)
+                    && d.mounts.mountpoints(&rec.name).is_empty()
+                {
                     remove_volume(&d, &rec.name, false)?;
                     removed.push(rec.name);
                 }
@@ -195,13 +253,26 @@ async fn list_mounts(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<MountInfo>> 
     Ok(Json(blocking(move || d.mounts.recorded()).await?))
 }
 
-async fn mount(State(d): State<Arc<Daemon>>, Json(req): Json<MountRequest>) -> ApiResult<MountInfo> {
+async fn mount(
+    State(d): State<Arc<Daemon>>,
+    Json(req): Json<MountRequest>,
+) -> ApiResult<MountInfo> {
     Ok(Json(
-        blocking(move || d.mounts.mount(&VolumeName::new(&req.volume)?, &PathBuf::from(&req.target), req.read_only)).await?,
+        blocking(move || {
+            d.mounts.mount(
+                &VolumeName::new(&req.volume)?,
+                &PathBuf::from(&req.target),
+                req.read_only,
+            )
+        })
+        .await?,
     ))
 }
 
-async fn unmount(State(d): State<Arc<Daemon>>, Json(req): Json<UnmountRequest>) -> ApiResult<serde_json::Value> {
+async fn unmount(
+    State(d): State<Arc<Daemon>>,
+    Json(req): Json<UnmountRequest>,
+) -> ApiResult<serde_json::Value> {
     blocking(move || d.mounts.unmount(&PathBuf::from(&req.target), false)).await?;
     Ok(Json(serde_json::json!({})))
 }

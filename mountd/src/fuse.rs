@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
 use volfs::fs::{Attr, Caller, NewNode, SetAttr, SetTime, VolumeFs, Whence, XattrReply};
@@ -35,7 +35,11 @@ pub struct FuseOptions {
 
 impl Default for FuseOptions {
     fn default() -> Self {
-        FuseOptions { ttl: Duration::from_secs(10), writeback_cache: true, workers: 4 }
+        FuseOptions {
+            ttl: Duration::from_secs(10),
+            writeback_cache: true,
+            workers: 4,
+        }
     }
 }
 
@@ -52,18 +56,22 @@ impl Pool {
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..n.max(1) {
             let rx = rx.clone();
-            let spawned = std::thread::Builder::new().name(format!("{name}-io{i}")).spawn(move || loop {
-                let job = rx.lock().recv();
-                match job {
-                    Ok(job) => job(),
-                    Err(_) => return,
-                }
-            });
+            let spawned = std::thread::Builder::new()
+                .name(format!("{name}-io{i}"))
+                .spawn(move || loop {
+                    let job = rx.lock().recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                });
             if let Err(e) = spawned {
                 tracing::error!("cannot start worker thread: {e}");
             }
         }
-        Pool { tx: Mutex::new(Some(tx)) }
+        Pool {
+            tx: Mutex::new(Some(tx)),
+        }
     }
 
     fn run(&self, job: impl FnOnce() + Send + 'static) {
@@ -137,7 +145,11 @@ fn fattr(a: &Attr) -> FileAttr {
 }
 
 fn caller(req: &Request) -> Caller {
-    Caller { uid: req.uid(), gid: req.gid(), pid: req.pid() }
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
 }
 
 fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
@@ -232,7 +244,15 @@ impl Filesystem for FuseFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let s = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime), ctime };
+        let s = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+            ctime,
+        };
         let a = try_reply!(self, "setattr", reply, self.fs.setattr(ino.0, &s));
         reply.attr(&self.opts.ttl, &fattr(&a))
     }
@@ -242,31 +262,100 @@ impl Filesystem for FuseFs {
         reply.data(&t)
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
-        let Some(kind) = Kind::from_mode(mode) else { return reply.error(Errno::EINVAL) };
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(kind) = Kind::from_mode(mode) else {
+            return reply.error(Errno::EINVAL);
+        };
         if kind == Kind::Dir || kind == Kind::Symlink {
             return reply.error(Errno::EINVAL);
         }
-        let new = NewNode { kind, perm: mode & !umask & 0o7777, rdev, target: &[] };
-        self.entry(reply, self.fs.make(parent.0, name.as_bytes(), new, caller(req), None).map(|r| r.0), "mknod")
+        let new = NewNode {
+            kind,
+            perm: mode & !umask & 0o7777,
+            rdev,
+            target: &[],
+        };
+        self.entry(
+            reply,
+            self.fs
+                .make(parent.0, name.as_bytes(), new, caller(req), None)
+                .map(|r| r.0),
+            "mknod",
+        )
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let new = NewNode { kind: Kind::Dir, perm: mode & !umask & 0o7777, rdev: 0, target: &[] };
-        self.entry(reply, self.fs.make(parent.0, name.as_bytes(), new, caller(req), None).map(|r| r.0), "mkdir")
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let new = NewNode {
+            kind: Kind::Dir,
+            perm: mode & !umask & 0o7777,
+            rdev: 0,
+            target: &[],
+        };
+        self.entry(
+            reply,
+            self.fs
+                .make(parent.0, name.as_bytes(), new, caller(req), None)
+                .map(|r| r.0),
+            "mkdir",
+        )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        Self::empty(&self.fs, reply, self.fs.unlink(parent.0, name.as_bytes()), "unlink")
+        Self::empty(
+            &self.fs,
+            reply,
+            self.fs.unlink(parent.0, name.as_bytes()),
+            "unlink",
+        )
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        Self::empty(&self.fs, reply, self.fs.rmdir(parent.0, name.as_bytes()), "rmdir")
+        Self::empty(
+            &self.fs,
+            reply,
+            self.fs.rmdir(parent.0, name.as_bytes()),
+            "rmdir",
+        )
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let new = NewNode { kind: Kind::Symlink, perm: 0o777, rdev: 0, target: target.as_os_str().as_bytes() };
-        self.entry(reply, self.fs.make(parent.0, link_name.as_bytes(), new, caller(req), None).map(|r| r.0), "symlink")
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let new = NewNode {
+            kind: Kind::Symlink,
+            perm: 0o777,
+            rdev: 0,
+            target: target.as_os_str().as_bytes(),
+        };
+        self.entry(
+            reply,
+            self.fs
+                .make(parent.0, link_name.as_bytes(), new, caller(req), None)
+                .map(|r| r.0),
+            "symlink",
+        )
     }
 
     fn rename(
@@ -279,12 +368,29 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let r = self.fs.rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), flags.bits());
+        let r = self.fs.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags.bits(),
+        );
         Self::empty(&self.fs, reply, r, "rename")
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()), "link")
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            reply,
+            self.fs.link(ino.0, newparent.0, newname.as_bytes()),
+            "link",
+        )
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -324,9 +430,17 @@ impl Filesystem for FuseFs {
         reply.written(n)
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         let fs = self.fs.clone();
-        self.pool.run(move || Self::empty(&fs, reply, fs.flush(ino.0), "flush"));
+        self.pool
+            .run(move || Self::empty(&fs, reply, fs.flush(ino.0), "flush"));
     }
 
     fn release(
@@ -340,12 +454,21 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.pool.run(move || Self::empty(&fs, reply, fs.release(fh.0), "release"));
+        self.pool
+            .run(move || Self::empty(&fs, reply, fs.release(fh.0), "release"));
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let fs = self.fs.clone();
-        self.pool.run(move || Self::empty(&fs, reply, fs.fsync(ino.0), "fsync"));
+        self.pool
+            .run(move || Self::empty(&fs, reply, fs.fsync(ino.0), "fsync"));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -353,24 +476,54 @@ impl Filesystem for FuseFs {
         reply.opened(FileHandle(fh), FopenFlags::empty())
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let entries = try_reply!(self, "readdir", reply, self.fs.readdir(fh.0, offset));
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(e.ino), (i + 1) as u64, ftype(e.kind), OsStr::from_bytes(&e.name)) {
+            if reply.add(
+                INodeNo(e.ino),
+                (i + 1) as u64,
+                ftype(e.kind),
+                OsStr::from_bytes(&e.name),
+            ) {
                 break;
             }
         }
         reply.ok()
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let entries = try_reply!(self, "readdirplus", reply, self.fs.readdir(fh.0, offset));
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let dot = e.name == b"." || e.name == b"..";
             // "." and ".." carry no lookup reference.
-            let attr = if dot { self.fs.getattr(ino.0) } else { self.fs.getattr(e.ino) };
+            let attr = if dot {
+                self.fs.getattr(ino.0)
+            } else {
+                self.fs.getattr(e.ino)
+            };
             let Ok(a) = attr else { continue };
-            if reply.add(INodeNo(e.ino), (i + 1) as u64, OsStr::from_bytes(&e.name), &self.opts.ttl, &fattr(&a), Generation(0)) {
+            if reply.add(
+                INodeNo(e.ino),
+                (i + 1) as u64,
+                OsStr::from_bytes(&e.name),
+                &self.opts.ttl,
+                &fattr(&a),
+                Generation(0),
+            ) {
                 break;
             }
             if !dot {
@@ -383,27 +536,63 @@ impl Filesystem for FuseFs {
         reply.ok()
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.fs.releasedir(fh.0);
         reply.ok()
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let fs = self.fs.clone();
-        self.pool.run(move || Self::empty(&fs, reply, fs.fsync(ino.0), "fsyncdir"));
+        self.pool
+            .run(move || Self::empty(&fs, reply, fs.fsync(ino.0), "fsyncdir"));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = try_reply!(self, "statfs", reply, self.fs.statfs());
-        reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize)
+        reply.statfs(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+        )
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
-        Self::empty(&self.fs, reply, self.fs.setxattr(ino.0, name.as_bytes(), value, flags), "setxattr")
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(
+            &self.fs,
+            reply,
+            self.fs.setxattr(ino.0, name.as_bytes(), value, flags),
+            "setxattr",
+        )
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match try_reply!(self, "getxattr", reply, self.fs.getxattr(ino.0, name.as_bytes(), size)) {
+        match try_reply!(
+            self,
+            "getxattr",
+            reply,
+            self.fs.getxattr(ino.0, name.as_bytes(), size)
+        ) {
             XattrReply::Size(n) => reply.size(n),
             XattrReply::Data(d) => reply.data(&d),
         }
@@ -417,25 +606,83 @@ impl Filesystem for FuseFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        Self::empty(&self.fs, reply, self.fs.removexattr(ino.0, name.as_bytes()), "removexattr")
+        Self::empty(
+            &self.fs,
+            reply,
+            self.fs.removexattr(ino.0, name.as_bytes()),
+            "removexattr",
+        )
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Permission checks are the kernel's (default_permissions); only existence is ours.
-        Self::empty(&self.fs, reply, self.fs.getattr(ino.0).map(|_| ()), "access")
+        Self::empty(
+            &self.fs,
+            reply,
+            self.fs.getattr(ino.0).map(|_| ()),
+            "access",
+        )
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
-        let new = NewNode { kind: Kind::File, perm: mode & !umask & 0o7777, rdev: 0, target: &[] };
-        let (a, fh) = try_reply!(self, "create", reply, self.fs.make(parent.0, name.as_bytes(), new, caller(req), Some(flags)));
-        reply.created(&self.opts.ttl, &fattr(&a), Generation(0), FileHandle(fh.unwrap_or(0)), FopenFlags::FOPEN_KEEP_CACHE)
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let new = NewNode {
+            kind: Kind::File,
+            perm: mode & !umask & 0o7777,
+            rdev: 0,
+            target: &[],
+        };
+        let (a, fh) = try_reply!(
+            self,
+            "create",
+            reply,
+            self.fs
+                .make(parent.0, name.as_bytes(), new, caller(req), Some(flags))
+        );
+        reply.created(
+            &self.opts.ttl,
+            &fattr(&a),
+            Generation(0),
+            FileHandle(fh.unwrap_or(0)),
+            FopenFlags::FOPEN_KEEP_CACHE,
+        )
     }
 
-    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
-        Self::empty(&self.fs, reply, self.fs.fallocate(ino.0, offset, length, mode), "fallocate")
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(
+            &self.fs,
+            reply,
+            self.fs.fallocate(ino.0, offset, length, mode),
+            "fallocate",
+        )
     }
 
-    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         let w = match whence {
             libc::SEEK_DATA => Whence::Data,
             libc::SEEK_HOLE => Whence::Hole,

@@ -17,7 +17,11 @@ use volfs::store::{Store, StoreOptions};
 use volfs::volume::Registry;
 
 #[derive(Parser, Debug)]
-#[command(name = "volfs-mountd", version, about = "volfs daemon: persistent volumes for containers over FUSE")]
+#[command(
+    name = "volfs-mountd",
+    version,
+    about = "volfs daemon: persistent volumes for containers over FUSE"
+)]
 struct Args {
     /// Config file (default /etc/volfs/volfs.toml if it exists). Env VOLFS_CONFIG.
     #[arg(long, env = "VOLFS_CONFIG")]
@@ -72,11 +76,15 @@ fn main() {
 fn init_logging(format: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         "json" => b.json().init(),
         // Under systemd the journal adds its own timestamps.
-        "text" if std::env::var_os("JOURNAL_STREAM").is_some() => b.without_time().with_ansi(false).init(),
+        "text" if std::env::var_os("JOURNAL_STREAM").is_some() => {
+            b.without_time().with_ansi(false).init()
+        }
         "text" => b.init(),
         other => anyhow::bail!("unknown log format {other:?} (expected text or json)"),
     }
@@ -87,7 +95,10 @@ fn run(cfg: config::Config) -> anyhow::Result<()> {
     let compression = Compression::parse(&cfg.compression).context("config key compression")?;
     let store = Arc::new(Store::open(
         &cfg.data_dir,
-        &StoreOptions { compression, chunk_cache_bytes: cfg.chunk_cache_mb << 20 },
+        &StoreOptions {
+            compression,
+            chunk_cache_bytes: cfg.chunk_cache_mb << 20,
+        },
     )?);
     let registry = Arc::new(Registry::new(store.clone()));
     let fuse_opts = fuse::FuseOptions {
@@ -97,11 +108,17 @@ fn run(cfg: config::Config) -> anyhow::Result<()> {
     };
     let mounts = mounts::Mounts::new(registry, &cfg.run_dir, fuse_opts)?;
     let listener = bind_socket(&cfg.socket)?;
-    let daemon = Arc::new(control::Daemon { mounts: mounts.clone(), started: Instant::now() });
+    let daemon = Arc::new(control::Daemon {
+        mounts: mounts.clone(),
+        started: Instant::now(),
+    });
     tracing::info!(data_dir = %cfg.data_dir.display(), socket = %cfg.socket.display(), "volfs-mountd {} starting", env!("CARGO_PKG_VERSION"));
     mounts.restore()?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let served = mounts.clone();
     let result = rt.block_on(async move {
         let mounts = served;
@@ -116,7 +133,9 @@ fn run(cfg: config::Config) -> anyhow::Result<()> {
         });
         notify_systemd("READY=1");
         let app = control::router(daemon);
-        axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
         anyhow::Ok(())
     });
     tracing::info!("shutting down: flushing volumes");
@@ -135,9 +154,11 @@ fn bind_socket(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> 
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!("another volfs-mountd already answers on {}", path.display());
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let l = std::os::unix::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let l = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     l.set_nonblocking(true)?;
     Ok(l)
@@ -145,7 +166,10 @@ fn bind_socket(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> 
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return std::future::pending().await;
     };
@@ -157,8 +181,12 @@ async fn shutdown_signal() {
 
 /// sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET.
 fn notify_systemd(msg: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
     let p = PathBuf::from(&path);
     if let Err(e) = sock.send_to(msg.as_bytes(), &p) {
         tracing::warn!("sd_notify to {}: {e}", p.display());

@@ -52,14 +52,27 @@ pub struct Mounts {
 }
 
 fn cstr(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Invalid(format!("path {} contains NUL", p.display())))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| Error::Invalid(format!("path {} contains NUL", p.display())))
 }
 
-fn sys_mount(src: Option<&Path>, target: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> std::io::Result<()> {
+fn sys_mount(
+    src: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> std::io::Result<()> {
     let src = src.map(cstr).transpose().map_err(std::io::Error::other)?;
     let target = cstr(target).map_err(std::io::Error::other)?;
-    let fstype = fstype.map(CString::new).transpose().map_err(std::io::Error::other)?;
-    let data = data.map(CString::new).transpose().map_err(std::io::Error::other)?;
+    let fstype = fstype
+        .map(CString::new)
+        .transpose()
+        .map_err(std::io::Error::other)?;
+    let data = data
+        .map(CString::new)
+        .transpose()
+        .map_err(std::io::Error::other)?;
     // SAFETY: all pointers are valid C strings (or null) for the duration of the call.
     let rc = unsafe {
         libc::mount(
@@ -67,7 +80,8 @@ fn sys_mount(src: Option<&Path>, target: &Path, fstype: Option<&str>, flags: lib
             target.as_ptr(),
             fstype.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
             flags,
-            data.as_ref().map_or(std::ptr::null(), |s| s.as_ptr() as *const libc::c_void),
+            data.as_ref()
+                .map_or(std::ptr::null(), |s| s.as_ptr() as *const libc::c_void),
         )
     };
     if rc == 0 {
@@ -102,7 +116,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -114,7 +131,9 @@ fn unescape(s: &str) -> String {
 }
 
 pub fn mountinfo() -> Vec<MountEntry> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
     text.lines().filter_map(parse_mountinfo_line).collect()
 }
 
@@ -136,7 +155,8 @@ fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
 impl Mounts {
     pub fn new(registry: Arc<Registry>, run_dir: &Path, fuse: FuseOptions) -> Result<Arc<Mounts>> {
         let mnt = run_dir.join("mnt");
-        std::fs::create_dir_all(&mnt).map_err(|e| Error::io(format!("creating {}", mnt.display()), e))?;
+        std::fs::create_dir_all(&mnt)
+            .map_err(|e| Error::io(format!("creating {}", mnt.display()), e))?;
         Ok(Arc::new(Mounts {
             registry,
             run_dir: run_dir.to_path_buf(),
@@ -168,12 +188,18 @@ impl Mounts {
         if mountinfo().iter().any(|m| m.target == primary) {
             let _ = sys_umount(&primary, libc::MNT_DETACH);
         }
-        std::fs::create_dir_all(&primary).map_err(|e| Error::io(format!("creating {}", primary.display()), e))?;
+        std::fs::create_dir_all(&primary)
+            .map_err(|e| Error::io(format!("creating {}", primary.display()), e))?;
         let dev_fuse: OwnedFd = OpenOptions::new()
             .read(true)
             .write(true)
             .open("/dev/fuse")
-            .map_err(|e| Error::io("opening /dev/fuse (is the fuse module loaded and /dev/fuse usable?)", e))?
+            .map_err(|e| {
+                Error::io(
+                    "opening /dev/fuse (is the fuse module loaded and /dev/fuse usable?)",
+                    e,
+                )
+            })?
             .into();
         let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
         if rec.read_only {
@@ -184,28 +210,53 @@ impl Mounts {
             dev_fuse.as_raw_fd(),
             1 << 20
         );
-        sys_mount(Some(Path::new(vol.as_str())), &primary, Some("fuse.volfs"), flags, Some(&data))
-            .map_err(|e| Error::io(format!("mounting volume {vol} at {}", primary.display()), e))?;
+        sys_mount(
+            Some(Path::new(vol.as_str())),
+            &primary,
+            Some("fuse.volfs"),
+            flags,
+            Some(&data),
+        )
+        .map_err(|e| Error::io(format!("mounting volume {vol} at {}", primary.display()), e))?;
         let mut cfg = fuser::Config::default();
         cfg.acl = fuser::SessionACL::All;
         cfg.n_threads = Some(self.fuse.workers.max(1));
         cfg.clone_fd = true;
-        let session = fuser::Session::from_fd(FuseFs::new(fs.clone(), self.fuse.clone()), dev_fuse, fuser::SessionACL::All, cfg)
-            .and_then(|s| s.spawn());
+        let session = fuser::Session::from_fd(
+            FuseFs::new(fs.clone(), self.fuse.clone()),
+            dev_fuse,
+            fuser::SessionACL::All,
+            cfg,
+        )
+        .and_then(|s| s.spawn());
         let session = match session {
             Ok(s) => s,
             Err(e) => {
                 let _ = sys_umount(&primary, libc::MNT_DETACH);
-                return Err(Error::io(format!("starting FUSE session for volume {vol}"), e));
+                return Err(Error::io(
+                    format!("starting FUSE session for volume {vol}"),
+                    e,
+                ));
             }
         };
         let dev = std::fs::metadata(&primary)
-            .map_err(|e| Error::io(format!("volume {vol} does not answer at {}", primary.display()), e))?
+            .map_err(|e| {
+                Error::io(
+                    format!("volume {vol} does not answer at {}", primary.display()),
+                    e,
+                )
+            })?
             .dev();
         tracing::info!(volume = %vol, primary = %primary.display(), "volume connection up");
         active.insert(
             vol.to_string(),
-            Active { fs, primary: primary.clone(), dev, last_used: Instant::now(), _session: session },
+            Active {
+                fs,
+                primary: primary.clone(),
+                dev,
+                last_used: Instant::now(),
+                _session: session,
+            },
         );
         Ok(primary)
     }
@@ -213,10 +264,15 @@ impl Mounts {
     /// Mountpoints of a volume (bind mounts of its primary, not the primary itself).
     pub fn mountpoints(&self, vol: &str) -> Vec<MountEntry> {
         let active = self.active.lock();
-        let Some(a) = active.get(vol) else { return Vec::new() };
+        let Some(a) = active.get(vol) else {
+            return Vec::new();
+        };
         let (dev, primary) = (a.dev, a.primary.clone());
         drop(active);
-        mountinfo().into_iter().filter(|m| m.dev == dev && m.target != primary).collect()
+        mountinfo()
+            .into_iter()
+            .filter(|m| m.dev == dev && m.target != primary)
+            .collect()
     }
 
     pub fn volume_fs(&self, vol: &str) -> Option<Arc<VolumeFs>> {
@@ -227,35 +283,80 @@ impl Mounts {
     /// volume is read-only, and records it so that it comes back after a restart.
     pub fn mount(&self, vol: &VolumeName, target: &Path, read_only: bool) -> Result<MountInfo> {
         if !target.is_absolute() {
-            return Err(Error::Invalid(format!("mount target {} is not an absolute path", target.display())));
+            return Err(Error::Invalid(format!(
+                "mount target {} is not an absolute path",
+                target.display()
+            )));
         }
-        let md = std::fs::metadata(target).map_err(|e| Error::io(format!("mount target {}", target.display()), e))?;
+        let md = std::fs::metadata(target)
+            .map_err(|e| Error::io(format!("mount target {}", target.display()), e))?;
         if !md.is_dir() {
-            return Err(Error::Invalid(format!("mount target {} is not a directory", target.display())));
+            return Err(Error::Invalid(format!(
+                "mount target {} is not a directory",
+                target.display()
+            )));
         }
         let primary = self.activate(vol)?;
-        let dev = self.active.lock().get(vol.as_str()).map(|a| a.dev).unwrap_or(0);
-        if let Some(existing) = mountinfo().into_iter().find(|m| m.target == target && m.fstype == "fuse.volfs") {
+        let dev = self
+            .active
+            .lock()
+            .get(vol.as_str())
+            .map(|a| a.dev)
+            .unwrap_or(0);
+        if let Some(existing) = mountinfo()
+            .into_iter()
+            .find(|m| m.target == target && m.fstype == "fuse.volfs")
+        {
             if existing.dev == dev && existing.read_only == read_only {
-                return Ok(MountInfo { volume: vol.to_string(), target: target.display().to_string(), read_only });
+                return Ok(MountInfo {
+                    volume: vol.to_string(),
+                    target: target.display().to_string(),
+                    read_only,
+                });
             }
-            return Err(Error::Busy(format!("{} (already a volfs mountpoint of {})", target.display(), existing.source)));
+            return Err(Error::Busy(format!(
+                "{} (already a volfs mountpoint of {})",
+                target.display(),
+                existing.source
+            )));
         }
-        sys_mount(Some(&primary), target, None, libc::MS_BIND, None)
-            .map_err(|e| Error::io(format!("bind-mounting volume {vol} at {}", target.display()), e))?;
+        sys_mount(Some(&primary), target, None, libc::MS_BIND, None).map_err(|e| {
+            Error::io(
+                format!("bind-mounting volume {vol} at {}", target.display()),
+                e,
+            )
+        })?;
         let ro = read_only || self.registry.require(vol)?.read_only;
         if ro {
-            if let Err(e) = sys_mount(None, target, None, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV, None) {
+            if let Err(e) = sys_mount(
+                None,
+                target,
+                None,
+                libc::MS_BIND
+                    | libc::MS_REMOUNT
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV,
+                None,
+            ) {
                 let _ = sys_umount(target, libc::MNT_DETACH);
-                return Err(Error::io(format!("making {} read-only", target.display()), e));
+                return Err(Error::io(
+                    format!("making {} read-only", target.display()),
+                    e,
+                ));
             }
         }
         // Answer only once the mount answers.
-        let ok = std::fs::metadata(target).map(|m| m.dev() == dev).unwrap_or(false);
+        let ok = std::fs::metadata(target)
+            .map(|m| m.dev() == dev)
+            .unwrap_or(false);
         if !ok {
             let _ = sys_umount(target, libc::MNT_DETACH);
             return Err(Error::Io {
-                context: format!("volume {vol} mounted at {} does not answer", target.display()),
+                context: format!(
+                    "volume {vol} mounted at {} does not answer",
+                    target.display()
+                ),
                 source: std::io::Error::from_raw_os_error(libc::EIO),
             });
         }
@@ -263,20 +364,38 @@ impl Mounts {
         b.put(
             Cf::Mounts,
             target.as_os_str().as_bytes().to_vec(),
-            meta::encode(MOUNT_VERSION, &MountRecord { volume: vol.to_string(), read_only: ro }),
+            meta::encode(
+                MOUNT_VERSION,
+                &MountRecord {
+                    volume: vol.to_string(),
+                    read_only: ro,
+                },
+            ),
         );
         self.registry.store().engine.write(b, true)?;
         tracing::info!(volume = %vol, target = %target.display(), read_only = ro, "mounted");
-        Ok(MountInfo { volume: vol.to_string(), target: target.display().to_string(), read_only: ro })
+        Ok(MountInfo {
+            volume: vol.to_string(),
+            target: target.display().to_string(),
+            read_only: ro,
+        })
     }
 
     /// Unmounts a mountpoint made by `mount` (or any bind mount of a volume's connection).
     pub fn unmount(&self, target: &Path, lazy: bool) -> Result<()> {
         let entry = mountinfo().into_iter().rev().find(|m| m.target == target);
         let ours = entry.as_ref().is_some_and(|m| m.fstype == "fuse.volfs");
-        let recorded = self.registry.store().engine.get(Cf::Mounts, target.as_os_str().as_bytes())?.is_some();
+        let recorded = self
+            .registry
+            .store()
+            .engine
+            .get(Cf::Mounts, target.as_os_str().as_bytes())?
+            .is_some();
         if !ours && !recorded {
-            return Err(Error::NotFound(format!("volfs mount at {}", target.display())));
+            return Err(Error::NotFound(format!(
+                "volfs mount at {}",
+                target.display()
+            )));
         }
         if ours {
             sys_umount(target, if lazy { libc::MNT_DETACH } else { 0 }).map_err(|e| {
@@ -302,7 +421,11 @@ impl Mounts {
             .into_iter()
             .map(|(k, v)| {
                 let r: MountRecord = meta::decode(MOUNT_VERSION, "mount record", &v)?;
-                Ok(MountInfo { volume: r.volume, target: String::from_utf8_lossy(&k).into_owned(), read_only: r.read_only })
+                Ok(MountInfo {
+                    volume: r.volume,
+                    target: String::from_utf8_lossy(&k).into_owned(),
+                    read_only: r.read_only,
+                })
             })
             .collect()
     }
@@ -312,7 +435,10 @@ impl Mounts {
         for m in self.recorded()? {
             let target = PathBuf::from(&m.target);
             // A mount left by a daemon that died answers ENOTCONN: detach it first.
-            if mountinfo().iter().any(|e| e.target == target && e.fstype == "fuse.volfs") {
+            if mountinfo()
+                .iter()
+                .any(|e| e.target == target && e.fstype == "fuse.volfs")
+            {
                 let _ = sys_umount(&target, libc::MNT_DETACH);
             }
             let res = VolumeName::new(&m.volume).and_then(|v| self.mount(&v, &target, m.read_only));
@@ -328,7 +454,11 @@ impl Mounts {
         for m in self.mountpoints(vol) {
             let _ = sys_umount(&m.target, libc::MNT_DETACH);
         }
-        let recorded: Vec<MountInfo> = self.recorded()?.into_iter().filter(|m| m.volume == vol).collect();
+        let recorded: Vec<MountInfo> = self
+            .recorded()?
+            .into_iter()
+            .filter(|m| m.volume == vol)
+            .collect();
         let mut b = Batch::new();
         for m in recorded {
             b.delete(Cf::Mounts, m.target.into_bytes());
@@ -354,7 +484,9 @@ impl Mounts {
             let holders = self.holders.lock();
             active
                 .iter()
-                .filter(|(v, a)| a.last_used.elapsed() > IDLE_GRACE && holders.get(*v).copied().unwrap_or(0) == 0)
+                .filter(|(v, a)| {
+                    a.last_used.elapsed() > IDLE_GRACE && holders.get(*v).copied().unwrap_or(0) == 0
+                })
                 .map(|(v, _)| v.clone())
                 .collect()
         };

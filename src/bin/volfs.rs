@@ -1,1 +1,764 @@
-fn main(){}
+//! `volfs`: the command-line client of volfs. It asks `volfs-mountd` over the control API's
+//! unix socket (see [`volfs::api`]) to create, list, inspect, remove and prune volumes, to
+//! mount and unmount them, and to report its state. `volfs status` exits 1 when the daemon
+//! reports warnings, so it doubles as a health check.
+//!
+//! Error policy: every failure prints exactly one line `volfs: <message>` on stderr and exits
+//! 1 (usage errors are clap's and exit 2). Names, labels, options and filters are checked here
+//! before the daemon is asked, so bad input fails without one.
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use volfs::api::{
+    self, CreateVolume, MountInfo, MountRequest, PruneReply, PruneRequest, Status, UnmountRequest,
+    VolumeInfo, DEFAULT_SOCKET,
+};
+use volfs::client::{Client, ClientError};
+use volfs::ids::VolumeName;
+use volfs::volume::CreateOptions;
+
+// ---------------------------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "volfs",
+    version,
+    about = "Manage volfs volumes: persistent, deduplicated container volumes over FUSE"
+)]
+struct Cli {
+    /// Control socket of volfs-mountd.
+    #[arg(long, global = true, value_name = "PATH", env = "VOLFS_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, list, inspect, remove and prune volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Mount a volume on an existing directory.
+    Mount(MountArgs),
+    /// Unmount a volfs mount point.
+    #[command(visible_alias = "unmount")]
+    Umount(UmountArgs),
+    /// Show the daemon's state; exits 1 when it reports warnings.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create a volume.
+    Create(CreateArgs),
+    /// List volumes.
+    #[command(visible_alias = "list")]
+    Ls(LsArgs),
+    /// Show volumes in detail, as a JSON array.
+    Inspect(InspectArgs),
+    /// Remove volumes.
+    #[command(visible_alias = "remove")]
+    Rm(RmArgs),
+    /// Remove all volumes that are not mounted.
+    Prune(PruneArgs),
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    /// Name of the volume: [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 128 characters.
+    name: String,
+    /// Set a label (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Set an option: size=SIZE (quota, e.g. 10G) or ro=BOOL (repeatable).
+    #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
+    opts: Vec<String>,
+    /// Create the volume read-only.
+    #[arg(long)]
+    read_only: bool,
+}
+
+#[derive(Debug, Args)]
+struct LsArgs {
+    /// Print a JSON array of volumes instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Only volumes with this label: label=KEY or label=KEY=VALUE (repeatable; all must match).
+    #[arg(short = 'f', long = "filter", value_name = "FILTER")]
+    filters: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct InspectArgs {
+    /// Volumes to show.
+    #[arg(required = true, value_name = "NAME")]
+    names: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct RmArgs {
+    /// Volumes to remove.
+    #[arg(required = true, value_name = "NAME")]
+    names: Vec<String>,
+    /// Remove a volume even when it is mounted (its mounts are detached).
+    #[arg(short, long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+struct PruneArgs {
+    /// Only volumes with this label: label=KEY or label=KEY=VALUE (repeatable; all must match).
+    #[arg(long = "filter", value_name = "FILTER")]
+    filters: Vec<String>,
+    /// Do not ask for confirmation.
+    #[arg(short, long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+struct MountArgs {
+    /// Volume to mount.
+    volume: String,
+    /// Existing directory to mount it on.
+    dir: PathBuf,
+    /// Mount read-only.
+    #[arg(long)]
+    read_only: bool,
+}
+
+#[derive(Debug, Args)]
+struct UmountArgs {
+    /// Mount point to unmount.
+    dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Print the daemon's status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry point
+// ---------------------------------------------------------------------------------------------
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        // The reader went away (`volfs volume ls | head -1`): nothing useful left to say.
+        Err(e) if is_closed_stdout(&e) => 1,
+        Err(e) => {
+            let _ = writeln!(io::stderr(), "volfs: {}", one_line(&format!("{e:#}")));
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let client = Client::new(&cli.socket);
+    let mut out = Stdout(io::stdout().lock());
+    let code = match cli.command {
+        Command::Volume(VolumeCommand::Create(a)) => volume_create(&client, a, &mut out)?,
+        Command::Volume(VolumeCommand::Ls(a)) => volume_ls(&client, a, &mut out)?,
+        Command::Volume(VolumeCommand::Inspect(a)) => volume_inspect(&client, a, &mut out)?,
+        Command::Volume(VolumeCommand::Rm(a)) => volume_rm(&client, a, &mut out)?,
+        Command::Volume(VolumeCommand::Prune(a)) => volume_prune(&client, a, &mut out)?,
+        Command::Mount(a) => mount(&client, a)?,
+        Command::Umount(a) => umount(&client, a)?,
+        Command::Status(a) => status(&client, a, &mut out)?,
+    };
+    out.flush()?;
+    Ok(code)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Subcommands
+// ---------------------------------------------------------------------------------------------
+
+fn volume_create(client: &Client, args: CreateArgs, out: &mut dyn Write) -> Result<i32> {
+    let name = volume_name(&args.name)?;
+    let labels = parse_labels(&args.labels)?;
+    let opts = parse_opts(&args.opts, args.read_only)?;
+    let req = CreateVolume {
+        name: name.to_string(),
+        labels,
+        opts,
+        read_only: args.read_only,
+    };
+    let info: VolumeInfo = client.post("/v1/volumes", &req)?;
+    writeln!(out, "{}", info.name)?;
+    Ok(0)
+}
+
+fn volume_ls(client: &Client, args: LsArgs, out: &mut dyn Write) -> Result<i32> {
+    let filters = parse_filters(&args.filters)?;
+    let mut vols: Vec<VolumeInfo> = client.get("/v1/volumes")?;
+    vols.retain(|v| api::labels_match(&v.labels, &filters));
+    vols.sort_by(|a, b| a.name.cmp(&b.name));
+    if args.json {
+        write_json(out, &vols)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = vols
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.size.map_or_else(|| "-".to_string(), human_bytes),
+                human_bytes(v.bytes_used),
+                v.mountpoints.len().to_string(),
+                format_labels(&v.labels),
+            ]
+        })
+        .collect();
+    write_table(out, &["NAME", "SIZE", "USED", "MOUNTS", "LABELS"], &rows)?;
+    Ok(0)
+}
+
+fn volume_inspect(client: &Client, args: InspectArgs, out: &mut dyn Write) -> Result<i32> {
+    let names = volume_names(&args.names)?;
+    let mut found = Vec::new();
+    let mut failed = Vec::new();
+    for name in &names {
+        match client.get::<VolumeInfo>(&format!("/v1/volumes/{name}")) {
+            Ok(v) => found.push(v),
+            // The daemon refused this one (not found, ...): report it and go on with the rest.
+            Err(e @ ClientError::Api { .. }) => failed.push(e.to_string()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    write_json(out, &found)?;
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
+    }
+    Ok(0)
+}
+
+fn volume_rm(client: &Client, args: RmArgs, out: &mut dyn Write) -> Result<i32> {
+    let names = volume_names(&args.names)?;
+    let mut failed = Vec::new();
+    for name in &names {
+        let path = format!("/v1/volumes/{name}?force={}", args.force);
+        match client.delete::<serde_json::Value>(&path) {
+            Ok(_) => writeln!(out, "{name}")?,
+            Err(e @ ClientError::Api { .. }) => failed.push(e.to_string()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
+    }
+    Ok(0)
+}
+
+fn volume_prune(client: &Client, args: PruneArgs, out: &mut dyn Write) -> Result<i32> {
+    let filters = parse_filters(&args.filters)?;
+    if !args.force {
+        if !io::stdin().is_terminal() {
+            bail!("refusing to prune without confirmation: standard input is not a terminal (pass --force)");
+        }
+        let mut vols: Vec<VolumeInfo> = client.get("/v1/volumes")?;
+        vols.retain(|v| v.mountpoints.is_empty() && api::labels_match(&v.labels, &filters));
+        vols.sort_by(|a, b| a.name.cmp(&b.name));
+        if vols.is_empty() {
+            writeln!(out, "No unused volumes to remove.")?;
+            return Ok(0);
+        }
+        writeln!(out, "These volumes are not mounted and will be removed:")?;
+        for v in &vols {
+            writeln!(out, "  {}", v.name)?;
+        }
+        let noun = if vols.len() == 1 { "volume" } else { "volumes" };
+        if !confirm(out, &format!("Remove {} {noun}?", vols.len()))? {
+            writeln!(out, "Nothing removed.")?;
+            return Ok(0);
+        }
+    }
+    let reply: PruneReply = client.post("/v1/volumes/prune", &PruneRequest { filters })?;
+    for name in &reply.removed {
+        writeln!(out, "{name}")?;
+    }
+    Ok(0)
+}
+
+fn mount(client: &Client, args: MountArgs) -> Result<i32> {
+    let volume = volume_name(&args.volume)?;
+    let target = existing_dir(&args.dir)?;
+    let req = MountRequest {
+        volume: volume.to_string(),
+        target,
+        read_only: args.read_only,
+    };
+    let _: MountInfo = client.post("/v1/mounts", &req)?;
+    Ok(0)
+}
+
+fn umount(client: &Client, args: UmountArgs) -> Result<i32> {
+    let target = mount_point(&args.dir)?;
+    let _: serde_json::Value = client.post("/v1/unmount", &UnmountRequest { target })?;
+    Ok(0)
+}
+
+fn status(client: &Client, args: StatusArgs, out: &mut dyn Write) -> Result<i32> {
+    let st: Status = client.get("/v1/status")?;
+    if args.json {
+        write_json(out, &st)?;
+    } else {
+        write_status(out, &st)?;
+    }
+    Ok(if st.warnings.is_empty() { 0 } else { 1 })
+}
+
+fn write_status(out: &mut dyn Write, st: &Status) -> io::Result<()> {
+    writeln!(out, "version:        {}", st.version)?;
+    writeln!(out, "pid:            {}", st.pid)?;
+    writeln!(out, "uptime:         {}", human_duration(st.uptime_secs))?;
+    writeln!(
+        out,
+        "data dir:       {} ({} free of {})",
+        printable(&st.data_dir),
+        human_bytes(st.data_dir_free_bytes),
+        human_bytes(st.data_dir_total_bytes)
+    )?;
+    writeln!(out, "stored:         {}", human_bytes(st.stored_bytes))?;
+    writeln!(out, "logical:        {}", human_bytes(st.logical_bytes))?;
+    writeln!(out, "corrupt chunks: {}", st.corrupt_chunks)?;
+    writeln!(out, "volumes:        {}", st.volumes.len())?;
+    if !st.volumes.is_empty() {
+        writeln!(out)?;
+        let rows: Vec<Vec<String>> = st
+            .volumes
+            .iter()
+            .map(|v| {
+                vec![
+                    v.name.clone(),
+                    human_bytes(v.bytes_used),
+                    v.mountpoints.len().to_string(),
+                    v.open_handles.to_string(),
+                ]
+            })
+            .collect();
+        write_table(out, &["NAME", "USED", "MOUNTS", "OPEN HANDLES"], &rows)?;
+    }
+    for w in &st.warnings {
+        writeln!(out, "warning: {}", one_line(w))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input checks
+// ---------------------------------------------------------------------------------------------
+
+/// A volfs validation error without its "invalid argument: " prefix; the CLI's line says it.
+fn invalid(e: volfs::Error) -> anyhow::Error {
+    match e {
+        volfs::Error::Invalid(m) => anyhow!(m),
+        e => e.into(),
+    }
+}
+
+fn volume_name(s: &str) -> Result<VolumeName> {
+    VolumeName::new(s).map_err(invalid)
+}
+
+fn volume_names(list: &[String]) -> Result<Vec<VolumeName>> {
+    list.iter().map(|n| volume_name(n)).collect()
+}
+
+/// Parses one `--label KEY=VALUE` (the value may be empty, the key may not).
+fn parse_label(s: &str) -> Result<(String, String)> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => bail!("invalid label {s:?}: expected KEY=VALUE with a non-empty KEY"),
+    }
+}
+
+/// Parses all `--label`s; a key given twice with different values is refused.
+fn parse_labels(list: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut labels = BTreeMap::new();
+    for s in list {
+        let (k, v) = parse_label(s)?;
+        if let Some(old) = labels.get(&k) {
+            if *old != v {
+                bail!("label {k:?} is given twice ({old:?} and {v:?})");
+            }
+        }
+        labels.insert(k, v);
+    }
+    Ok(labels)
+}
+
+/// Parses all `--opt KEY=VALUE` (a bare `KEY` means an empty value, so `--opt ro` works) and
+/// checks them exactly as the daemon will: [`CreateOptions::set_opt`] in key order, applied
+/// over `--read-only`.
+fn parse_opts(list: &[String], read_only: bool) -> Result<BTreeMap<String, String>> {
+    let mut opts = BTreeMap::new();
+    for s in list {
+        let (k, v) = s.split_once('=').unwrap_or((s.as_str(), ""));
+        if k.is_empty() {
+            bail!("invalid option {s:?}: expected KEY=VALUE with a non-empty KEY");
+        }
+        opts.insert(k.to_string(), v.to_string());
+    }
+    let mut check = CreateOptions {
+        read_only,
+        ..CreateOptions::default()
+    };
+    for (k, v) in &opts {
+        check.set_opt(k, v).map_err(invalid)?;
+    }
+    if read_only && !check.read_only {
+        bail!("--read-only conflicts with a read-only option set to false");
+    }
+    Ok(opts)
+}
+
+/// Turns `--filter label=KEY[=VALUE]` into the API's label filter `KEY[=VALUE]`.
+fn parse_filter(s: &str) -> Result<String> {
+    let Some((kind, rest)) = s.split_once('=') else {
+        bail!("invalid filter {s:?}: expected label=KEY or label=KEY=VALUE");
+    };
+    if kind != "label" {
+        bail!("unsupported filter {kind:?}: volfs filters on label=KEY or label=KEY=VALUE");
+    }
+    let key = rest.split_once('=').map_or(rest, |(k, _)| k);
+    if key.is_empty() {
+        bail!("invalid filter {s:?}: the label key is empty");
+    }
+    Ok(rest.to_string())
+}
+
+fn parse_filters(list: &[String]) -> Result<Vec<String>> {
+    list.iter().map(|f| parse_filter(f)).collect()
+}
+
+/// The canonical path of `dir`, which must be an existing directory.
+fn existing_dir(dir: &Path) -> Result<String> {
+    let abs = dir
+        .canonicalize()
+        .with_context(|| format!("mount point {}", dir.display()))?;
+    let md = std::fs::metadata(&abs).with_context(|| format!("mount point {}", dir.display()))?;
+    if !md.is_dir() {
+        bail!("mount point {} is not a directory", dir.display());
+    }
+    path_string(abs)
+}
+
+/// The absolute path of a mount point to unmount. A mount whose FUSE server went away cannot
+/// be resolved itself (ENOTCONN), so then its parent is resolved and its name appended.
+fn mount_point(dir: &Path) -> Result<String> {
+    match dir.canonicalize() {
+        Ok(p) => path_string(p),
+        Err(e) => {
+            let via_parent = (e.kind() != io::ErrorKind::NotFound)
+                .then(|| dir.file_name())
+                .flatten()
+                .and_then(|name| {
+                    let parent = dir
+                        .parent()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(Path::new("."));
+                    parent.canonicalize().ok().map(|p| p.join(name))
+                });
+            match via_parent {
+                Some(p) => path_string(p),
+                None => Err(e).with_context(|| format!("mount point {}", dir.display())),
+            }
+        }
+    }
+}
+
+/// The control API carries paths as UTF-8 strings.
+fn path_string(p: PathBuf) -> Result<String> {
+    p.into_os_string().into_string().map_err(|p| {
+        anyhow!(
+            "path {} is not valid UTF-8, which the control API needs",
+            Path::new(&p).display()
+        )
+    })
+}
+
+/// Asks a yes/no question on stdin; anything but `y`/`yes` (including end of input) is no.
+fn confirm(out: &mut dyn Write, question: &str) -> Result<bool> {
+    write!(out, "{question} [y/N] ")?;
+    out.flush()?;
+    let mut answer = String::new();
+    let n = io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .context("reading the answer from standard input")?;
+    if n == 0 {
+        writeln!(out)?;
+    }
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+// ---------------------------------------------------------------------------------------------
+
+/// Standard output whose write errors carry [`StdoutError`], so that `main` can tell a reader
+/// that closed the pipe from a failure to talk to the daemon (whose I/O errors are io errors
+/// too).
+struct Stdout(io::StdoutLock<'static>);
+
+#[derive(Debug)]
+struct StdoutError(io::Error);
+
+impl fmt::Display for StdoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "writing to standard output: {}", self.0)
+    }
+}
+
+impl std::error::Error for StdoutError {}
+
+fn stdout_error(e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), StdoutError(e))
+}
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf).map_err(stdout_error)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush().map_err(stdout_error)
+    }
+}
+
+fn is_closed_stdout(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<io::Error>().is_some_and(|io| {
+        io.kind() == io::ErrorKind::BrokenPipe
+            && io.get_ref().is_some_and(|inner| inner.is::<StdoutError>())
+    })
+}
+
+fn write_json<T: Serialize + ?Sized>(out: &mut dyn Write, v: &T) -> Result<()> {
+    let s = serde_json::to_string_pretty(v).context("encoding JSON")?;
+    writeln!(out, "{s}")?;
+    Ok(())
+}
+
+/// Writes left-aligned columns separated by three spaces, with a header line.
+fn write_table(out: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| -> String {
+        let padded: Vec<String> = cells
+            .zip(&widths)
+            .map(|(c, &w)| format!("{c:<w$}"))
+            .collect();
+        padded.join("   ").trim_end().to_string()
+    };
+    writeln!(out, "{}", line(&mut header.iter().copied()))?;
+    for row in rows {
+        writeln!(out, "{}", line(&mut row.iter().map(String::as_str)))?;
+    }
+    Ok(())
+}
+
+/// `k=v,k2=v2`, control characters escaped so that a row stays one line.
+fn format_labels(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{}={}", printable(k), printable(v)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `s` with control characters escaped.
+fn printable(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            o.extend(c.escape_default());
+        } else {
+            o.push(c);
+        }
+    }
+    o
+}
+
+/// `s` on one line: line breaks (say, in a daemon's HTTP error body) become spaces.
+fn one_line(s: &str) -> String {
+    printable(
+        &s.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// Bytes in binary units with one decimal: `512 B`, `1.5 KiB`, `10.0 GiB`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    // 1023.95 would print as "1024.0"; show it in the next unit instead.
+    while v >= 1023.95 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Seconds as `3d 4h 5m 6s`, without leading zero units.
+fn human_duration(secs: u64) -> String {
+    let parts = [
+        (secs / 86_400, "d"),
+        (secs % 86_400 / 3600, "h"),
+        (secs % 3600 / 60, "m"),
+        (secs % 60, "s"),
+    ];
+    let first = parts
+        .iter()
+        .position(|&(v, _)| v > 0)
+        .unwrap_or(parts.len() - 1);
+    parts[first..]
+        .iter()
+        .map(|(v, u)| format!("{v}{u}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cli_parses_aliases_and_socket() {
+        let cli =
+            Cli::try_parse_from(["volfs", "unmount", "/mnt/x", "--socket", "/tmp/s"]).unwrap();
+        assert!(matches!(cli.command, Command::Umount(_)));
+        assert_eq!(cli.socket, PathBuf::from("/tmp/s"));
+        let cli = Cli::try_parse_from(["volfs", "volume", "rm", "-f", "a", "b"]).unwrap();
+        match cli.command {
+            Command::Volume(VolumeCommand::Rm(a)) => assert!(a.force && a.names == ["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["volfs", "volume", "inspect"]).is_err());
+    }
+
+    #[test]
+    fn labels_parse() {
+        assert_eq!(parse_label("env=ci").unwrap(), ("env".into(), "ci".into()));
+        assert_eq!(parse_label("k=").unwrap(), ("k".into(), "".into()));
+        assert_eq!(parse_label("k=a=b").unwrap(), ("k".into(), "a=b".into()));
+        for bad in ["", "k", "=v", "="] {
+            let e = parse_label(bad).unwrap_err().to_string();
+            assert!(e.contains("KEY=VALUE"), "{bad}: {e}");
+        }
+        let m = parse_labels(&["a=1".into(), "b=2".into(), "a=1".into()]).unwrap();
+        assert_eq!(m.len(), 2);
+        assert!(parse_labels(&["a=1".into(), "a=2".into()]).is_err());
+    }
+
+    #[test]
+    fn opts_are_checked_like_the_daemon() {
+        let o = parse_opts(&["size=10G".into(), "ro".into()], false).unwrap();
+        assert_eq!(o.get("ro").map(String::as_str), Some(""));
+        let e = parse_opts(&["colour=blue".into()], false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("colour") && !e.starts_with("invalid argument"),
+            "{e}"
+        );
+        assert!(parse_opts(&["size=10X".into()], false).is_err());
+        assert!(parse_opts(&["=1".into()], false).is_err());
+        assert!(parse_opts(&["ro=false".into()], true).is_err());
+        assert!(parse_opts(&["ro=true".into()], true).is_ok());
+    }
+
+    #[test]
+    fn filters_parse() {
+        assert_eq!(parse_filter("label=env=ci").unwrap(), "env=ci");
+        assert_eq!(parse_filter("label=env").unwrap(), "env");
+        let e = parse_filter("dangling=true").unwrap_err().to_string();
+        assert!(e.contains("\"dangling\""), "{e}");
+        for bad in ["label", "label=", "label==x", "nolabel"] {
+            assert!(parse_filter(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_are_checked_locally() {
+        assert!(volume_name("data1").is_ok());
+        let e = volume_name("a/b").unwrap_err().to_string();
+        assert!(e.starts_with("invalid volume name"), "{e}");
+    }
+
+    #[test]
+    fn bytes_are_human() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes((1 << 20) - 1), "1.0 MiB");
+        assert_eq!(human_bytes(10 << 30), "10.0 GiB");
+        assert_eq!(human_bytes(3 << 40), "3.0 TiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+    }
+
+    #[test]
+    fn durations_are_human() {
+        assert_eq!(human_duration(0), "0s");
+        assert_eq!(human_duration(65), "1m 5s");
+        assert_eq!(human_duration(3600), "1h 0m 0s");
+        assert_eq!(human_duration(90_061), "1d 1h 1m 1s");
+    }
+
+    #[test]
+    fn tables_align() {
+        let mut out = Vec::new();
+        let rows = vec![
+            vec!["data1".to_string(), "-".to_string()],
+            vec!["x".to_string(), "1.0 KiB".to_string()],
+        ];
+        write_table(&mut out, &["NAME", "SIZE"], &rows).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "NAME    SIZE\ndata1   -\nx       1.0 KiB\n"
+        );
+    }
+
+    #[test]
+    fn output_stays_on_one_line() {
+        assert_eq!(
+            one_line("HTTP 500:\n<html>\r\n oops \n"),
+            "HTTP 500: <html> oops"
+        );
+        let mut l = BTreeMap::new();
+        l.insert("k".to_string(), "a\tb".to_string());
+        assert_eq!(format_labels(&l), "k=a\\tb");
+    }
+}

@@ -42,19 +42,29 @@ pub enum Whence {
 }
 
 impl VolumeFs {
-    fn extents<'a>(&self, ino: u64, st: &'a mut NodeState) -> Result<&'a mut BTreeMap<u64, Extent>> {
+    fn extents<'a>(
+        &self,
+        ino: u64,
+        st: &'a mut NodeState,
+    ) -> Result<&'a mut BTreeMap<u64, Extent>> {
         if st.extents.is_none() {
             let mut m = BTreeMap::new();
             for (k, v) in self.engine.scan_prefix(Cf::Extents, &self.ikey(ino))? {
-                m.insert(meta::extent_offset(&k)?, meta::decode(meta::EXTENT_VERSION, "extent", &v)?);
+                m.insert(
+                    meta::extent_offset(&k)?,
+                    meta::decode(meta::EXTENT_VERSION, "extent", &v)?,
+                );
             }
             st.extents = Some(m);
         }
-        st.extents.as_mut().ok_or_else(|| Error::Db("extent map missing".into()))
+        st.extents
+            .as_mut()
+            .ok_or_else(|| Error::Db("extent map missing".into()))
     }
 
     pub(super) fn drop_dirty(&self, st: &mut NodeState) {
-        self.dirty_total.fetch_sub(st.dirty_bytes, Ordering::Relaxed);
+        self.dirty_total
+            .fetch_sub(st.dirty_bytes, Ordering::Relaxed);
         self.reserved.fetch_sub(st.reserved, Ordering::Relaxed);
         st.dirty.clear();
         st.dirty_bytes = 0;
@@ -90,20 +100,27 @@ impl VolumeFs {
             let src_end = src + (t - s) as usize;
             let bytes = chunk.get(src..src_end).ok_or_else(|| Error::Corrupt {
                 id: e.chunk,
-                why: format!("extent wants bytes {src}..{src_end} of a {}-byte chunk", chunk.len()),
+                why: format!(
+                    "extent wants bytes {src}..{src_end} of a {}-byte chunk",
+                    chunk.len()
+                ),
             })?;
             buf[(s - off) as usize..(t - off) as usize].copy_from_slice(bytes);
         }
         for (s, d) in overlay {
             buf[(s - off) as usize..(s - off) as usize + d.len()].copy_from_slice(&d);
         }
-        self.stats.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(buf)
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<u32> {
         self.check_writable()?;
-        let end = off.checked_add(data.len() as u64).ok_or(Error::Posix(libc::EFBIG))?;
+        let end = off
+            .checked_add(data.len() as u64)
+            .ok_or(Error::Posix(libc::EFBIG))?;
         if end > i64::MAX as u64 {
             return posix(libc::EFBIG);
         }
@@ -122,9 +139,13 @@ impl VolumeFs {
                     .sum::<u64>();
             let new = (end - off).saturating_sub(covered) as i64;
             if new > 0 {
-                let used = self.used.load(Ordering::Relaxed) + self.reserved.load(Ordering::Relaxed);
+                let used =
+                    self.used.load(Ordering::Relaxed) + self.reserved.load(Ordering::Relaxed);
                 if used + new > q as i64 {
-                    return Err(Error::NoSpace(format!("volume {} is at its size limit of {q} bytes", self.name)));
+                    return Err(Error::NoSpace(format!(
+                        "volume {} is at its size limit of {q} bytes",
+                        self.name
+                    )));
                 }
                 st.reserved += new;
                 self.reserved.fetch_add(new, Ordering::Relaxed);
@@ -140,7 +161,9 @@ impl VolumeFs {
         st.rec.mtime = now;
         st.rec.ctime = now;
         st.rec_dirty = true;
-        self.stats.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         if st.dirty_bytes > FILE_DIRTY_LIMIT {
             self.commit(ino, &mut st, Commit::KeepTail, false)?;
         } else if self.dirty_total.load(Ordering::Relaxed) > VOLUME_DIRTY_LIMIT {
@@ -151,7 +174,13 @@ impl VolumeFs {
 
     /// Commits buffered data (see the module comment). With `sync`, packs are synced before
     /// the index batch, which is written with a synced WAL.
-    pub(super) fn commit(&self, ino: u64, st: &mut NodeState, mode: Commit, sync: bool) -> Result<()> {
+    pub(super) fn commit(
+        &self,
+        ino: u64,
+        st: &mut NodeState,
+        mode: Commit,
+        sync: bool,
+    ) -> Result<()> {
         if st.dirty.is_empty() && !st.rec_dirty {
             if sync {
                 self.store.sync()?;
@@ -170,8 +199,16 @@ impl VolumeFs {
                 let chunks = self.store.chunks.clone();
                 let ext = self.extents(ino, st)?;
                 // Widen to whole committed extents at the edges.
-                let left = ext.range(..a).next_back().map(|(o, e)| (*o, *e)).filter(|(o, e)| o + e.len as u64 > a);
-                let right = ext.range(..end).next_back().map(|(o, e)| (*o, *e)).filter(|(o, e)| o + e.len as u64 > end);
+                let left = ext
+                    .range(..a)
+                    .next_back()
+                    .map(|(o, e)| (*o, *e))
+                    .filter(|(o, e)| o + e.len as u64 > a);
+                let right = ext
+                    .range(..end)
+                    .next_back()
+                    .map(|(o, e)| (*o, *e))
+                    .filter(|(o, e)| o + e.len as u64 > end);
                 let start = left.map(|(o, _)| o).unwrap_or(a);
                 let stop = right.map(|(o, e)| o + e.len as u64).unwrap_or(end);
                 let keep_tail = mode == Commit::KeepTail && left.is_none() && end >= size;
@@ -206,9 +243,17 @@ impl VolumeFs {
                     if let Some(loc) = loc {
                         ChunkStore::index(&mut b, &id, &loc);
                     }
-                    let e = Extent { chunk: id, chunk_off: 0, len: n as u32 };
+                    let e = Extent {
+                        chunk: id,
+                        chunk_off: 0,
+                        len: n as u32,
+                    };
                     let o = start + pos as u64;
-                    b.put(Cf::Extents, meta::extent_key(self.tree, ino, o), meta::encode(meta::EXTENT_VERSION, &e));
+                    b.put(
+                        Cf::Extents,
+                        meta::extent_key(self.tree, ino, o),
+                        meta::encode(meta::EXTENT_VERSION, &e),
+                    );
                     ext.insert(o, e);
                     delta += n as i64;
                     pos += n;
@@ -235,7 +280,8 @@ impl VolumeFs {
         let kept: u64 = keep.values().map(|d| d.len() as u64).sum();
         st.dirty = keep;
         st.dirty_bytes = kept;
-        self.dirty_total.fetch_sub(dirty_before - kept, Ordering::Relaxed);
+        self.dirty_total
+            .fetch_sub(dirty_before - kept, Ordering::Relaxed);
         st.rec.alloc = (st.rec.alloc as i64 + delta).max(0) as u64;
         self.persist_rec(&mut b, ino, &st.rec);
         b.add(Cf::Counters, meta::used_key(self.id), delta);
@@ -245,7 +291,11 @@ impl VolumeFs {
         self.engine.write(b, sync)?;
         self.used.fetch_add(delta, Ordering::Relaxed);
         // Reservations are released once the data is committed (the used counter took over).
-        let release = if st.dirty.is_empty() { st.reserved } else { st.reserved.min(delta.max(0)) };
+        let release = if st.dirty.is_empty() {
+            st.reserved
+        } else {
+            st.reserved.min(delta.max(0))
+        };
         st.reserved -= release;
         self.reserved.fetch_sub(release, Ordering::Relaxed);
         st.rec_dirty = false;
@@ -268,7 +318,13 @@ impl VolumeFs {
     }
 
     /// Changes the size of a locked file; the caller persists the record.
-    pub(super) fn truncate_locked(&self, ino: u64, st: &mut NodeState, size: u64, b: &mut Batch) -> Result<()> {
+    pub(super) fn truncate_locked(
+        &self,
+        ino: u64,
+        st: &mut NodeState,
+        size: u64,
+        b: &mut Batch,
+    ) -> Result<()> {
         if size > i64::MAX as u64 {
             return posix(libc::EFBIG);
         }
@@ -303,7 +359,11 @@ impl VolumeFs {
                     let nl = (size - o) as u32;
                     delta -= (e.len - nl) as i64;
                     e.len = nl;
-                    b.put(Cf::Extents, meta::extent_key(tree, ino, *o), meta::encode(meta::EXTENT_VERSION, e));
+                    b.put(
+                        Cf::Extents,
+                        meta::extent_key(tree, ino, *o),
+                        meta::encode(meta::EXTENT_VERSION, e),
+                    );
                 }
             }
             self.apply_delta(st, delta, b);
@@ -319,7 +379,14 @@ impl VolumeFs {
     }
 
     /// Removes the extents in `[a, b)`, splitting those that straddle the edges.
-    fn punch_locked(&self, ino: u64, st: &mut NodeState, a: u64, end: u64, b: &mut Batch) -> Result<()> {
+    fn punch_locked(
+        &self,
+        ino: u64,
+        st: &mut NodeState,
+        a: u64,
+        end: u64,
+        b: &mut Batch,
+    ) -> Result<()> {
         let tree = self.tree;
         let ext = self.extents(ino, st)?;
         let mut delta = 0i64;
@@ -330,15 +397,30 @@ impl VolumeFs {
             delta -= e.len as i64;
             let eend = o + e.len as u64;
             if o < a {
-                let l = Extent { len: (a - o) as u32, ..e };
-                b.put(Cf::Extents, meta::extent_key(tree, ino, o), meta::encode(meta::EXTENT_VERSION, &l));
+                let l = Extent {
+                    len: (a - o) as u32,
+                    ..e
+                };
+                b.put(
+                    Cf::Extents,
+                    meta::extent_key(tree, ino, o),
+                    meta::encode(meta::EXTENT_VERSION, &l),
+                );
                 ext.insert(o, l);
                 delta += l.len as i64;
             }
             if eend > end {
                 let skip = (end - o) as u32;
-                let r = Extent { chunk: e.chunk, chunk_off: e.chunk_off + skip, len: e.len - skip };
-                b.put(Cf::Extents, meta::extent_key(tree, ino, end), meta::encode(meta::EXTENT_VERSION, &r));
+                let r = Extent {
+                    chunk: e.chunk,
+                    chunk_off: e.chunk_off + skip,
+                    len: e.len - skip,
+                };
+                b.put(
+                    Cf::Extents,
+                    meta::extent_key(tree, ino, end),
+                    meta::encode(meta::EXTENT_VERSION, &r),
+                );
                 ext.insert(end, r);
                 delta += r.len as i64;
             }
@@ -360,7 +442,9 @@ impl VolumeFs {
         let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
-        if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0
+        if mode
+            & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE)
+            != 0
             || (punch && !keep_size)
         {
             return posix(libc::EOPNOTSUPP);
@@ -377,8 +461,13 @@ impl VolumeFs {
             // beyond the quota.
             let covered = covered_bytes(self.extents(ino, &mut st)?, off, end);
             let need = (end - off - covered) as i64;
-            if self.used.load(Ordering::Relaxed) + self.reserved.load(Ordering::Relaxed) + need > q as i64 {
-                return Err(Error::NoSpace(format!("volume {} is at its size limit of {q} bytes", self.name)));
+            if self.used.load(Ordering::Relaxed) + self.reserved.load(Ordering::Relaxed) + need
+                > q as i64
+            {
+                return Err(Error::NoSpace(format!(
+                    "volume {} is at its size limit of {q} bytes",
+                    self.name
+                )));
             }
         }
         if !keep_size && end > st.rec.size {
@@ -417,7 +506,11 @@ impl VolumeFs {
             Whence::Hole => {
                 // Walk contiguous extents from `off`.
                 loop {
-                    let cur = ext.range(..=pos).next_back().map(|(o, e)| o + e.len as u64).filter(|e| *e > pos);
+                    let cur = ext
+                        .range(..=pos)
+                        .next_back()
+                        .map(|(o, e)| o + e.len as u64)
+                        .filter(|e| *e > pos);
                     match cur {
                         Some(e) => pos = e,
                         None => return Ok(pos.min(size)),
@@ -432,7 +525,14 @@ impl VolumeFs {
 
     /// Copies `len` bytes by sharing chunks: the destination gets extents that point at the
     /// source's chunks; no file data is read or written.
-    pub fn copy_file_range(&self, src: u64, off_in: u64, dst: u64, off_out: u64, len: u64) -> Result<u64> {
+    pub fn copy_file_range(
+        &self,
+        src: u64,
+        off_in: u64,
+        dst: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u64> {
         self.check_writable()?;
         if off_out.checked_add(len).is_none_or(|e| e > i64::MAX as u64) {
             return posix(libc::EFBIG);
@@ -449,7 +549,10 @@ impl VolumeFs {
                 return Ok(0);
             }
             let n = len.min(size - off_in);
-            (overlapping(self.extents(src, &mut st)?, off_in, off_in + n), n)
+            (
+                overlapping(self.extents(src, &mut st)?, off_in, off_in + n),
+                n,
+            )
         };
         let mut st = self.lock(dst)?;
         if st.rec.kind != Kind::File {
@@ -459,8 +562,13 @@ impl VolumeFs {
         if let Some(q) = self.quota {
             let covered = covered_bytes(self.extents(dst, &mut st)?, off_out, off_out + n);
             let need = (n - covered.min(n)) as i64;
-            if self.used.load(Ordering::Relaxed) + self.reserved.load(Ordering::Relaxed) + need > q as i64 {
-                return Err(Error::NoSpace(format!("volume {} is at its size limit of {q} bytes", self.name)));
+            if self.used.load(Ordering::Relaxed) + self.reserved.load(Ordering::Relaxed) + need
+                > q as i64
+            {
+                return Err(Error::NoSpace(format!(
+                    "volume {} is at its size limit of {q} bytes",
+                    self.name
+                )));
             }
         }
         let mut b = Batch::new();
@@ -472,9 +580,17 @@ impl VolumeFs {
             // Clip the source extent to [off_in, off_in + n).
             let s = o.max(off_in);
             let t = (o + e.len as u64).min(off_in + n);
-            let ne = Extent { chunk: e.chunk, chunk_off: e.chunk_off + (s - o) as u32, len: (t - s) as u32 };
+            let ne = Extent {
+                chunk: e.chunk,
+                chunk_off: e.chunk_off + (s - o) as u32,
+                len: (t - s) as u32,
+            };
             let at = off_out + (s - off_in);
-            b.put(Cf::Extents, meta::extent_key(tree, dst, at), meta::encode(meta::EXTENT_VERSION, &ne));
+            b.put(
+                Cf::Extents,
+                meta::extent_key(tree, dst, at),
+                meta::encode(meta::EXTENT_VERSION, &ne),
+            );
             ext.insert(at, ne);
             delta += ne.len as i64;
         }
@@ -498,7 +614,10 @@ fn extent_bytes(chunks: &Arc<ChunkStore>, e: &Extent, from: u32, len: u32) -> Re
     let s = (e.chunk_off + from) as usize;
     c.get(s..s + len as usize)
         .map(|b| b.to_vec())
-        .ok_or_else(|| Error::Corrupt { id: e.chunk, why: "extent points past the chunk's end".into() })
+        .ok_or_else(|| Error::Corrupt {
+            id: e.chunk,
+            why: "extent points past the chunk's end".into(),
+        })
 }
 
 /// Extents that overlap `[a, b)`.
@@ -520,8 +639,16 @@ fn covered_bytes(ext: &BTreeMap<u64, Extent>, a: u64, b: u64) -> u64 {
         .sum()
 }
 
-fn dirty_overlapping(d: &BTreeMap<u64, Vec<u8>>, a: u64, b: u64) -> impl Iterator<Item = (u64, &Vec<u8>)> {
-    let first = d.range(..a).next_back().filter(|(o, v)| **o + v.len() as u64 > a).map(|(o, v)| (*o, v));
+fn dirty_overlapping(
+    d: &BTreeMap<u64, Vec<u8>>,
+    a: u64,
+    b: u64,
+) -> impl Iterator<Item = (u64, &Vec<u8>)> {
+    let first = d
+        .range(..a)
+        .next_back()
+        .filter(|(o, v)| **o + v.len() as u64 > a)
+        .map(|(o, v)| (*o, v));
     first.into_iter().chain(d.range(a..b).map(|(o, v)| (*o, v)))
 }
 
@@ -545,7 +672,13 @@ fn insert_dirty(d: &mut BTreeMap<u64, Vec<u8>>, off: u64, data: &[u8]) -> u64 {
     }
     // General case: merge every range touching [off, end].
     let touching: Vec<u64> = {
-        let mut t: Vec<u64> = d.range(..off).next_back().filter(|(o, v)| **o + v.len() as u64 >= off).map(|(o, _)| *o).into_iter().collect();
+        let mut t: Vec<u64> = d
+            .range(..off)
+            .next_back()
+            .filter(|(o, v)| **o + v.len() as u64 >= off)
+            .map(|(o, _)| *o)
+            .into_iter()
+            .collect();
         t.extend(d.range(off..=end).map(|(o, _)| *o));
         t
     };

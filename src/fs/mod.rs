@@ -66,7 +66,11 @@ pub struct Caller {
 }
 
 impl Caller {
-    pub const ROOT: Caller = Caller { uid: 0, gid: 0, pid: 0 };
+    pub const ROOT: Caller = Caller {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -96,8 +100,13 @@ pub struct DirEntry {
 }
 
 enum Handle {
-    File { ino: u64 },
-    Dir { ino: u64, entries: Arc<Vec<DirEntry>> },
+    File {
+        ino: u64,
+    },
+    Dir {
+        ino: u64,
+        entries: Arc<Vec<DirEntry>>,
+    },
 }
 
 /// In-memory state of one inode.
@@ -157,7 +166,9 @@ impl VolumeFs {
         let engine = store.engine.clone();
         let hw = match engine.get(Cf::Meta, &meta::ino_hw_key(rec.top))? {
             Some(v) => u64::from_le_bytes(
-                v.as_slice().try_into().map_err(|_| Error::Encoding("inode high-water mark".into()))?,
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Encoding("inode high-water mark".into()))?,
             ),
             None => ROOT_INO + 1,
         };
@@ -219,15 +230,15 @@ impl VolumeFs {
             .ok_or(Error::Posix(libc::ENOENT))?;
         let rec: InodeRecord = meta::decode(INODE_VERSION, "inode", &v)?;
         let node = Arc::new(Mutex::new(NodeState {
-                rec,
-                extents: None,
-                dirty: BTreeMap::new(),
-                dirty_bytes: 0,
-                reserved: 0,
-                rec_dirty: false,
-                lookups: 0,
-                opens: 0,
-                evicted: false,
+            rec,
+            extents: None,
+            dirty: BTreeMap::new(),
+            dirty_bytes: 0,
+            reserved: 0,
+            rec_dirty: false,
+            lookups: 0,
+            opens: 0,
+            evicted: false,
         }));
         Ok(self.nodes.entry(ino).or_insert(node).clone())
     }
@@ -250,7 +261,11 @@ impl VolumeFs {
         let mut a = self.ino_alloc.lock();
         if a.0 >= a.1 {
             a.1 = a.0 + INO_BATCH;
-            b.put(Cf::Meta, meta::ino_hw_key(self.tree), a.1.to_le_bytes().to_vec());
+            b.put(
+                Cf::Meta,
+                meta::ino_hw_key(self.tree),
+                a.1.to_le_bytes().to_vec(),
+            );
         }
         let ino = a.0;
         a.0 += 1;
@@ -273,21 +288,30 @@ impl VolumeFs {
         if ino == ROOT_INO {
             return;
         }
-        let Some(node) = self.nodes.get(&ino).map(|n| n.clone()) else { return };
+        let Some(node) = self.nodes.get(&ino).map(|n| n.clone()) else {
+            return;
+        };
         let mut st = node.lock();
         st.lookups = st.lookups.saturating_sub(n);
         self.maybe_evict(ino, &mut st);
     }
 
     fn maybe_evict(&self, ino: u64, st: &mut NodeState) {
-        if st.lookups == 0 && st.opens == 0 && st.dirty.is_empty() && !st.rec_dirty && ino != ROOT_INO {
+        if st.lookups == 0
+            && st.opens == 0
+            && st.dirty.is_empty()
+            && !st.rec_dirty
+            && ino != ROOT_INO
+        {
             st.evicted = true;
             self.nodes.remove(&ino);
         }
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
-        let child = self.dirent(parent, name)?.ok_or(Error::Posix(libc::ENOENT))?;
+        let child = self
+            .dirent(parent, name)?
+            .ok_or(Error::Posix(libc::ENOENT))?;
         let mut st = self.lock(child.ino)?;
         self.remember(child.ino, &mut st);
         Ok(attr_of(child.ino, &st.rec))
@@ -375,7 +399,7 @@ impl VolumeFs {
     /// Deletes an inode with no links and no opens, with its data.
     fn purge(&self, ino: u64, st: &mut NodeState) -> Result<()> {
         let mut b = Batch::new();
-        self.purge_into(&mut b, ino, st);
+        self.purge_into(&mut b, ino, st)?;
         self.engine.write(b, false)?;
         self.used.fetch_sub(st.rec.alloc as i64, Ordering::Relaxed);
         st.rec.alloc = 0;
@@ -384,16 +408,40 @@ impl VolumeFs {
         Ok(())
     }
 
-    fn purge_into(&self, b: &mut Batch, ino: u64, st: &NodeState) {
+    fn purge_into(&self, b: &mut Batch, ino: u64, st: &NodeState) -> Result<()> {
         b.delete(Cf::Inodes, self.ikey(ino));
-        b.delete_prefix(Cf::Extents, &self.ikey(ino));
-        b.delete_prefix(Cf::Xattrs, &self.ikey(ino));
+        // Point deletes, not range tombstones: one range tombstone per unlink slows every read.
+        match &st.extents {
+            Some(m) => {
+                for off in m.keys() {
+                    b.delete(Cf::Extents, meta::extent_key(self.tree, ino, *off));
+                }
+            }
+            None => self.delete_keys(b, Cf::Extents, &self.ikey(ino))?,
+        }
+        self.delete_keys(b, Cf::Xattrs, &self.ikey(ino))?;
         b.delete(Cf::Orphans, self.ikey(ino));
-        b.add(Cf::Counters, meta::used_key(self.id), -(st.rec.alloc as i64));
+        b.add(
+            Cf::Counters,
+            meta::used_key(self.id),
+            -(st.rec.alloc as i64),
+        );
+        Ok(())
+    }
+
+    /// Adds a delete for every key under `prefix`.
+    fn delete_keys(&self, b: &mut Batch, cf: Cf, prefix: &[u8]) -> Result<()> {
+        self.engine
+            .scan(cf, prefix, &crate::db::prefix_end(prefix), &mut |k, _| {
+                b.delete(cf, k.to_vec());
+                Ok(true)
+            })
     }
 
     fn clean_orphans(&self) -> Result<()> {
-        let orphans = self.engine.scan_prefix(Cf::Orphans, &meta::tree_prefix(self.tree))?;
+        let orphans = self
+            .engine
+            .scan_prefix(Cf::Orphans, &meta::tree_prefix(self.tree))?;
         for (k, _) in orphans {
             let ino = meta::u64_at(&k, 8)?;
             match self.lock(ino) {
@@ -416,7 +464,9 @@ impl VolumeFs {
         let bsize = 4096u64;
         let (blocks, bfree) = match self.quota {
             Some(q) => {
-                let used = (self.used_bytes() + self.reserved.load(Ordering::Relaxed).max(0) as u64).min(q);
+                let used = (self.used_bytes()
+                    + self.reserved.load(Ordering::Relaxed).max(0) as u64)
+                    .min(q);
                 (q / bsize, (q - used) / bsize)
             }
             None => {
@@ -424,7 +474,15 @@ impl VolumeFs {
                 (total / bsize, free / bsize)
             }
         };
-        Ok(StatFs { blocks, bfree, bavail: bfree, files: 1 << 40, ffree: (1 << 40) - self.nodes.len() as u64, bsize: bsize as u32, namelen: 255 })
+        Ok(StatFs {
+            blocks,
+            bfree,
+            bavail: bfree,
+            files: 1 << 40,
+            ffree: (1 << 40) - self.nodes.len() as u64,
+            bsize: bsize as u32,
+            namelen: 255,
+        })
     }
 
     /// Commits every file's buffered data (used before shutdown and snapshots).
@@ -479,7 +537,9 @@ pub fn attr_of(ino: u64, r: &InodeRecord) -> Attr {
 /// Total and available bytes of the filesystem holding `path`.
 pub fn disk_space(path: &std::path::Path) -> (u64, u64) {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return (0, 0) };
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return (0, 0);
+    };
     // SAFETY: statvfs writes into a zeroed struct we own; c is a valid C string.
     unsafe {
         let mut s: libc::statvfs = std::mem::zeroed();

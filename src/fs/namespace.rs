@@ -32,7 +32,11 @@ impl VolumeFs {
     }
 
     fn put_dirent(&self, b: &mut Batch, parent: u64, name: &[u8], d: Dirent) {
-        b.put(Cf::Dirents, meta::dirent_key(self.tree, parent, name), meta::encode(DIRENT_VERSION, &d));
+        b.put(
+            Cf::Dirents,
+            meta::dirent_key(self.tree, parent, name),
+            meta::encode(DIRENT_VERSION, &d),
+        );
     }
 
     fn del_dirent(&self, b: &mut Batch, parent: u64, name: &[u8]) {
@@ -42,16 +46,24 @@ impl VolumeFs {
     fn dir_is_empty(&self, ino: u64) -> Result<bool> {
         let p = meta::dirent_prefix(self.tree, ino);
         let mut empty = true;
-        self.engine.scan(Cf::Dirents, &p, &crate::db::prefix_end(&p), &mut |_, _| {
-            empty = false;
-            Ok(false)
-        })?;
+        self.engine
+            .scan(Cf::Dirents, &p, &crate::db::prefix_end(&p), &mut |_, _| {
+                empty = false;
+                Ok(false)
+            })?;
         Ok(empty)
     }
 
     /// Creates a file, directory, symlink or special file. With `open_flags`, also opens it and
     /// returns the handle.
-    pub fn make(&self, parent: u64, name: &[u8], new: NewNode<'_>, who: Caller, open_flags: Option<i32>) -> Result<(Attr, Option<u64>)> {
+    pub fn make(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new: NewNode<'_>,
+        who: Caller,
+        open_flags: Option<i32>,
+    ) -> Result<(Attr, Option<u64>)> {
         self.check_writable()?;
         check_name(name)?;
         let _ns = self.ns.lock();
@@ -87,7 +99,15 @@ impl VolumeFs {
             rec.size = new.target.len() as u64;
         }
         self.persist_rec(&mut b, ino, &rec);
-        self.put_dirent(&mut b, parent, name, Dirent { ino, kind: new.kind });
+        self.put_dirent(
+            &mut b,
+            parent,
+            name,
+            Dirent {
+                ino,
+                kind: new.kind,
+            },
+        );
         let now = rec.ctime;
         p.rec.mtime = now;
         p.rec.ctime = now;
@@ -138,7 +158,15 @@ impl VolumeFs {
         p.rec.mtime = now;
         p.rec.ctime = now;
         let mut b = Batch::new();
-        self.put_dirent(&mut b, newparent, newname, Dirent { ino, kind: st.rec.kind });
+        self.put_dirent(
+            &mut b,
+            newparent,
+            newname,
+            Dirent {
+                ino,
+                kind: st.rec.kind,
+            },
+        );
         self.persist_rec(&mut b, ino, &st.rec);
         self.persist_rec(&mut b, newparent, &p.rec);
         self.engine.write(b, false)?;
@@ -147,12 +175,12 @@ impl VolumeFs {
     }
 
     /// Drops one link of a non-directory in a batch; frees it if nothing holds it open.
-    fn drop_link(&self, b: &mut Batch, ino: u64, st: &mut NodeState, now: Ts) {
+    fn drop_link(&self, b: &mut Batch, ino: u64, st: &mut NodeState, now: Ts) -> Result<()> {
         st.rec.nlink = st.rec.nlink.saturating_sub(1);
         st.rec.ctime = now;
         if st.rec.nlink == 0 {
             if st.opens == 0 {
-                self.purge_into(b, ino, st);
+                self.purge_into(b, ino, st)?;
             } else {
                 self.persist_rec(b, ino, &st.rec);
                 b.put(Cf::Orphans, self.ikey(ino), Vec::new());
@@ -160,6 +188,7 @@ impl VolumeFs {
         } else {
             self.persist_rec(b, ino, &st.rec);
         }
+        Ok(())
     }
 
     /// Bookkeeping after a batch that purged `ino` was written.
@@ -174,18 +203,20 @@ impl VolumeFs {
     }
 
     /// Removes a directory's inode in a batch (it must be empty).
-    fn drop_dir(&self, b: &mut Batch, ino: u64, st: &mut NodeState, now: Ts) {
+    fn drop_dir(&self, b: &mut Batch, ino: u64, st: &mut NodeState, now: Ts) -> Result<()> {
         st.rec.nlink = 0;
         st.rec.ctime = now;
         b.delete(Cf::Inodes, self.ikey(ino));
-        b.delete_prefix(Cf::Xattrs, &self.ikey(ino));
+        self.delete_keys(b, Cf::Xattrs, &self.ikey(ino))
     }
 
     pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
         self.check_writable()?;
         let _ns = self.ns.lock();
         let mut p = self.lock(parent)?;
-        let d = self.dirent(parent, name)?.ok_or(Error::Posix(libc::ENOENT))?;
+        let d = self
+            .dirent(parent, name)?
+            .ok_or(Error::Posix(libc::ENOENT))?;
         if d.kind == Kind::Dir {
             return posix(libc::EISDIR);
         }
@@ -193,7 +224,7 @@ impl VolumeFs {
         let now = Ts::now();
         let mut b = Batch::new();
         self.del_dirent(&mut b, parent, name);
-        self.drop_link(&mut b, d.ino, &mut st, now);
+        self.drop_link(&mut b, d.ino, &mut st, now)?;
         p.rec.mtime = now;
         p.rec.ctime = now;
         self.persist_rec(&mut b, parent, &p.rec);
@@ -212,7 +243,9 @@ impl VolumeFs {
         }
         let _ns = self.ns.lock();
         let mut p = self.lock(parent)?;
-        let d = self.dirent(parent, name)?.ok_or(Error::Posix(libc::ENOENT))?;
+        let d = self
+            .dirent(parent, name)?
+            .ok_or(Error::Posix(libc::ENOENT))?;
         if d.kind != Kind::Dir {
             return posix(libc::ENOTDIR);
         }
@@ -223,7 +256,7 @@ impl VolumeFs {
         let now = Ts::now();
         let mut b = Batch::new();
         self.del_dirent(&mut b, parent, name);
-        self.drop_dir(&mut b, d.ino, &mut st, now);
+        self.drop_dir(&mut b, d.ino, &mut st, now)?;
         p.rec.nlink = p.rec.nlink.saturating_sub(1);
         p.rec.mtime = now;
         p.rec.ctime = now;
@@ -232,7 +265,14 @@ impl VolumeFs {
         Ok(())
     }
 
-    pub fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], flags: u32) -> Result<()> {
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
         self.check_writable()?;
         check_name(newname)?;
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
@@ -241,7 +281,9 @@ impl VolumeFs {
             return posix(libc::EINVAL);
         }
         let _ns = self.ns.lock();
-        let src = self.dirent(parent, name)?.ok_or(Error::Posix(libc::ENOENT))?;
+        let src = self
+            .dirent(parent, name)?
+            .ok_or(Error::Posix(libc::ENOENT))?;
         let dst = self.dirent(newparent, newname)?;
         if let Some(d) = dst {
             if flags & RENAME_NOREPLACE != 0 {
@@ -288,10 +330,10 @@ impl VolumeFs {
                 }
                 let mut st = self.lock(d.ino)?;
                 if d.kind == Kind::Dir {
-                    self.drop_dir(&mut b, d.ino, &mut st, now);
+                    self.drop_dir(&mut b, d.ino, &mut st, now)?;
                     nlink_delta[1].1 -= 1;
                 } else {
-                    self.drop_link(&mut b, d.ino, &mut st, now);
+                    self.drop_link(&mut b, d.ino, &mut st, now)?;
                 }
                 replaced = Some((d.ino, st));
             }
@@ -320,7 +362,11 @@ impl VolumeFs {
 
     fn touch_parents(&self, b: &mut Batch, deltas: [(u64, i32); 2], now: Ts) -> Result<()> {
         let same = deltas[0].0 == deltas[1].0;
-        let list: Vec<(u64, i32)> = if same { vec![(deltas[0].0, deltas[0].1 + deltas[1].1)] } else { deltas.to_vec() };
+        let list: Vec<(u64, i32)> = if same {
+            vec![(deltas[0].0, deltas[0].1 + deltas[1].1)]
+        } else {
+            deltas.to_vec()
+        };
         for (ino, d) in list {
             let mut p = self.lock(ino)?;
             p.rec.nlink = (p.rec.nlink as i64 + d as i64).max(0) as u32;
@@ -334,14 +380,27 @@ impl VolumeFs {
     fn list_dir(&self, ino: u64) -> Result<Vec<DirEntry>> {
         let p = meta::dirent_prefix(self.tree, ino);
         let mut out = vec![
-            DirEntry { ino, kind: Kind::Dir, name: b".".to_vec() },
-            DirEntry { ino, kind: Kind::Dir, name: b"..".to_vec() },
+            DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: b".".to_vec(),
+            },
+            DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: b"..".to_vec(),
+            },
         ];
-        self.engine.scan(Cf::Dirents, &p, &crate::db::prefix_end(&p), &mut |k, v| {
-            let e: Dirent = meta::decode(DIRENT_VERSION, "directory entry", v)?;
-            out.push(DirEntry { ino: e.ino, kind: e.kind, name: k[16..].to_vec() });
-            Ok(true)
-        })?;
+        self.engine
+            .scan(Cf::Dirents, &p, &crate::db::prefix_end(&p), &mut |k, v| {
+                let e: Dirent = meta::decode(DIRENT_VERSION, "directory entry", v)?;
+                out.push(DirEntry {
+                    ino: e.ino,
+                    kind: e.kind,
+                    name: k[16..].to_vec(),
+                });
+                Ok(true)
+            })?;
         Ok(out)
     }
 
@@ -366,7 +425,13 @@ impl VolumeFs {
             _ => return posix(libc::EBADF),
         };
         let entries = Arc::new(self.list_dir(ino)?);
-        self.handles.insert(fh, Handle::Dir { ino, entries: entries.clone() });
+        self.handles.insert(
+            fh,
+            Handle::Dir {
+                ino,
+                entries: entries.clone(),
+            },
+        );
         Ok(entries)
     }
 

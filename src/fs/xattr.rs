@@ -62,7 +62,10 @@ impl VolumeFs {
     pub fn getxattr(&self, ino: u64, name: &[u8], size: u32) -> Result<XattrReply> {
         check(name)?;
         let _st = self.lock(ino)?;
-        match self.engine.get(Cf::Xattrs, &meta::xattr_key(self.tree, ino, name))? {
+        match self
+            .engine
+            .get(Cf::Xattrs, &meta::xattr_key(self.tree, ino, name))?
+        {
             Some(v) => reply(v, size),
             None => posix(libc::ENODATA),
         }

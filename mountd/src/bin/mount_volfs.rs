@@ -21,22 +21,33 @@ struct Opts {
 }
 
 fn parse_opts(list: &[String]) -> Result<Opts, String> {
-    let mut o = Opts { read_only: false, remount: false };
+    let mut o = Opts {
+        read_only: false,
+        remount: false,
+    };
     let mut unknown = Vec::new();
-    for opt in list.iter().flat_map(|l| l.split(',')).filter(|s| !s.is_empty()) {
+    for opt in list
+        .iter()
+        .flat_map(|l| l.split(','))
+        .filter(|s| !s.is_empty())
+    {
         match opt {
             "ro" => o.read_only = true,
             "rw" => o.read_only = false,
             "remount" => o.remount = true,
-            "defaults" | "_netdev" | "auto" | "noauto" | "nofail" | "user" | "nouser" | "users" | "owner"
-            | "group" | "exec" | "noexec" | "suid" | "nosuid" | "dev" | "nodev" | "atime" | "noatime"
-            | "relatime" | "strictatime" | "nodiratime" | "lazytime" | "sync" | "async" | "loud" | "silent" => {}
+            "defaults" | "_netdev" | "auto" | "noauto" | "nofail" | "user" | "nouser" | "users"
+            | "owner" | "group" | "exec" | "noexec" | "suid" | "nosuid" | "dev" | "nodev"
+            | "atime" | "noatime" | "relatime" | "strictatime" | "nodiratime" | "lazytime"
+            | "sync" | "async" | "loud" | "silent" => {}
             x if x.starts_with("x-") || x.starts_with("comment=") || x.starts_with("context=") => {}
             x => unknown.push(x.to_string()),
         }
     }
     if !unknown.is_empty() {
-        return Err(format!("unknown mount option(s): {} (volfs takes ro, rw, remount)", unknown.join(", ")));
+        return Err(format!(
+            "unknown mount option(s): {} (volfs takes ro, rw, remount)",
+            unknown.join(", ")
+        ));
     }
     Ok(o)
 }
@@ -77,7 +88,8 @@ fn run() -> Result<(), String> {
             _ => pos.push(a),
         }
     }
-    let [volume, dir] = <[String; 2]>::try_from(pos).map_err(|_| "usage: mount.volfs VOLUME DIR [-o options]".to_string())?;
+    let [volume, dir] = <[String; 2]>::try_from(pos)
+        .map_err(|_| "usage: mount.volfs VOLUME DIR [-o options]".to_string())?;
     let o = parse_opts(&opts)?;
     let target = std::fs::canonicalize(&dir).map_err(|e| format!("mount point {dir}: {e}"))?;
     if fake {
@@ -86,40 +98,67 @@ fn run() -> Result<(), String> {
     if o.remount {
         return remount(&target, o.read_only);
     }
-    let socket = std::env::var("VOLFS_SOCKET").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| DEFAULT_SOCKET.into());
+    let socket = std::env::var("VOLFS_SOCKET")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| DEFAULT_SOCKET.into());
     let client = Client::new(&socket);
     if !client.is_up() {
         start_daemon(&client)?;
     }
-    let req = MountRequest { volume: volume.clone(), target: target.display().to_string(), read_only: o.read_only };
+    let req = MountRequest {
+        volume: volume.clone(),
+        target: target.display().to_string(),
+        read_only: o.read_only,
+    };
     let m: MountInfo = client.post("/v1/mounts", &req).map_err(|e| match e {
         ClientError::Api { message, .. } => message,
         other => other.to_string(),
     })?;
     if verbose {
-        println!("mount.volfs: {} mounted on {}{}", m.volume, m.target, if m.read_only { " (ro)" } else { "" });
+        println!(
+            "mount.volfs: {} mounted on {}{}",
+            m.volume,
+            m.target,
+            if m.read_only { " (ro)" } else { "" }
+        );
     }
     Ok(())
 }
 
 /// `mount -o remount,ro DIR`: flip the read-only flag of an existing bind mount.
 fn remount(target: &Path, ro: bool) -> Result<(), String> {
-    let t = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).map_err(|_| "bad path")?;
+    let t =
+        std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).map_err(|_| "bad path")?;
     let mut flags = libc::MS_REMOUNT | libc::MS_BIND;
     if ro {
         flags |= libc::MS_RDONLY;
     }
     // SAFETY: valid C string, null source/type/data as remount allows.
-    let rc = unsafe { libc::mount(std::ptr::null(), t.as_ptr(), std::ptr::null(), flags, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            t.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
-        return Err(format!("remounting {}: {}", target.display(), std::io::Error::last_os_error()));
+        return Err(format!(
+            "remounting {}: {}",
+            target.display(),
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
 
 /// Starts `volfs-mountd` in the background on its defaults and waits for its socket.
 fn start_daemon(client: &Client) -> Result<(), String> {
-    let exe = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("volfs-mountd")));
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("volfs-mountd")));
     let bin: PathBuf = match exe {
         Some(p) if p.exists() => p,
         _ => PathBuf::from("volfs-mountd"),
@@ -140,18 +179,28 @@ fn start_daemon(client: &Client) -> Result<(), String> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| format!("no daemon is running and starting {} failed: {e}", bin.display()))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        format!(
+            "no daemon is running and starting {} failed: {e}",
+            bin.display()
+        )
+    })?;
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if client.is_up() {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("volfs-mountd exited ({status}) while starting; see /var/log/volfs-mountd.log"));
+            return Err(format!(
+                "volfs-mountd exited ({status}) while starting; see /var/log/volfs-mountd.log"
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(format!("volfs-mountd did not answer on {} within 15 s", client.socket().display()))
+    Err(format!(
+        "volfs-mountd did not answer on {} within 15 s",
+        client.socket().display()
+    ))
 }
 
 #[cfg(test)]
@@ -164,6 +213,10 @@ mod tests {
         assert!(o.read_only && !o.remount);
         let e = parse_opts(&["rw,frobnicate".into()]).err().unwrap();
         assert!(e.contains("frobnicate"));
-        assert!(parse_opts(&["remount,rw,x-systemd.automount".into()]).unwrap().remount);
+        assert!(
+            parse_opts(&["remount,rw,x-systemd.automount".into()])
+                .unwrap()
+                .remount
+        );
     }
 }
