@@ -20,7 +20,8 @@ mkdir -p /etc/volfs
 if volfs status >/dev/null 2>&1; then
   echo "volfs-mountd is already running"
 elif [ -d /run/systemd/system ]; then
-  install -m 0644 packaging/systemd/volfs-mountd.service /etc/systemd/system/volfs-mountd.service
+  sed 's#/usr/bin/volfs-mountd#/usr/local/bin/volfs-mountd#' packaging/systemd/volfs-mountd.service \
+    >/etc/systemd/system/volfs-mountd.service
   systemctl daemon-reload
   systemctl enable --now volfs-mountd.service
 else

@@ -21,3 +21,11 @@ echo "== unit and integration tests"
 cargo test --workspace -- --test-threads=2
 echo "== pjdfstest"
 scripts/pjdfstest.sh
+echo "== Debian package"
+packaging/build-deb.sh >/dev/null
+deb=$(ls -t "$CARGO_TARGET_DIR"/debian/volfs_*.deb | head -1)
+dpkg -i "$deb" >/dev/null
+/usr/bin/volfs --version
+test -x /sbin/mount.volfs
+dpkg -r volfs >/dev/null
+echo "deb: $(basename "$deb") installs and runs"

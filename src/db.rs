@@ -37,10 +37,12 @@ pub enum Cf {
     Counters,
     /// mount target path -> persisted mount (restored when the daemon restarts).
     Mounts,
+    /// volume name | 0x00 | holder id -> (): Docker mount references, counted per caller ID.
+    Holders,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 10] = [
+    pub const ALL: [Cf; 11] = [
         Cf::Meta,
         Cf::Volumes,
         Cf::Inodes,
@@ -51,6 +53,7 @@ impl Cf {
         Cf::Orphans,
         Cf::Counters,
         Cf::Mounts,
+        Cf::Holders,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -64,6 +67,7 @@ impl Cf {
             Cf::Orphans => "orphans",
             Cf::Counters => "counters",
             Cf::Mounts => "mounts",
+            Cf::Holders => "holders",
         }
     }
 }

@@ -29,6 +29,9 @@ pub struct Config {
     pub writeback_cache: bool,
     /// text or json. Env VOLFS_LOG_FORMAT, flag --log-format.
     pub log_format: String,
+    /// Docker volume plugin socket; empty disables the plugin. Env VOLFS_PLUGIN_SOCKET,
+    /// flag --plugin-socket. Docker names the driver after the file (volfs.sock -> volfs).
+    pub plugin_socket: String,
 }
 
 impl Default for Config {
@@ -43,6 +46,7 @@ impl Default for Config {
             attr_ttl_ms: 10_000,
             writeback_cache: true,
             log_format: "text".into(),
+            plugin_socket: "/run/docker/plugins/volfs.sock".into(),
         }
     }
 }
@@ -104,6 +108,9 @@ impl Config {
         }
         if let Some(v) = env("VOLFS_LOG_FORMAT") {
             self.log_format = v;
+        }
+        if let Ok(v) = std::env::var("VOLFS_PLUGIN_SOCKET") {
+            self.plugin_socket = v;
         }
         Ok(())
     }

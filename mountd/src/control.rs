@@ -121,6 +121,12 @@ pub fn create(d: &Daemon, req: &CreateVolume) -> volfs::Result<VolumeInfo> {
 pub fn remove_volume(d: &Daemon, name: &str, force: bool) -> volfs::Result<()> {
     let name = VolumeName::new(name)?;
     d.mounts.registry().require(&name)?;
+    let held = d.mounts.holders(name.as_str())?;
+    if held > 0 && !force {
+        return Err(Error::Busy(format!(
+            "volume {name} (in use by {held} container mount(s); use --force)"
+        )));
+    }
     let mps = d.mounts.mountpoints(name.as_str());
     if !mps.is_empty() && !force {
         return Err(Error::Busy(format!(

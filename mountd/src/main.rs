@@ -4,6 +4,7 @@ mod config;
 mod control;
 mod fuse;
 mod mounts;
+mod plugin;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -38,6 +39,9 @@ struct Args {
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
+    /// Docker volume plugin socket ("" disables the plugin).
+    #[arg(long)]
+    plugin_socket: Option<String>,
 }
 
 fn main() {
@@ -61,6 +65,9 @@ fn main() {
     }
     if let Some(f) = args.log_format {
         cfg.log_format = f;
+    }
+    if let Some(p) = args.plugin_socket {
+        cfg.plugin_socket = p;
     }
     if let Err(e) = init_logging(&cfg.log_format) {
         eprintln!("volfs-mountd: {e:#}");
@@ -108,6 +115,10 @@ fn run(cfg: config::Config) -> anyhow::Result<()> {
     };
     let mounts = mounts::Mounts::new(registry, &cfg.run_dir, fuse_opts)?;
     let listener = bind_socket(&cfg.socket)?;
+    let plugin_listener = match cfg.plugin_socket.as_str() {
+        "" => None,
+        p => Some(bind_socket(Path::new(p))?),
+    };
     let daemon = Arc::new(control::Daemon {
         mounts: mounts.clone(),
         started: Instant::now(),
@@ -131,6 +142,15 @@ fn run(cfg: config::Config) -> anyhow::Result<()> {
                 let _ = tokio::task::spawn_blocking(move || m.reap_idle()).await;
             }
         });
+        if let Some(l) = plugin_listener {
+            let l = tokio::net::UnixListener::from_std(l)?;
+            let app = plugin::router(daemon.clone());
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, app).await {
+                    tracing::error!("docker plugin socket: {e}");
+                }
+            });
+        }
         notify_systemd("READY=1");
         let app = control::router(daemon);
         axum::serve(listener, app)
@@ -143,6 +163,9 @@ fn run(cfg: config::Config) -> anyhow::Result<()> {
     mounts.shutdown();
     store.sync()?;
     let _ = std::fs::remove_file(&cfg.socket);
+    if !cfg.plugin_socket.is_empty() {
+        let _ = std::fs::remove_file(&cfg.plugin_socket);
+    }
     result
 }
 

@@ -47,8 +47,6 @@ pub struct Mounts {
     run_dir: PathBuf,
     fuse: FuseOptions,
     active: Mutex<HashMap<String, Active>>,
-    /// Holders other than mountpoints (Docker mount references), by volume.
-    holders: Mutex<HashMap<String, usize>>,
 }
 
 fn cstr(p: &Path) -> Result<CString> {
@@ -162,7 +160,6 @@ impl Mounts {
             run_dir: run_dir.to_path_buf(),
             fuse,
             active: Mutex::new(HashMap::new()),
-            holders: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -430,8 +427,23 @@ impl Mounts {
             .collect()
     }
 
-    /// Makes the recorded mounts again (after a restart). Failures are logged, not fatal.
+    /// Makes the recorded mounts again (after a restart), and brings up the connections of
+    /// volumes Docker holds. Failures are logged, not fatal.
     pub fn restore(&self) -> Result<()> {
+        let mut held: Vec<String> = Vec::new();
+        for (k, _) in self.registry.store().engine.scan_prefix(Cf::Holders, b"")? {
+            if let Some(v) = k.split(|b| *b == 0).next() {
+                let v = String::from_utf8_lossy(v).into_owned();
+                if held.last() != Some(&v) {
+                    held.push(v);
+                }
+            }
+        }
+        for v in held {
+            if let Err(e) = VolumeName::new(&v).and_then(|n| self.activate(&n)) {
+                tracing::error!(volume = %v, "cannot restore volume held by Docker: {e}");
+            }
+        }
         for m in self.recorded()? {
             let target = PathBuf::from(&m.target);
             // A mount left by a daemon that died answers ENOTCONN: detach it first.
@@ -449,6 +461,54 @@ impl Mounts {
         Ok(())
     }
 
+    fn holder_prefix(vol: &str) -> Vec<u8> {
+        let mut k = vol.as_bytes().to_vec();
+        k.push(0);
+        k
+    }
+
+    /// Takes a reference on a volume for `id` (a Docker mount ID) and returns the path the
+    /// caller may use. Idempotent per id; references survive restarts.
+    pub fn hold(&self, vol: &VolumeName, id: &str) -> Result<PathBuf> {
+        let primary = self.activate(vol)?;
+        let mut k = Self::holder_prefix(vol.as_str());
+        k.extend_from_slice(id.as_bytes());
+        let mut b = Batch::new();
+        b.put(Cf::Holders, k, Vec::new());
+        self.registry.store().engine.write(b, true)?;
+        Ok(primary)
+    }
+
+    /// Drops `id`'s reference. Returns how many references remain.
+    pub fn unhold(&self, vol: &VolumeName, id: &str) -> Result<usize> {
+        let mut k = Self::holder_prefix(vol.as_str());
+        k.extend_from_slice(id.as_bytes());
+        let mut b = Batch::new();
+        b.delete(Cf::Holders, k);
+        self.registry.store().engine.write(b, true)?;
+        if let Some(a) = self.active.lock().get_mut(vol.as_str()) {
+            a.last_used = Instant::now();
+        }
+        self.holders(vol.as_str())
+    }
+
+    pub fn holders(&self, vol: &str) -> Result<usize> {
+        Ok(self
+            .registry
+            .store()
+            .engine
+            .scan_prefix(Cf::Holders, &Self::holder_prefix(vol))?
+            .len())
+    }
+
+    /// The path Docker should use for a volume: its connection, while it is held.
+    pub fn held_path(&self, vol: &str) -> Result<Option<PathBuf>> {
+        if self.holders(vol)? == 0 {
+            return Ok(None);
+        }
+        Ok(self.active.lock().get(vol).map(|a| a.primary.clone()))
+    }
+
     /// Unmounts a volume everywhere (for `volume rm --force`) and closes its connection.
     pub fn detach_volume(&self, vol: &str) -> Result<()> {
         for m in self.mountpoints(vol) {
@@ -462,6 +522,14 @@ impl Mounts {
         let mut b = Batch::new();
         for m in recorded {
             b.delete(Cf::Mounts, m.target.into_bytes());
+        }
+        for (k, _) in self
+            .registry
+            .store()
+            .engine
+            .scan_prefix(Cf::Holders, &Self::holder_prefix(vol))?
+        {
+            b.delete(Cf::Holders, k);
         }
         self.registry.store().engine.write(b, true)?;
         self.close(vol)
@@ -477,21 +545,48 @@ impl Mounts {
         Ok(())
     }
 
+    /// Forgets records of mounts that were unmounted behind the daemon's back (a plain
+    /// `umount DIR`), so they do not come back at the next start.
+    fn prune_records(&self) -> Result<()> {
+        let now = mountinfo();
+        let active: Vec<(String, u64)> = self
+            .active
+            .lock()
+            .iter()
+            .map(|(v, a)| (v.clone(), a.dev))
+            .collect();
+        let mut b = Batch::new();
+        for m in self.recorded()? {
+            let Some((_, dev)) = active.iter().find(|(v, _)| *v == m.volume) else {
+                continue;
+            };
+            let target = PathBuf::from(&m.target);
+            if !now.iter().any(|e| e.target == target && e.dev == *dev) {
+                tracing::info!(volume = %m.volume, target = %m.target, "mount was removed outside volfs; forgetting it");
+                b.delete(Cf::Mounts, m.target.into_bytes());
+            }
+        }
+        if !b.is_empty() {
+            self.registry.store().engine.write(b, true)?;
+        }
+        Ok(())
+    }
+
     /// Unmounts primaries nobody uses any more.
     pub fn reap_idle(&self) {
+        if let Err(e) = self.prune_records() {
+            tracing::warn!("pruning mount records: {e}");
+        }
         let candidates: Vec<String> = {
             let active = self.active.lock();
-            let holders = self.holders.lock();
             active
                 .iter()
-                .filter(|(v, a)| {
-                    a.last_used.elapsed() > IDLE_GRACE && holders.get(*v).copied().unwrap_or(0) == 0
-                })
+                .filter(|(_, a)| a.last_used.elapsed() > IDLE_GRACE)
                 .map(|(v, _)| v.clone())
                 .collect()
         };
         for v in candidates {
-            if self.mountpoints(&v).is_empty() {
+            if self.mountpoints(&v).is_empty() && self.holders(&v).unwrap_or(1) == 0 {
                 if let Err(e) = self.close(&v) {
                     tracing::warn!(volume = %v, "closing idle volume: {e}");
                 }

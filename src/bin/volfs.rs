@@ -53,6 +53,11 @@ enum Command {
     Umount(UmountArgs),
     /// Show the daemon's state; exits 1 when it reports warnings.
     Status(StatusArgs),
+    /// Print shell completions for bash, zsh, fish, elvish or powershell.
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages for volfs and its subcommands into a directory.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,6 +182,21 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Mount(a) => mount(&client, a)?,
         Command::Umount(a) => umount(&client, a)?,
         Command::Status(a) => status(&client, a, &mut out)?,
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "volfs",
+                &mut out,
+            );
+            0
+        }
+        Command::Manpages { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &dir)
+                .with_context(|| format!("writing man pages to {}", dir.display()))?;
+            0
+        }
     };
     out.flush()?;
     Ok(code)

@@ -14,6 +14,10 @@
 //! SIGKILL), unmounts again, and removes the temp dir. When the test panicked it prints the
 //! daemon log first.
 //!
+//! `VOLFS_TEST_DAEMON_ENV="K=V,K=V"` adds environment variables to every daemon (for example
+//! `VOLFS_WRITEBACK_CACHE=false` or `VOLFS_COMPRESSION=zstd`), to run the suite in other
+//! configurations.
+//!
 //! A watchdog SIGKILLs the daemon if a test runs longer than `VOLFS_TEST_TIMEOUT` seconds
 //! (default 300): a hung FUSE request then fails with ENOTCONN instead of hanging the suite.
 #![allow(dead_code)]
@@ -92,7 +96,10 @@ impl CmdOut {
     }
     /// Non-empty lines of stderr.
     pub fn stderr_lines(&self) -> Vec<&str> {
-        self.stderr.lines().filter(|l| !l.trim().is_empty()).collect()
+        self.stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
     }
 }
 
@@ -109,8 +116,12 @@ impl std::fmt::Display for CmdOut {
 
 /// Runs `cmd` with stdin closed, capturing stdout and stderr; kills it after `timeout`.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> CmdOut {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     // Read both pipes on threads so that a chatty child cannot block on a full pipe.
     let mut so = child.stdout.take().expect("stdout piped");
     let mut se = child.stderr.take().expect("stderr piped");
@@ -139,7 +150,11 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> CmdOut {
     };
     let stdout = String::from_utf8_lossy(&to.join().unwrap_or_default()).into_owned();
     let stderr = String::from_utf8_lossy(&te.join().unwrap_or_default()).into_owned();
-    CmdOut { status, stdout, stderr }
+    CmdOut {
+        status,
+        stdout,
+        stderr,
+    }
 }
 
 fn kill(pid: u32, sig: i32) {
@@ -188,7 +203,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -220,7 +238,10 @@ pub fn mountinfo() -> Vec<MountEntry> {
 
 /// Mounts whose mountpoint is `root` or below it.
 pub fn mounts_under(root: &Path) -> Vec<MountEntry> {
-    mountinfo().into_iter().filter(|m| m.target.starts_with(root)).collect()
+    mountinfo()
+        .into_iter()
+        .filter(|m| m.target.starts_with(root))
+        .collect()
 }
 
 /// The topmost mount at exactly `path`, if any.
@@ -254,7 +275,8 @@ pub fn unmount_all_under(root: &Path) -> Vec<MountEntry> {
         ms.sort_by_key(|m| std::cmp::Reverse(m.target.components().count()));
         for m in &ms {
             if let Err(e) = umount2(&m.target, libc::MNT_DETACH) {
-                if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOENT) {
+                if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOENT)
+                {
                     eprintln!("harness: umount2({}, MNT_DETACH): {e}", m.target.display());
                 }
             }
@@ -289,7 +311,10 @@ pub fn errno_of<T>(r: &io::Result<T>) -> Option<i32> {
 #[track_caller]
 pub fn assert_errno<T: std::fmt::Debug>(r: io::Result<T>, errno: i32, what: &str) {
     match r {
-        Ok(v) => panic!("{what}: expected {} but it succeeded ({v:?})", errno_name(errno)),
+        Ok(v) => panic!(
+            "{what}: expected {} but it succeeded ({v:?})",
+            errno_name(errno)
+        ),
         Err(e) => assert_eq!(
             e.raw_os_error(),
             Some(errno),
@@ -361,12 +386,20 @@ struct Watchdog {
 }
 
 fn test_timeout() -> Duration {
-    let secs = std::env::var("VOLFS_TEST_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let secs = std::env::var("VOLFS_TEST_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
     Duration::from_secs(secs)
 }
 
 fn start_watchdog(root: PathBuf) -> Arc<Watchdog> {
-    let w = Arc::new(Watchdog { pid: Mutex::new(None), done: Mutex::new(false), cv: Condvar::new(), fired: AtomicBool::new(false) });
+    let w = Arc::new(Watchdog {
+        pid: Mutex::new(None),
+        done: Mutex::new(false),
+        cv: Condvar::new(),
+        fired: AtomicBool::new(false),
+    });
     let w2 = w.clone();
     let timeout = test_timeout();
     std::thread::spawn(move || {
@@ -419,7 +452,10 @@ impl Daemon {
     /// Like [`Daemon::start`], with extra environment variables for the daemon.
     pub fn start_with_env(env: &[(&str, &str)]) -> Daemon {
         let mut d = Self::prepare();
-        d.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        d.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         d.start_again();
         d
     }
@@ -453,27 +489,50 @@ impl Daemon {
 
     /// The daemon command line on this temp dir (not spawned).
     pub fn command(&self) -> Command {
+        self.command_with(&self.data, &self.run, &self.socket)
+    }
+
+    /// A daemon command line with other dirs (for tests that start a second daemon). The
+    /// Docker plugin socket goes to `<run>/plugin.sock`, never to the global default.
+    pub fn command_with(&self, data: &Path, run: &Path, socket: &Path) -> Command {
         let mut c = Command::new(bin("volfs-mountd"));
         c.arg("--config")
             .arg(&self.config)
             .arg("--data-dir")
-            .arg(&self.data)
+            .arg(data)
             .arg("--run-dir")
-            .arg(&self.run)
+            .arg(run)
             .arg("--socket")
-            .arg(&self.socket);
+            .arg(socket);
         scrub_env(&mut c);
         c.env("RUST_LOG", "info").env("NO_COLOR", "1");
+        c.env("VOLFS_PLUGIN_SOCKET", run.join("plugin.sock"));
+        // A configuration matrix for CI: VOLFS_TEST_DAEMON_ENV="VOLFS_WRITEBACK_CACHE=false,VOLFS_COMPRESSION=zstd"
+        // applies to every daemon the tests start.
+        if let Ok(extra) = std::env::var("VOLFS_TEST_DAEMON_ENV") {
+            for kv in extra.split(',').filter(|s| !s.trim().is_empty()) {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                c.env(k.trim(), v.trim());
+            }
+        }
         for (k, v) in &self.env {
             c.env(k, v);
         }
         c
     }
 
+    /// This daemon's Docker volume plugin socket.
+    pub fn plugin_socket(&self) -> PathBuf {
+        self.run.join("plugin.sock")
+    }
+
     /// Starts the daemon on the existing dirs (after `stop` or `kill9`) and waits until it
     /// answers GET /v1/status.
     pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "start_again: the daemon is still running");
+        assert!(
+            self.child.is_none(),
+            "start_again: the daemon is still running"
+        );
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -481,7 +540,9 @@ impl Daemon {
             .expect("opening daemon log");
         let log2 = log.try_clone().expect("cloning log fd");
         let mut cmd = self.command();
-        cmd.stdin(Stdio::null()).stdout(Stdio::from(log2)).stderr(Stdio::from(log));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log2))
+            .stderr(Stdio::from(log));
         // SAFETY: prctl is async-signal-safe. If the test process dies, so does the daemon.
         unsafe {
             cmd.pre_exec(|| {
@@ -508,11 +569,17 @@ impl Daemon {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
                     *self.watchdog.pid.lock().unwrap() = None;
-                    panic!("volfs-mountd exited while starting ({status}); log:\n{}", self.log());
+                    panic!(
+                        "volfs-mountd exited while starting ({status}); log:\n{}",
+                        self.log()
+                    );
                 }
             }
             if Instant::now() >= deadline {
-                panic!("volfs-mountd did not answer GET /v1/status within {START_TIMEOUT:?}; log:\n{}", self.log());
+                panic!(
+                    "volfs-mountd did not answer GET /v1/status within {START_TIMEOUT:?}; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(25));
         }
@@ -540,7 +607,10 @@ impl Daemon {
             None => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("volfs-mountd did not exit within {STOP_TIMEOUT:?} of SIGTERM; log:\n{}", self.log());
+                panic!(
+                    "volfs-mountd did not exit within {STOP_TIMEOUT:?} of SIGTERM; log:\n{}",
+                    self.log()
+                );
             }
         }
     }
@@ -548,7 +618,11 @@ impl Daemon {
     /// Graceful restart on the same dirs; asserts the stop was clean (exit 0).
     pub fn restart(&mut self) {
         let s = self.stop();
-        assert!(s.success(), "volfs-mountd exited with {s} on SIGTERM; log:\n{}", self.log());
+        assert!(
+            s.success(),
+            "volfs-mountd exited with {s} on SIGTERM; log:\n{}",
+            self.log()
+        );
         self.start_again();
     }
 
@@ -571,7 +645,9 @@ impl Daemon {
 
     /// GET /v1/status.
     pub fn status(&self) -> Value {
-        self.client().get("/v1/status").unwrap_or_else(|e| panic!("GET /v1/status: {e}"))
+        self.client()
+            .get("/v1/status")
+            .unwrap_or_else(|e| panic!("GET /v1/status: {e}"))
     }
 
     // --- volumes through the API ------------------------------------------------------------
@@ -585,15 +661,23 @@ impl Daemon {
     pub fn create_volume(&self, name: &str, opts: &[(&str, &str)]) -> Value {
         let opts: BTreeMap<&str, &str> = opts.iter().copied().collect();
         let body = json!({ "name": name, "labels": {}, "opts": opts });
-        self.try_create(&body).unwrap_or_else(|e| panic!("creating volume {name}: {e}"))
+        self.try_create(&body)
+            .unwrap_or_else(|e| panic!("creating volume {name}: {e}"))
     }
 
     /// Creates a volume with labels and options.
-    pub fn create_volume_full(&self, name: &str, labels: &[(&str, &str)], opts: &[(&str, &str)], read_only: bool) -> Value {
+    pub fn create_volume_full(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        opts: &[(&str, &str)],
+        read_only: bool,
+    ) -> Value {
         let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
         let opts: BTreeMap<&str, &str> = opts.iter().copied().collect();
         let body = json!({ "name": name, "labels": labels, "opts": opts, "read_only": read_only });
-        self.try_create(&body).unwrap_or_else(|e| panic!("creating volume {name}: {e}"))
+        self.try_create(&body)
+            .unwrap_or_else(|e| panic!("creating volume {name}: {e}"))
     }
 
     pub fn inspect(&self, name: &str) -> Result<Value, ClientError> {
@@ -601,7 +685,9 @@ impl Daemon {
     }
 
     pub fn volumes(&self) -> Vec<Value> {
-        self.client().get("/v1/volumes").unwrap_or_else(|e| panic!("GET /v1/volumes: {e}"))
+        self.client()
+            .get("/v1/volumes")
+            .unwrap_or_else(|e| panic!("GET /v1/volumes: {e}"))
     }
 
     /// A fresh, empty directory under `<root>/mnt`.
@@ -613,7 +699,12 @@ impl Daemon {
     }
 
     /// POST /v1/mounts.
-    pub fn try_mount(&self, volume: &str, target: &Path, read_only: bool) -> Result<Value, ClientError> {
+    pub fn try_mount(
+        &self,
+        volume: &str,
+        target: &Path,
+        read_only: bool,
+    ) -> Result<Value, ClientError> {
         let body = json!({ "volume": volume, "target": target.display().to_string(), "read_only": read_only });
         self.client().post("/v1/mounts", &body)
     }
@@ -621,9 +712,18 @@ impl Daemon {
     /// Mounts `volume` at a fresh dir through the API and returns the dir.
     pub fn mount(&self, volume: &str, read_only: bool) -> PathBuf {
         let dir = self.fresh_dir(volume);
-        self.try_mount(volume, &dir, read_only)
-            .unwrap_or_else(|e| panic!("mounting {volume} at {}: {e}\nlog:\n{}", dir.display(), self.log()));
-        assert!(is_volfs_mount(&dir), "{} is not a volfs mount after POST /v1/mounts", dir.display());
+        self.try_mount(volume, &dir, read_only).unwrap_or_else(|e| {
+            panic!(
+                "mounting {volume} at {}: {e}\nlog:\n{}",
+                dir.display(),
+                self.log()
+            )
+        });
+        assert!(
+            is_volfs_mount(&dir),
+            "{} is not a volfs mount after POST /v1/mounts",
+            dir.display()
+        );
         dir
     }
 
@@ -635,7 +735,10 @@ impl Daemon {
 
     /// POST /v1/unmount.
     pub fn unmount(&self, target: &Path) -> Result<Value, ClientError> {
-        self.client().post("/v1/unmount", &json!({ "target": target.display().to_string() }))
+        self.client().post(
+            "/v1/unmount",
+            &json!({ "target": target.display().to_string() }),
+        )
     }
 
     // --- CLI --------------------------------------------------------------------------------
@@ -644,7 +747,9 @@ impl Daemon {
     pub fn cli(&self, args: &[&str]) -> CmdOut {
         let mut c = Command::new(bin("volfs"));
         scrub_env(&mut c);
-        c.env("VOLFS_SOCKET", &self.socket).env("NO_COLOR", "1").args(args);
+        c.env("VOLFS_SOCKET", &self.socket)
+            .env("NO_COLOR", "1")
+            .args(args);
         run_with_timeout(&mut c, Duration::from_secs(60))
     }
 
@@ -652,7 +757,11 @@ impl Daemon {
     #[track_caller]
     pub fn cli_ok(&self, args: &[&str]) -> CmdOut {
         let out = self.cli(args);
-        assert!(out.success(), "volfs {args:?} failed:\n{out}\ndaemon log:\n{}", self.log());
+        assert!(
+            out.success(),
+            "volfs {args:?} failed:\n{out}\ndaemon log:\n{}",
+            self.log()
+        );
         out
     }
 
@@ -690,7 +799,10 @@ impl Drop for Daemon {
             );
         }
         if self.watchdog.fired.load(Ordering::SeqCst) {
-            eprintln!("harness: the watchdog killed the daemon of {}", self.root.display());
+            eprintln!(
+                "harness: the watchdog killed the daemon of {}",
+                self.root.display()
+            );
         }
         // 1. Unmount everything under the temp dir (user mountpoints and the daemon's
         //    connections), deepest first.
@@ -714,7 +826,9 @@ impl Drop for Daemon {
         if !left.is_empty() {
             eprintln!(
                 "harness: could not unmount {:?}; leaving {} in place",
-                left.iter().map(|m| m.target.display().to_string()).collect::<Vec<_>>(),
+                left.iter()
+                    .map(|m| m.target.display().to_string())
+                    .collect::<Vec<_>>(),
                 self.root.display()
             );
             return;
