@@ -27,6 +27,9 @@ pub struct Config {
     pub attr_ttl_ms: u64,
     /// Kernel writeback cache. Env VOLFS_WRITEBACK_CACHE.
     pub writeback_cache: bool,
+    /// Mount volume connections as type `fuse.volfs` (true) or plain `fuse` (false, which
+    /// fstests requires). Env VOLFS_FUSE_SUBTYPE.
+    pub fuse_subtype: bool,
     /// text or json. Env VOLFS_LOG_FORMAT, flag --log-format.
     pub log_format: String,
     /// Docker volume plugin socket; empty disables the plugin. Env VOLFS_PLUGIN_SOCKET,
@@ -45,6 +48,7 @@ impl Default for Config {
             fuse_threads: 4,
             attr_ttl_ms: 10_000,
             writeback_cache: true,
+            fuse_subtype: true,
             log_format: "text".into(),
             plugin_socket: "/run/docker/plugins/volfs.sock".into(),
         }
@@ -105,6 +109,9 @@ impl Config {
         }
         if let Some(v) = env("VOLFS_WRITEBACK_CACHE") {
             self.writeback_cache = parse("VOLFS_WRITEBACK_CACHE", v)?;
+        }
+        if let Some(v) = env("VOLFS_FUSE_SUBTYPE") {
+            self.fuse_subtype = parse("VOLFS_FUSE_SUBTYPE", v)?;
         }
         if let Some(v) = env("VOLFS_LOG_FORMAT") {
             self.log_format = v;

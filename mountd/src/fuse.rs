@@ -31,6 +31,8 @@ pub struct FuseOptions {
     pub ttl: Duration,
     pub writeback_cache: bool,
     pub workers: usize,
+    /// Filesystem type in /proc/mounts: `fuse.volfs`, or `fuse` when false.
+    pub subtype: bool,
 }
 
 impl Default for FuseOptions {
@@ -39,6 +41,7 @@ impl Default for FuseOptions {
             ttl: Duration::from_secs(10),
             writeback_cache: true,
             workers: 4,
+            subtype: true,
         }
     }
 }

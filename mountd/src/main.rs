@@ -112,6 +112,7 @@ fn run(cfg: config::Config) -> anyhow::Result<()> {
         ttl: Duration::from_millis(cfg.attr_ttl_ms),
         writeback_cache: cfg.writeback_cache,
         workers: cfg.fuse_threads.max(1),
+        subtype: cfg.fuse_subtype,
     };
     let mounts = mounts::Mounts::new(registry, &cfg.run_dir, fuse_opts)?;
     let listener = bind_socket(&cfg.socket)?;

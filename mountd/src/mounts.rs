@@ -99,6 +99,11 @@ pub fn sys_umount(target: &Path, flags: i32) -> std::io::Result<()> {
     }
 }
 
+/// Volume connections are `fuse.volfs`, or plain `fuse` when configured for fstests.
+fn is_volfs_type(t: &str) -> bool {
+    t == "fuse.volfs" || t == "fuse"
+}
+
 /// One line of /proc/self/mountinfo.
 #[derive(Debug, Clone)]
 pub struct MountEntry {
@@ -210,7 +215,11 @@ impl Mounts {
         sys_mount(
             Some(Path::new(vol.as_str())),
             &primary,
-            Some("fuse.volfs"),
+            Some(if self.fuse.subtype {
+                "fuse.volfs"
+            } else {
+                "fuse"
+            }),
             flags,
             Some(&data),
         )
@@ -302,7 +311,7 @@ impl Mounts {
             .unwrap_or(0);
         if let Some(existing) = mountinfo()
             .into_iter()
-            .find(|m| m.target == target && m.fstype == "fuse.volfs")
+            .find(|m| m.target == target && is_volfs_type(&m.fstype))
         {
             if existing.dev == dev && existing.read_only == read_only {
                 return Ok(MountInfo {
@@ -381,7 +390,7 @@ impl Mounts {
     /// Unmounts a mountpoint made by `mount` (or any bind mount of a volume's connection).
     pub fn unmount(&self, target: &Path, lazy: bool) -> Result<()> {
         let entry = mountinfo().into_iter().rev().find(|m| m.target == target);
-        let ours = entry.as_ref().is_some_and(|m| m.fstype == "fuse.volfs");
+        let ours = entry.as_ref().is_some_and(|m| is_volfs_type(&m.fstype));
         let recorded = self
             .registry
             .store()
@@ -449,7 +458,7 @@ impl Mounts {
             // A mount left by a daemon that died answers ENOTCONN: detach it first.
             if mountinfo()
                 .iter()
-                .any(|e| e.target == target && e.fstype == "fuse.volfs")
+                .any(|e| e.target == target && is_volfs_type(&e.fstype))
             {
                 let _ = sys_umount(&target, libc::MNT_DETACH);
             }

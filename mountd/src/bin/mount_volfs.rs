@@ -18,12 +18,15 @@ use volfs::client::{Client, ClientError};
 struct Opts {
     read_only: bool,
     remount: bool,
+    /// `x-volfs.create`: create the volume if it does not exist (used by the fstests setup).
+    create: bool,
 }
 
 fn parse_opts(list: &[String]) -> Result<Opts, String> {
     let mut o = Opts {
         read_only: false,
         remount: false,
+        create: false,
     };
     let mut unknown = Vec::new();
     for opt in list
@@ -38,8 +41,15 @@ fn parse_opts(list: &[String]) -> Result<Opts, String> {
             "defaults" | "_netdev" | "auto" | "noauto" | "nofail" | "user" | "nouser" | "users"
             | "owner" | "group" | "exec" | "noexec" | "suid" | "nosuid" | "dev" | "nodev"
             | "atime" | "noatime" | "relatime" | "strictatime" | "nodiratime" | "lazytime"
-            | "sync" | "async" | "loud" | "silent" => {}
-            x if x.starts_with("x-") || x.starts_with("comment=") || x.starts_with("context=") => {}
+            | "sync" | "async" | "loud" | "silent"
+            // Always on for volfs connections; fstests passes them.
+            | "allow_other" | "default_permissions" => {}
+            "x-volfs.create" => o.create = true,
+            x if x.starts_with("x-")
+                || x.starts_with("comment=")
+                || x.starts_with("context=")
+                || x.starts_with("source=")
+                || x.starts_with("fsname=") => {}
             x => unknown.push(x.to_string()),
         }
     }
@@ -105,6 +115,20 @@ fn run() -> Result<(), String> {
     let client = Client::new(&socket);
     if !client.is_up() {
         start_daemon(&client)?;
+    }
+    if o.create {
+        let exists = client
+            .get::<serde_json::Value>(&format!("/v1/volumes/{volume}"))
+            .is_ok();
+        if !exists {
+            let body = volfs::api::CreateVolume {
+                name: volume.clone(),
+                ..Default::default()
+            };
+            let _: serde_json::Value = client
+                .post("/v1/volumes", &body)
+                .map_err(|e| e.to_string())?;
+        }
     }
     let req = MountRequest {
         volume: volume.clone(),

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs fstests against volfs. Expects an xfstests checkout that you built yourself
+# (git clone of kdave/xfstests, `make`), given as XFSTESTS_DIR, and volfs built
+# (scripts/setup.sh, or CARGO_TARGET_DIR with debug binaries).
+#   sudo XFSTESTS_DIR=/path/to/xfstests xfstests/run.sh [TESTS...]   (default: the lock tests)
+# It starts a private volfs-mountd with plain "fuse" mounts (fstests requires that type),
+# installs /sbin/mount.fuse.volfs for the run, and removes it and all mounts afterwards.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+: "${XFSTESTS_DIR:?set XFSTESTS_DIR to a built xfstests checkout}"
+target=${CARGO_TARGET_DIR:-/var/cache/volfs-target}
+bin=$target/debug
+[ -x "$bin/volfs-mountd" ] || bin=$target/release
+tmp=$(mktemp -d /tmp/volfs-fstests.XXXXXX)
+daemon=""
+cleanup() {
+  set +e
+  for m in $(awk '$2 ~ "^/mnt/volfs-xfstests|^'"$tmp"'" {print $2}' /proc/self/mounts | sort -r); do umount -l "$m"; done
+  [ -n "$daemon" ] && kill "$daemon" && wait "$daemon"
+  rm -f /sbin/mount.fuse.volfs
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+# Users fstests expects.
+for u in fsgqa 123456-fsgqa fsgqa2; do id "$u" >/dev/null 2>&1 || useradd -M -N "$u"; done
+mkdir -p /mnt/volfs-xfstests/test /mnt/volfs-xfstests/scratch "$tmp/data" "$tmp/run"
+export VOLFS_SOCKET=$tmp/run/volfs.sock VOLFS_FUSE_SUBTYPE=false
+"$bin/volfs-mountd" --data-dir "$tmp/data" --run-dir "$tmp/run" --plugin-socket "" 2>"$tmp/daemon.log" &
+daemon=$!
+for _ in $(seq 100); do [ -S "$VOLFS_SOCKET" ] && break; sleep 0.1; done
+install -m 0755 "$bin/mount-volfs" /sbin/mount.fuse.volfs
+cp "$here/local.config" "$XFSTESTS_DIR/local.config"
+cd "$XFSTESTS_DIR"
+if [ $# -eq 0 ]; then
+  # Locking: POSIX record locks, OFD locks, flock, lock/unlock races.
+  set -- generic/131 generic/478 generic/504 generic/571
+fi
+./check -E "$here/exclude" "$@"
