@@ -111,8 +111,10 @@ impl Client {
             "{method} {path} HTTP/1.1\r\nHost: volfs\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
-        s.write_all(head.as_bytes()).map_err(io)?;
-        s.write_all(body).map_err(io)?;
+        // One write: a server may answer (and close) before reading a separately sent body.
+        let mut req = head.into_bytes();
+        req.extend_from_slice(body);
+        s.write_all(&req).map_err(io)?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).map_err(io)?;
         parse_response(&buf)

@@ -502,6 +502,50 @@ fn api_volume_lifecycle() {
 // =============================================================================================
 
 #[test]
+fn cli_ls_filter_and_daemon_not_running() {
+    let d = Daemon::start();
+    d.create_volume_full("f-db", &[("app", "db")], &[], false);
+    d.create_volume_full("f-web", &[("app", "web")], &[], false);
+    let ls = d
+        .cli_ok(&["volume", "ls", "--json", "--filter", "label=app=db"])
+        .json();
+    let want: BTreeSet<String> = ["f-db".to_string()].into_iter().collect();
+    assert_eq!(names_of(&ls), want, "ls --filter label=app=db: {ls}");
+    let plain = d.cli_ok(&["volume", "ls"]);
+    assert!(
+        plain.stdout.contains("f-db") && plain.stdout.contains("f-web"),
+        "volume ls:\n{plain}"
+    );
+
+    // No daemon on the socket: one clear line, exit 1, and no daemon gets started.
+    let nowhere = d.root.join("no-daemon.sock");
+    let mut c = Command::new(bin("volfs"));
+    scrub_env(&mut c);
+    c.arg("--socket").arg(&nowhere).args(["volume", "ls"]);
+    let out = run_with_timeout(&mut c, Duration::from_secs(60));
+    let args = ["--socket", "<none>", "volume", "ls"];
+    assert_cli_error(&out, &args, &["not running", nowhere.to_str().unwrap()]);
+}
+
+/// The brief's CLI contract: every error is exit 1 and one line `volfs: ...` on stderr,
+/// usage errors included.
+#[test]
+fn cli_usage_errors_follow_the_error_contract() {
+    let d = Daemon::start();
+    for args in [
+        vec!["volume", "frobnicate"],
+        vec!["volume", "create"],
+        vec!["volume", "create", "x", "--opt"],
+        vec!["--bogus-flag"],
+    ] {
+        let out = d.cli(&args);
+        // BUG: usage errors come from clap unchanged: exit 2 and a multi-line
+        // "error: ... Usage: ..." message (src/bin/volfs.rs), not exit 1 with one `volfs:` line.
+        assert_cli_error(&out, &args, &[]);
+    }
+}
+
+#[test]
 fn cli_bad_input_is_refused_clearly() {
     let d = Daemon::start();
     for (args, needles) in [
@@ -932,6 +976,44 @@ fn posix_rename_and_renameat2() {
         3,
         "nlink of the new parent"
     );
+
+    // Renaming one hard link onto another of the same inode does nothing.
+    fs::write(m.join("h1"), b"same").unwrap();
+    fs::hard_link(m.join("h1"), m.join("h2")).unwrap();
+    fs::rename(m.join("h1"), m.join("h2")).unwrap();
+    assert_eq!(
+        fs::read(m.join("h1")).unwrap(),
+        b"same",
+        "rename between links of one inode removed the source"
+    );
+    assert_eq!(fs::metadata(m.join("h2")).unwrap().nlink(), 2);
+    fs::remove_file(m.join("h1")).unwrap();
+    fs::remove_file(m.join("h2")).unwrap();
+
+    // Wrong kinds and names.
+    assert_errno(
+        fs::remove_dir(m.join("full")),
+        libc::ENOTEMPTY,
+        "rmdir of a non-empty dir",
+    );
+    assert_errno(fs::remove_dir(&c), libc::ENOTDIR, "rmdir of a file");
+    assert_errno(
+        fs::remove_file(m.join("full")),
+        libc::EISDIR,
+        "unlink of a dir",
+    );
+    assert_errno(
+        fs::rename(m.join("nothere"), m.join("x2")),
+        libc::ENOENT,
+        "rename of a missing name",
+    );
+    fs::write(m.join("n".repeat(255)), b"255").expect("a 255-byte name");
+    assert_errno(
+        fs::write(m.join("n".repeat(256)), b"256"),
+        libc::ENAMETOOLONG,
+        "a 256-byte name",
+    );
+    fs::remove_file(m.join("n".repeat(255))).unwrap();
 
     // Renaming over a file with another hard link drops one link of the replaced inode.
     fs::write(m.join("t1"), b"target").unwrap();
@@ -1572,6 +1654,35 @@ fn quota_gives_enospc_and_shows_in_statfs() {
         fs::read(m.join("again")).unwrap(),
         pseudo_random(512 * 1024, 7)
     );
+
+    // The quota counts stored bytes, not file sizes: a sparse file far past the limit is fine.
+    let f = File::create(m.join("sparse")).unwrap();
+    f.write_all_at(b"x", 100 << 30)
+        .expect("1 byte at 100 GiB in a 1 MiB volume");
+    f.sync_all().unwrap();
+    assert_eq!(f.metadata().unwrap().len(), (100 << 30) + 1);
+    // Reserving or sharing space past the limit is refused too.
+    assert_errno(
+        fallocate(&f, 0, 0, 4 * MIB as i64),
+        libc::ENOSPC,
+        "fallocate past the quota",
+    );
+    drop(f);
+    let src = File::open(m.join("again")).unwrap();
+    let dst = File::create(m.join("copy")).unwrap();
+    let mut last = Ok(0);
+    for i in 0..4 {
+        last = copy_range(&src, 0, &dst, i * 512 * 1024, 512 * 1024);
+        if last.is_err() {
+            break;
+        }
+    }
+    assert_errno(last, libc::ENOSPC, "copy_file_range past the quota");
+    let used = d.inspect("quota").unwrap()["bytes_used"].as_u64().unwrap();
+    assert!(
+        used <= MIB,
+        "volume uses {used} bytes, over its 1 MiB limit"
+    );
 }
 
 // =============================================================================================
@@ -1794,8 +1905,8 @@ fn corrupt_chunk_reads_as_eio_never_wrong_bytes() {
     let m = d.volume_mounted("corrupt", &[]);
     let data = pseudo_random(MIB as usize, 10);
     fsync_write(&m.join("rand"), &data);
-    let s = d.stop();
-    assert!(s.success(), "daemon stop: {s}");
+    // How it exits is `graceful_stop_exits_zero`'s business; here only the data matters.
+    let _ = d.stop();
 
     // Flip one byte in the middle of the payload of the record in the middle of the largest pack.
     let packs = d.data.join("packs");
@@ -1882,6 +1993,17 @@ fn corrupt_chunk_reads_as_eio_never_wrong_bytes() {
         st["corrupt_chunks"].as_u64().unwrap_or(0) >= 1,
         "status: {st}"
     );
+    // `volfs status` exits non-zero when something needs attention, and says what.
+    let out = d.cli(&["status"]);
+    assert!(
+        !out.success(),
+        "volfs status exits 0 after a corrupt chunk was read:\n{out}"
+    );
+    assert!(
+        (out.stdout.clone() + &out.stderr).contains("corrupt")
+            || (out.stdout.clone() + &out.stderr).contains("verification"),
+        "volfs status does not mention the corruption:\n{out}"
+    );
 }
 
 // =============================================================================================
@@ -1930,6 +2052,23 @@ fn mount_helper() {
     assert!(is_volfs_mount(&dir) && !mount_at(&dir).unwrap().read_only());
     fs::write(dir.join("via-helper"), b"ok").unwrap();
     assert_eq!(fs::read(rw.join("via-helper")).unwrap(), b"ok");
+    // -o remount,ro flips that mountpoint to read-only (and only that one).
+    let out = d.mount_helper(&["mh", &ds, "-o", "remount,ro"]);
+    assert!(out.success(), "mount-volfs -o remount,ro failed:\n{out}");
+    assert!(
+        mount_at(&dir).unwrap().read_only(),
+        "remount,ro left {ds} read-write"
+    );
+    assert_errno(
+        File::create(dir.join("y")),
+        libc::EROFS,
+        "create after remount,ro",
+    );
+    assert!(
+        !mount_at(&rw).unwrap().read_only(),
+        "remount,ro of one mountpoint made another read-only"
+    );
+    fs::write(rw.join("still-rw"), b"rw").unwrap();
 
     // Unknown option: refused by name, nothing mounted.
     let dir = d.fresh_dir("helper-bad");
@@ -2001,7 +2140,7 @@ fn mount_helper() {
 #[test]
 fn many_files_in_one_directory() {
     const N: usize = 2000;
-    let d = Daemon::start();
+    let mut d = Daemon::start();
     let m = d.volume_mounted("many", &[]);
     let dir = m.join("many");
     fs::create_dir(&dir).unwrap();
@@ -2066,6 +2205,12 @@ fn many_files_in_one_directory() {
     let m2 = d.mount("many", true);
     let got2: BTreeSet<String> = list(&m2.join("many")).into_iter().collect();
     assert_eq!(got2, want);
+    // And after a restart, from the index.
+    d.restart();
+    let got3: Vec<String> = list(&dir);
+    assert_eq!(got3.len(), want.len(), "entries after restart");
+    assert_eq!(got3.into_iter().collect::<BTreeSet<String>>(), want);
+    assert_eq!(fs::read(dir.join(name(1235))).unwrap(), b"content of 1235");
 }
 
 // =============================================================================================
@@ -2376,4 +2521,483 @@ fn concurrent_writers_in_one_volume() {
             );
         }
     }
+}
+
+// =============================================================================================
+// 13. Daemon lifecycle and the mount table
+// =============================================================================================
+
+/// SIGTERM is the normal way to stop the daemon (systemd, the harness): it must flush, detach
+/// and exit 0, every time.
+#[test]
+fn graceful_stop_exits_zero() {
+    // The crash this catches is a race; many volumes and cycles make it show reliably.
+    const CYCLES: u64 = 40;
+    let mut d = Daemon::start();
+    let vols = ["g1", "g2", "g3", "g4", "g5", "g6", "g7", "g8"];
+    let mut mps = Vec::new();
+    for v in vols {
+        mps.push(d.volume_mounted(v, &[]));
+    }
+    let mut bad = Vec::new();
+    for cycle in 0..CYCLES {
+        for (i, m) in mps.iter().enumerate() {
+            let data = pseudo_random(256 * 1024, cycle * 10 + i as u64);
+            fs::write(m.join(format!("c{cycle}")), &data).unwrap();
+        }
+        let s = d.stop();
+        if !s.success() {
+            bad.push(format!("cycle {cycle}: {s}"));
+        }
+        d.start_again();
+        for m in &mps {
+            assert!(
+                is_volfs_mount(m),
+                "cycle {cycle}: {} not restored",
+                m.display()
+            );
+        }
+    }
+    // Every file written before each stop is there.
+    for cycle in 0..CYCLES {
+        for (i, m) in mps.iter().enumerate() {
+            let want = pseudo_random(256 * 1024, cycle * 10 + i as u64);
+            assert_bytes_eq(
+                &fs::read(m.join(format!("c{cycle}"))).unwrap(),
+                &want,
+                &format!("c{cycle} in {}", vols[i]),
+            );
+        }
+    }
+    // BUG: volfs-mountd crashes at exit now and then (SIGABRT "pthread lock: Invalid argument"
+    // or SIGSEGV): the FUSE session threads still own the last Arc<VolumeFs> -> RocksDB handle
+    // when main() returns, so rocksdb_close runs concurrently with the process's exit handlers.
+    assert!(
+        bad.is_empty(),
+        "unclean exits on SIGTERM: {bad:?}\nlog tail:\n{}",
+        {
+            let log = d.log();
+            let lines: Vec<&str> = log.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        }
+    );
+}
+
+/// A volume's mountpoints are the bind mounts of its FUSE connection. When that connection
+/// disappears behind the daemon's back (an admin's `umount -l`, `umount -a -t fuse.volfs`),
+/// its device number is free and the next FUSE mount gets it: the daemon must not then report
+/// (and, on `rm --force` or shutdown, detach) that other mount as its volume's mountpoint.
+#[test]
+fn stale_device_number_is_not_taken_for_a_mountpoint() {
+    let mut d = Daemon::start();
+    // Device numbers are handed out lowest-free-first, so b's connection normally gets the
+    // number a's connection just freed; with tests running in parallel another mount may take
+    // it first, so try a few times.
+    let mut reused = None;
+    for round in 0..5 {
+        let (a, b) = (format!("a{round}"), format!("b{round}"));
+        d.create_volume(&a, &[]);
+        d.create_volume(&b, &[]);
+        let ma = d.mount(&a, false);
+        let dev_a = mount_at(&ma).unwrap().dev;
+        // The connection of `a` and its mountpoint go away without the daemon.
+        umount2(&ma, libc::MNT_DETACH).unwrap();
+        umount2(&d.run.join("mnt").join(&a), libc::MNT_DETACH).unwrap();
+        let mb = d.mount(&b, false);
+        if mount_at(&mb).unwrap().dev == dev_a {
+            reused = Some((a, mb));
+            break;
+        }
+    }
+    let names: Vec<String> = d
+        .volumes()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    let infos: Vec<Value> = names
+        .iter()
+        .filter(|n| n.starts_with('a'))
+        .map(|n| d.inspect(n).unwrap())
+        .collect();
+    // Do not let this daemon's shutdown act on stale device numbers (they may belong to
+    // another test's mounts by now): kill it; Drop cleans up.
+    d.kill9();
+    if reused.is_none() {
+        eprintln!("note: no device number was reused within this test; the check below is weaker");
+    }
+    for info in &infos {
+        // BUG: Mounts::mountpoints() (mountd/src/mounts.rs) selects mountinfo entries by the
+        // cached device number only; once the connection vanished it returns whatever mount
+        // now has that number (here b's), and rm --force / shutdown detach those.
+        assert_eq!(
+            info["mountpoints"],
+            json!([]),
+            "volume {} is mounted nowhere, but inspect says: {info}",
+            info["name"]
+        );
+    }
+}
+
+// =============================================================================================
+// 14. The Docker volume plugin protocol (on the daemon's own plugin socket)
+// =============================================================================================
+
+fn plugin(d: &Daemon, endpoint: &str, body: Value) -> (u16, Value) {
+    let (status, resp) = unix_http_post(&d.plugin_socket(), endpoint, body.to_string().as_bytes())
+        .unwrap_or_else(|e| panic!("POST {endpoint}: {e}"));
+    let v = serde_json::from_slice(&resp).unwrap_or_else(|e| {
+        panic!(
+            "{endpoint}: answer is not JSON ({e}): {}",
+            String::from_utf8_lossy(&resp)
+        )
+    });
+    (status, v)
+}
+
+/// A successful VolumeDriver answer has an empty (or no) Err.
+#[track_caller]
+fn plugin_ok(d: &Daemon, endpoint: &str, body: Value) -> Value {
+    let (status, v) = plugin(d, endpoint, body.clone());
+    let err = v["Err"].as_str().unwrap_or("");
+    assert!(
+        status == 200 && err.is_empty(),
+        "{endpoint} {body}: HTTP {status}: {v}"
+    );
+    v
+}
+
+#[track_caller]
+fn plugin_err(d: &Daemon, endpoint: &str, body: Value) -> String {
+    let (_, v) = plugin(d, endpoint, body.clone());
+    let err = v["Err"].as_str().unwrap_or("").to_string();
+    assert!(!err.is_empty(), "{endpoint} {body} should fail: {v}");
+    err
+}
+
+#[test]
+fn docker_plugin_protocol() {
+    let mut d = Daemon::start();
+    assert!(
+        d.plugin_socket().exists(),
+        "no plugin socket at {}",
+        d.plugin_socket().display()
+    );
+    let (_, act) = plugin(&d, "/Plugin.Activate", json!({}));
+    assert_eq!(act["Implements"], json!(["VolumeDriver"]), "{act}");
+    let (_, caps) = plugin(&d, "/VolumeDriver.Capabilities", json!({}));
+    assert_eq!(caps["Capabilities"]["Scope"], "local", "{caps}");
+
+    plugin_ok(
+        &d,
+        "/VolumeDriver.Create",
+        json!({"Name": "dk", "Opts": {"size": "10M", "label.team": "db"}}),
+    );
+    let info = d.inspect("dk").unwrap();
+    assert_eq!(info["size"], 10 * MIB, "{info}");
+    assert_eq!(info["labels"]["team"], "db", "{info}");
+    plugin_ok(&d, "/VolumeDriver.Create", json!({"Name": "dk"}));
+    let e = plugin_err(
+        &d,
+        "/VolumeDriver.Create",
+        json!({"Name": "dk2", "Opts": {"colour": "red"}}),
+    );
+    assert!(e.contains("colour"), "{e}");
+    let e = plugin_err(&d, "/VolumeDriver.Create", json!({"Name": "-bad"}));
+    assert!(e.contains("invalid volume name"), "{e}");
+
+    // Two containers mount it: one path, a live volfs mount.
+    let p1 = plugin_ok(&d, "/VolumeDriver.Mount", json!({"Name": "dk", "ID": "c1"}))["Mountpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let p2 = plugin_ok(&d, "/VolumeDriver.Mount", json!({"Name": "dk", "ID": "c2"}))["Mountpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(p1, p2);
+    let mp = PathBuf::from(&p1);
+    assert!(is_volfs_mount(&mp), "Mountpoint {p1} is not a volfs mount");
+    fs::write(mp.join("from-container"), b"hello docker").unwrap();
+    assert_eq!(
+        plugin_ok(&d, "/VolumeDriver.Path", json!({"Name": "dk"}))["Mountpoint"],
+        json!(p1)
+    );
+    let got = plugin_ok(&d, "/VolumeDriver.Get", json!({"Name": "dk"}));
+    assert_eq!(got["Volume"]["Name"], "dk", "{got}");
+    assert_eq!(got["Volume"]["Mountpoint"], json!(p1), "{got}");
+    assert_eq!(got["Volume"]["Status"]["docker_references"], 2, "{got}");
+    let e = plugin_err(&d, "/VolumeDriver.Remove", json!({"Name": "dk"}));
+    assert!(e.contains("dk"), "{e}");
+    assert!(
+        d.inspect("dk").is_ok(),
+        "Remove of a volume in use removed it"
+    );
+    plugin_err(&d, "/VolumeDriver.Mount", json!({"Name": "dk"}));
+    let e = plugin_err(&d, "/VolumeDriver.Get", json!({"Name": "nosuch"}));
+    assert!(e.contains("not found"), "{e}");
+
+    // References survive a restart.
+    d.restart();
+    let p = plugin_ok(&d, "/VolumeDriver.Path", json!({"Name": "dk"}))["Mountpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        !p.is_empty(),
+        "Path of a held volume is empty after restart"
+    );
+    assert!(
+        is_volfs_mount(Path::new(&p)),
+        "{p} is not mounted after restart"
+    );
+    assert_eq!(
+        fs::read(Path::new(&p).join("from-container")).unwrap(),
+        b"hello docker"
+    );
+
+    plugin_ok(
+        &d,
+        "/VolumeDriver.Unmount",
+        json!({"Name": "dk", "ID": "c1"}),
+    );
+    plugin_ok(
+        &d,
+        "/VolumeDriver.Unmount",
+        json!({"Name": "dk", "ID": "c1"}),
+    ); // idempotent
+    plugin_err(&d, "/VolumeDriver.Remove", json!({"Name": "dk"}));
+    plugin_ok(
+        &d,
+        "/VolumeDriver.Unmount",
+        json!({"Name": "dk", "ID": "c2"}),
+    );
+    assert_eq!(
+        plugin_ok(&d, "/VolumeDriver.Path", json!({"Name": "dk"}))["Mountpoint"],
+        "",
+        "Path of a volume nobody holds"
+    );
+    plugin_ok(&d, "/VolumeDriver.Remove", json!({"Name": "dk"}));
+    let list = plugin_ok(&d, "/VolumeDriver.List", json!({}));
+    assert_eq!(list["Volumes"], json!([]), "{list}");
+    assert!(api_names(&d).is_empty());
+}
+
+// =============================================================================================
+// 15. More of the data path: mmap, timestamps across restarts, 64-bit offsets
+// =============================================================================================
+
+#[test]
+fn mmap_writes_reach_the_volume() {
+    let mut d = Daemon::start();
+    let m = d.volume_mounted("mmap", &[]);
+    let p = m.join("mapped");
+    let len = 3 * MIB as usize;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
+    f.set_len(len as u64).unwrap();
+    let data = pseudo_random(len, 70);
+    // SAFETY: a fresh shared mapping of `len` bytes of a file we own; unmapped below.
+    unsafe {
+        let ptr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            io::Error::last_os_error()
+        );
+        std::ptr::copy_nonoverlapping(data.as_ptr(), ptr as *mut u8, len);
+        assert_eq!(
+            libc::msync(ptr, len, libc::MS_SYNC),
+            0,
+            "msync: {}",
+            io::Error::last_os_error()
+        );
+        assert_eq!(libc::munmap(ptr, len), 0);
+    }
+    f.sync_all().unwrap();
+    close_checked(f).unwrap();
+    assert_bytes_eq(
+        &read_direct(&p).unwrap(),
+        &data,
+        "mmap-written file (O_DIRECT)",
+    );
+    d.restart();
+    assert_bytes_eq(
+        &fs::read(&p).unwrap(),
+        &data,
+        "mmap-written file after restart",
+    );
+}
+
+/// What stat shows must not change across a restart (or when the kernel's attribute cache
+/// expires) while nobody touches the file.
+#[test]
+fn timestamps_are_stable_across_restart() {
+    let mut d = Daemon::start();
+    let m = d.volume_mounted("times", &[]);
+    // Writes through the page cache mixed with a truncate, 20 times (the ordering of the
+    // kernel's writeback against the truncate varies from run to run).
+    const N: usize = 20;
+    for i in 0..N {
+        let p = m.join(format!("w{i}"));
+        fs::write(&p, pseudo_random(200_000, 80 + i as u64)).unwrap();
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(b"again", 10).unwrap();
+        f.set_len(150_000).unwrap();
+        close_checked(f).unwrap();
+    }
+    fs::create_dir(m.join("dir")).unwrap();
+    fs::write(m.join("dir/inner"), b"x").unwrap();
+    fs::rename(m.join("dir/inner"), m.join("dir/renamed")).unwrap();
+    // A write to an old file moves its mtime forward.
+    utimensat(
+        &m.join("dir/renamed"),
+        ts(1_000_000_000, 0),
+        ts(1_000_000_000, 0),
+    )
+    .unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(m.join("dir/renamed"))
+        .unwrap()
+        .write_all(b"y")
+        .unwrap();
+    assert!(
+        fs::metadata(m.join("dir/renamed")).unwrap().mtime() > 1_000_000_000,
+        "a write did not update mtime"
+    );
+
+    let mut names: Vec<String> = (0..N).map(|i| format!("w{i}")).collect();
+    names.extend(["dir", "dir/renamed", "."].map(String::from));
+    let stamps = |m: &Path| -> Vec<(String, u64, i64, i64, i64, i64)> {
+        names
+            .iter()
+            .map(|n| {
+                let md = fs::metadata(m.join(n)).unwrap();
+                (
+                    n.clone(),
+                    md.len(),
+                    md.mtime(),
+                    md.mtime_nsec(),
+                    md.ctime(),
+                    md.ctime_nsec(),
+                )
+            })
+            .collect()
+    };
+    let before = stamps(&m);
+    d.restart();
+    let after = stamps(&m);
+    let changed: Vec<String> = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| b != a)
+        .map(|(b, a)| {
+            format!(
+                "{}: (size, mtime, ctime) {:?} -> {:?}",
+                b.0,
+                (b.1, b.2, b.3, b.4, b.5),
+                (a.1, a.2, a.3, a.4, a.5)
+            )
+        })
+        .collect();
+    // BUG: with the kernel's writeback cache on (the default), the kernel keeps its own
+    // mtime/ctime and ignores the daemon's, while VolumeFs stamps the daemon's clock on the
+    // WRITEs and the truncating SETATTR it receives (src/fs/data.rs write, src/fs/mod.rs
+    // setattr). The two disagree by a few ms; after a restart (or once the attribute cache
+    // expires) stat shows the daemon's value. Passes with VOLFS_WRITEBACK_CACHE=false.
+    assert!(
+        changed.is_empty(),
+        "timestamps changed across a restart:\n{}",
+        changed.join("\n")
+    );
+}
+
+#[test]
+fn offsets_beyond_4_gib() {
+    let d = Daemon::start();
+    let m = d.volume_mounted("huge", &[]);
+    let p = m.join("huge");
+    let far: u64 = 5 << 30;
+    let farther: u64 = (17 << 40) + 12_345;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
+    f.write_all_at(b"head", 0).unwrap();
+    f.write_all_at(b"at five gib", far).unwrap();
+    f.write_all_at(b"at seventeen tib", farther).unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(f.metadata().unwrap().len(), farther + 16);
+    let mut buf = [0u8; 16];
+    f.read_exact_at(&mut buf[..11], far).unwrap();
+    assert_eq!(&buf[..11], b"at five gib");
+    f.read_exact_at(&mut buf, farther).unwrap();
+    assert_eq!(&buf, b"at seventeen tib");
+    let mut hole = vec![1u8; 1 << 20];
+    f.read_exact_at(&mut hole, 4 << 30).unwrap();
+    assert!(
+        hole.iter().all(|b| *b == 0),
+        "the hole at 4 GiB does not read as zeros"
+    );
+    // With the kernel's writeback cache, data reaches the volume in whole pages, so the
+    // extents may be rounded out to 4 KiB: allow that, nothing more.
+    let page = |o: u64| o & !4095;
+    assert_eq!(
+        lseek(&f, 8192, libc::SEEK_DATA).unwrap() as u64,
+        far,
+        "SEEK_DATA across 5 GiB of hole"
+    );
+    let h = lseek(&f, far as i64, libc::SEEK_HOLE).unwrap() as u64;
+    assert!(
+        (far + 11..=far + 4096).contains(&h),
+        "SEEK_HOLE after the data at 5 GiB: {h}"
+    );
+    let dpos = lseek(&f, far as i64 + 8192, libc::SEEK_DATA).unwrap() as u64;
+    assert!(
+        (page(farther)..=farther).contains(&dpos),
+        "SEEK_DATA to 17 TiB: {dpos}"
+    );
+    // Truncate to just past 4 GiB and back up.
+    f.set_len((4 << 30) + 1).unwrap();
+    f.set_len(far + 100).unwrap();
+    let mut z = [1u8; 11];
+    f.read_exact_at(&mut z, far).unwrap();
+    assert_eq!(z, [0u8; 11], "data beyond a truncate came back");
+    // copy_file_range of a range that starts beyond 4 GiB.
+    f.write_all_at(b"copy me", far + 50).unwrap();
+    f.sync_all().unwrap();
+    let dst = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.join("dst"))
+        .unwrap();
+    assert_eq!(
+        copy_range(&f, far as i64 + 50, &dst, (6 << 30) + 7, 7).unwrap(),
+        7
+    );
+    let mut c = [0u8; 7];
+    dst.read_exact_at(&mut c, (6 << 30) + 7).unwrap();
+    assert_eq!(&c, b"copy me");
+    assert!(
+        d.inspect("huge").unwrap()["bytes_used"].as_u64().unwrap() < MIB,
+        "holes are counted as used space"
+    );
 }

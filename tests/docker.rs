@@ -1,11 +1,17 @@
 //! Docker integration tests: a real Docker engine using `volfs-mountd` as a volume plugin.
 //!
 //! Every test starts its own daemon (see `common::Daemon`) whose plugin socket is
-//! `/run/docker/plugins/<driver>.sock` with a driver name unique to the test, so tests run in
-//! parallel without seeing each other's volumes. Volume and container names start with the
-//! driver name (Docker's names are global). [`DockerEnv`] removes every container and volume
-//! the test registered (also when it panics) before it stops the daemon, then removes the
-//! plugin socket.
+//! `/run/docker/plugins/volfs-it-<test>.sock`, so each test has its own Docker driver and tests
+//! run in parallel without seeing each other's volumes. The driver names are fixed per test
+//! (see [`DockerEnv::start`] for why) and held under a file lock; volume and container names
+//! start with `<driver>-<pid>-` (Docker's names are global). [`DockerEnv`] removes every
+//! container and volume the test made (also when it panics) before it stops the daemon, then
+//! removes the plugin socket.
+//!
+//! Docker 20.10 asks every volume plugin it ever saw (dead ones included, with 15 s of
+//! retries each) on an unfiltered `docker volume ls`, on `docker volume prune` and on lookups
+//! of unknown volume names, so the tests list with `--filter driver=` and never name a volume
+//! Docker does not have.
 //!
 //! The test images are built once per run from the host's static busybox (nothing can be
 //! pulled): `volfs-test-busybox` (busybox only) and `volfs-test-flock` (busybox plus the host's
@@ -51,7 +57,12 @@ fn docker_cmd(args: &[&str]) -> Command {
 
 /// Runs `docker ARGS`, killed after `timeout`.
 fn docker_t(args: &[&str], timeout: Duration) -> CmdOut {
-    run_with_timeout(&mut docker_cmd(args), timeout)
+    let t = Instant::now();
+    let out = run_with_timeout(&mut docker_cmd(args), timeout);
+    if t.elapsed() > Duration::from_secs(10) {
+        eprintln!("note: docker {args:?} took {:.1?}", t.elapsed());
+    }
+    out
 }
 
 /// Runs `docker ARGS`, killed after [`DOCKER_TIMEOUT`].
@@ -188,30 +199,37 @@ fn flock_image() -> &'static str {
 struct DockerEnv {
     daemon: Option<Daemon>,
     driver: String,
+    /// `<driver>-<pid>`: the start of this test's volume and container names.
+    prefix: String,
     plugin_socket: PathBuf,
     containers: Mutex<Vec<String>>,
     volumes: Mutex<Vec<String>>,
+    _lock: FileLock,
 }
 
 impl DockerEnv {
-    /// A daemon whose plugin socket makes it the Docker driver `volfs-t<pid>-<n>-<tag>`.
+    /// A daemon whose plugin socket makes it the Docker driver `volfs-it-<tag>`.
+    ///
+    /// The driver name is fixed per test (and held under a file lock, so that two runs of the
+    /// suite wait for each other) rather than fresh per run: Docker 20.10 caches every v1
+    /// volume plugin it ever saw until dockerd restarts and keeps asking dead ones (15 s of
+    /// retries each) on `docker volume ls` and on lookups of unknown volume names, so fresh
+    /// names would slow down every later Docker user on the machine.
     fn start(tag: &str) -> DockerEnv {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let driver = format!(
-            "volfs-t{}-{}-{tag}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
+        let driver = format!("volfs-it-{tag}");
+        let lock = FileLock::take(&format!("/tmp/{driver}.driver.lock"));
         std::fs::create_dir_all(PLUGIN_DIR).expect("creating /run/docker/plugins");
         let plugin_socket = Path::new(PLUGIN_DIR).join(format!("{driver}.sock"));
         let sock_s = plugin_socket.display().to_string();
         let daemon = Daemon::start_with_env(&[("VOLFS_PLUGIN_SOCKET", &sock_s)]);
         let env = DockerEnv {
             daemon: Some(daemon),
+            prefix: format!("{driver}-{}", std::process::id()),
             driver,
             plugin_socket,
             containers: Mutex::new(Vec::new()),
             volumes: Mutex::new(Vec::new()),
+            _lock: lock,
         };
         assert!(
             env.plugin_socket.exists(),
@@ -232,14 +250,14 @@ impl DockerEnv {
 
     /// A Docker volume name unique to this test, removed at the end.
     fn volume(&self, base: &str) -> String {
-        let n = format!("{}-{base}", self.driver);
+        let n = format!("{}-{base}", self.prefix);
         self.volumes.lock().unwrap().push(n.clone());
         n
     }
 
     /// A container name unique to this test, removed at the end.
     fn container(&self, base: &str) -> String {
-        let n = format!("{}-{base}", self.driver);
+        let n = format!("{}-{base}", self.prefix);
         self.containers.lock().unwrap().push(n.clone());
         n
     }
@@ -321,15 +339,19 @@ impl DockerEnv {
         v[0].clone()
     }
 
-    /// `(driver, name)` pairs of `docker volume ls`.
+    /// `(driver, name)` pairs of `docker volume ls --filter driver=DRIVER`. (Filtered by
+    /// driver, Docker asks only that driver; unfiltered it asks every plugin it ever saw.)
     #[track_caller]
     fn docker_volumes(&self) -> BTreeSet<(String, String)> {
-        let out = docker_ok(&["volume", "ls", "--format", "{{.Driver}}\t{{.Name}}"]);
-        out.stdout
-            .lines()
-            .filter_map(|l| l.split_once('\t'))
-            .map(|(d, n)| (d.trim().to_string(), n.trim().to_string()))
-            .collect()
+        let filter = format!("driver={}", self.driver);
+        parse_volume_ls(&docker_ok(&[
+            "volume",
+            "ls",
+            "--filter",
+            &filter,
+            "--format",
+            "{{.Driver}}\t{{.Name}}",
+        ]))
     }
 
     fn docker_lists(&self, name: &str) -> bool {
@@ -346,9 +368,10 @@ impl DockerEnv {
             .collect()
     }
 
-    /// POSTs straight to the plugin socket, as Docker does; returns the JSON answer.
+    /// POSTs straight to the plugin socket, as Docker does; returns the HTTP status and the
+    /// JSON answer.
     #[track_caller]
-    fn plugin(&self, endpoint: &str, body: &Value) -> Value {
+    fn plugin(&self, endpoint: &str, body: &Value) -> (u16, Value) {
         let client = Client::new(&self.plugin_socket).with_timeout(Duration::from_secs(30));
         let bytes = serde_json::to_vec(body).unwrap();
         let (status, resp) = client
@@ -360,18 +383,16 @@ impl DockerEnv {
                 String::from_utf8_lossy(&resp)
             )
         });
-        assert_eq!(status, 200, "POST {endpoint} {body}: HTTP {status}: {v}");
-        v
+        (status, v)
     }
 
     /// `VolumeDriver.Get` → `Volume`.
     #[track_caller]
     fn plugin_get(&self, name: &str) -> Value {
-        let v = self.plugin("/VolumeDriver.Get", &json!({ "Name": name }));
-        assert_eq!(
-            v["Err"].as_str().unwrap_or(""),
-            "",
-            "VolumeDriver.Get {name}: {v}"
+        let (status, v) = self.plugin("/VolumeDriver.Get", &json!({ "Name": name }));
+        assert!(
+            status == 200 && v["Err"].as_str().unwrap_or("").is_empty(),
+            "VolumeDriver.Get {name}: HTTP {status}: {v}"
         );
         v["Volume"].clone()
     }
@@ -428,7 +449,21 @@ impl Drop for DockerEnv {
                 eprintln!("cleanup: docker rm -f failed:\n{out}");
             }
         }
-        for v in &volumes {
+        // Only volumes Docker still has: removing an unknown name makes Docker ask every
+        // plugin it ever saw, one after the other.
+        let filter = format!("driver={}", self.driver);
+        let listed = parse_volume_ls(&docker(&[
+            "volume",
+            "ls",
+            "--filter",
+            &filter,
+            "--format",
+            "{{.Driver}}\t{{.Name}}",
+        ]));
+        for v in volumes
+            .iter()
+            .filter(|v| listed.contains(&(self.driver.clone(), v.to_string())))
+        {
             let out = docker(&["volume", "rm", "-f", v]);
             if !out.success() {
                 eprintln!("cleanup: docker volume rm -f {v} failed:\n{out}");
@@ -437,6 +472,14 @@ impl Drop for DockerEnv {
         drop(self.daemon.take());
         let _ = std::fs::remove_file(&self.plugin_socket);
     }
+}
+
+fn parse_volume_ls(out: &CmdOut) -> BTreeSet<(String, String)> {
+    out.stdout
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(d, n)| (d.trim().to_string(), n.trim().to_string()))
+        .collect()
 }
 
 /// Asserts that a docker run failed and that its stderr contains `what`.
@@ -601,9 +644,21 @@ fn ls_rm_and_prune() {
     let env = DockerEnv::start("rm");
     let vol = env.volume("used");
     env.create_ok(&vol, &[]);
+    // Once unfiltered (slow while Docker knows dead plugins), then filtered by driver.
+    let all = parse_volume_ls(&docker_ok(&[
+        "volume",
+        "ls",
+        "--format",
+        "{{.Driver}}\t{{.Name}}",
+    ]));
+    assert!(
+        all.contains(&(env.driver.clone(), vol.clone())),
+        "docker volume ls does not list ({}, {vol}):\n{all:?}",
+        env.driver
+    );
     assert!(
         env.docker_lists(&vol),
-        "docker volume ls does not list ({}, {vol}):\n{:?}",
+        "docker volume ls --filter driver= does not list ({}, {vol}):\n{:?}",
         env.driver,
         env.docker_volumes()
     );
@@ -638,9 +693,13 @@ fn ls_rm_and_prune() {
     );
 
     // The plugin itself refuses too (Docker checks its own count first, so ask it directly).
-    let r = env.plugin("/VolumeDriver.Remove", &json!({ "Name": vol }));
+    let (status, r) = env.plugin("/VolumeDriver.Remove", &json!({ "Name": vol }));
     assert!(
-        r["Err"].as_str().is_some_and(|e| !e.is_empty()),
+        status != 200,
+        "VolumeDriver.Remove of a held volume: HTTP {status}: {r}"
+    );
+    assert!(
+        r["Err"].as_str().is_some_and(|e| e.contains("in use")),
         "VolumeDriver.Remove of a held volume: {r}"
     );
     assert!(
@@ -665,9 +724,14 @@ fn ls_rm_and_prune() {
         "the daemon still has {vol} after docker volume rm"
     );
 
-    // Prune: only our labelled volumes (prune removes every unused volume on the engine, and
-    // other tests share it). An unused one goes, one in use stays.
-    let label = format!("volfs.test.driver={}", env.driver);
+    // Prune, restricted to this test's labelled volumes (prune works on every unused volume
+    // of the engine, and other tests share it). Docker's prune only ever removes volumes of
+    // the built-in `local` driver (moby's VolumesService.Prune filters on
+    // ByDriver("local")), so plugin volumes survive it on every engine version: they are
+    // removed with `docker volume rm` (or the daemon's own prune). What must hold either way:
+    // a volume in use is never pruned, and Docker and the daemon agree on what is left, with
+    // the data of whatever survives intact.
+    let label = format!("volfs.test.run={}", env.prefix);
     let unused = env.volume("unused");
     let used = env.volume("inuse");
     for v in [&unused, &used] {
@@ -679,42 +743,51 @@ fn ls_rm_and_prune() {
         "pruneuser",
         &["-v", &format!("{used}:/data")],
         img,
-        "exec sleep 60",
+        "echo y > /data/f; exec sleep 60",
     );
-    // Engines before API 1.42 prune named volumes too; later ones only with --all.
-    let mut args = vec!["volume", "prune", "-f", "--filter"];
+    env.wait_references(&used, 1);
+    // Engines before API 1.42 consider named volumes too; later ones only with --all.
     let filter = format!("label={label}");
-    args.push(&filter);
+    let mut args = vec!["volume", "prune", "-f", "--filter", &filter];
     if server_api_version() >= (1, 42) {
         args.push("--all");
     }
     let out = docker_ok(&args);
     assert!(
-        out.stdout.contains(&unused),
-        "docker volume prune did not report {unused}:\n{out}"
-    );
-    assert!(
         !out.stdout.contains(&used),
-        "docker volume prune reported {used}, which is in use:\n{out}"
+        "docker volume prune removed {used}, which is in use:\n{out}"
     );
+    let pruned = out.stdout.lines().any(|l| l.trim() == unused);
     let listed = env.docker_volumes();
-    assert!(
-        !listed.contains(&(env.driver.clone(), unused.clone())),
-        "{unused} still listed after prune"
-    );
-    assert!(
-        listed.contains(&(env.driver.clone(), used.clone())),
-        "{used} (in use) not listed after prune"
-    );
     let ours = env.daemon_volumes();
     assert!(
-        !ours.contains(&unused),
-        "the daemon still has {unused} after prune: {ours:?}"
+        listed.contains(&(env.driver.clone(), used.clone())),
+        "{used} (in use) not listed after prune: {listed:?}"
     );
     assert!(
         ours.contains(&used),
         "the daemon lost {used} (in use) in prune: {ours:?}"
     );
+    assert_eq!(
+        listed.contains(&(env.driver.clone(), unused.clone())),
+        !pruned,
+        "docker volume ls after prune (prune reported {unused}: {pruned}):\n{out}\nlisted: {listed:?}"
+    );
+    assert_eq!(
+        ours.contains(&unused),
+        !pruned,
+        "the daemon after prune (prune reported {unused}: {pruned}): {ours:?}"
+    );
+    if !pruned {
+        assert_eq!(
+            env.run_sh_ok(&["-v", &format!("{unused}:/data")], "cat /data/f"),
+            "x\n",
+            "{unused} after prune"
+        );
+    }
+    let c2 = format!("{}-pruneuser", env.prefix);
+    let out = docker_ok(&["exec", &c2, "cat", "/data/f"]);
+    assert_eq!(out.stdout, "y\n", "{used} after prune");
 }
 
 /// Unknown options are refused and named; labels are accepted; `from` is refused.
@@ -732,7 +805,7 @@ fn unknown_options_are_refused() {
         "the error does not name the option colour:\n{out}"
     );
     assert!(
-        !docker(&["volume", "inspect", &v]).success(),
+        !env.docker_lists(&v),
         "{v} exists in Docker after a refused create"
     );
     assert!(
@@ -771,7 +844,7 @@ fn unknown_options_are_refused() {
 #[test]
 fn mounts_are_reference_counted() {
     let img = image();
-    let env = DockerEnv::start("refs");
+    let mut env = DockerEnv::start("refs");
     let vol = env.volume("shared");
     env.create_ok(&vol, &[]);
     let v = format!("{vol}:/data");
@@ -826,6 +899,45 @@ fn mounts_are_reference_counted() {
         env.run_sh_ok(&["-v", &v], "cat /data/a /data/b"),
         "one\ntwo\n"
     );
+
+    // References are persisted: a graceful daemon restart while a container holds the volume
+    // keeps the count (and Remove refused); the container's removal then drops it. (The held
+    // container's own FUSE mount does not survive the restart; only the count is checked.)
+    let c3 = env.run_detached("c3", &["-v", &v], img, "exec sleep 300");
+    env.wait_references(&vol, 1);
+    env.d_mut().restart();
+    assert_eq!(
+        env.references(&vol),
+        1,
+        "docker_references after a daemon restart"
+    );
+    let (status, r) = env.plugin("/VolumeDriver.Remove", &json!({ "Name": vol }));
+    assert!(
+        status != 200,
+        "VolumeDriver.Remove of a held volume after a restart: HTTP {status}: {r}"
+    );
+    let got = env.plugin_get(&vol);
+    assert!(
+        !got["Mountpoint"].as_str().unwrap_or("").is_empty(),
+        "Get of a held volume after a restart has no Mountpoint: {got}"
+    );
+    assert_eq!(
+        env.run_sh_ok(&["-v", &v], "cat /data/b"),
+        "two\n",
+        "a new container after the restart"
+    );
+    docker_ok(&["rm", "-f", &c3]);
+    env.wait_references(&vol, 0);
+    let out = docker(&["volume", "rm", &vol]);
+    assert!(
+        out.success(),
+        "docker volume rm after all containers are gone:\n{out}\ndaemon log:\n{}",
+        env.d().log()
+    );
+    assert!(
+        !env.daemon_volumes().contains(&vol),
+        "the daemon still has {vol} after docker volume rm"
+    );
 }
 
 /// A volfs mountpoint made through the control API, bind-mounted into a container.
@@ -833,7 +945,7 @@ fn mounts_are_reference_counted() {
 fn bind_mount_of_a_volfs_mountpoint() {
     let img = image();
     let env = DockerEnv::start("bind");
-    let name = format!("{}-hostvol", env.driver);
+    let name = format!("{}-hostvol", env.prefix);
     let dir = env.d().volume_mounted(&name, &[]);
     std::fs::write(dir.join("file"), "from the host\n").unwrap();
     let bind = format!("{}:/data", dir.display());
@@ -997,4 +1109,37 @@ fn non_root_container_user() {
 
     // Nothing leaked into rootdir; root still writes there; uid 1000's own delete worked.
     assert_eq!(env.run_sh_ok(&["-v", &v], "ls -A /data/rootdir; ls -A /data/user; echo r > /data/rootdir/f && cat /data/rootdir/f"), "sub\nr\n");
+}
+
+/// The volume's size limit is what a container sees in df and hits as ENOSPC.
+#[test]
+fn size_limit_inside_a_container() {
+    let img = image();
+    let env = DockerEnv::start("size");
+    let vol = env.volume("small");
+    env.create_ok(&vol, &["size=1M"]);
+    let v = format!("{vol}:/data");
+    let out = env.run_sh_ok(&["-v", &v], "df -kP /data | tail -n 1");
+    let total: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(
+        total.get(1).copied(),
+        Some("1024"),
+        "df -k of a size=1M volume: {out}"
+    );
+
+    let out = env.run_sh(
+        &["-v", &v],
+        img,
+        "dd if=/dev/zero of=/data/big bs=65536 count=32 conv=fsync",
+    );
+    assert_run_fails_with(
+        &out,
+        "No space left on device",
+        "writing 2 MiB into a size=1M volume",
+    );
+    // Space comes back after a delete.
+    env.run_sh_ok(
+        &["-v", &v],
+        "rm /data/big && dd if=/dev/zero of=/data/small bs=65536 count=8 conv=fsync",
+    );
 }

@@ -24,11 +24,29 @@ cleanup() {
 trap cleanup EXIT
 # Users fstests expects.
 for u in fsgqa 123456-fsgqa fsgqa2; do id "$u" >/dev/null 2>&1 || useradd -M -N "$u"; done
-mkdir -p /mnt/volfs-xfstests/test /mnt/volfs-xfstests/scratch "$tmp/data" "$tmp/run"
+mkdir -p /mnt/volfs-xfstests "$tmp/data" "$tmp/run"
+# The daemon mounts each volume's FUSE connection at <run dir>/mnt/<volume> with the volume
+# name as its source, and every mountpoint is a bind mount of it with the same source. fstests
+# (_check_if_dev_already_mounted: findmnt -S $TEST_DEV) aborts when the device shows up on any
+# mount besides TEST_DIR/SCRATCH_MNT, so hide the connections: the daemon runs in its own mount
+# namespace, its run dir is a private tmpfs (connections mounted there stay in that namespace),
+# and /mnt/volfs-xfstests is a shared mount, so the bind mounts the daemon makes under it show
+# up here and a plain umount here reaches the daemon's namespace.
+mount -t tmpfs -o mode=0755 volfs-fstests-run "$tmp/run"
+mount --make-private "$tmp/run"
+mount --bind /mnt/volfs-xfstests /mnt/volfs-xfstests
+mount --make-shared /mnt/volfs-xfstests
+mkdir -p /mnt/volfs-xfstests/test /mnt/volfs-xfstests/scratch
 export VOLFS_SOCKET=$tmp/run/volfs.sock VOLFS_FUSE_SUBTYPE=false
-"$bin/volfs-mountd" --data-dir "$tmp/data" --run-dir "$tmp/run" --plugin-socket "" 2>"$tmp/daemon.log" &
+unshare --mount --propagation unchanged -- \
+  "$bin/volfs-mountd" --data-dir "$tmp/data" --run-dir "$tmp/run" --plugin-socket "" 2>"$tmp/daemon.log" &
 daemon=$!
 for _ in $(seq 100); do [ -S "$VOLFS_SOCKET" ] && break; sleep 0.1; done
+[ -S "$VOLFS_SOCKET" ] || { echo "volfs-mountd did not start:" >&2; cat "$tmp/daemon.log" >&2; exit 1; }
+# Create the TEST_DEV and SCRATCH_DEV volumes up front. mount(8) strips x-* options (they are
+# userspace-only in libmount) before it runs /sbin/mount.fuse.volfs, so "-o x-volfs.create"
+# never reaches the helper.
+for v in xfstests-test xfstests-scratch; do "$bin/volfs" volume create "$v" >/dev/null; done
 install -m 0755 "$bin/mount-volfs" /sbin/mount.fuse.volfs
 cp "$here/local.config" "$XFSTESTS_DIR/local.config"
 cd "$XFSTESTS_DIR"

@@ -167,7 +167,7 @@ async fn status(State(d): State<Arc<Daemon>>) -> ApiResult<Status> {
             }
             if corrupt > 0 {
                 warnings.push(format!(
-                    "{corrupt} chunk reads failed verification (run volfs fsck)"
+                    "{corrupt} chunk reads failed verification since start (the daemon log names each chunk)"
                 ));
             }
             Ok(Status {

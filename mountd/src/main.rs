@@ -98,7 +98,20 @@ fn init_logging(format: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(cfg: config::Config) -> anyhow::Result<()> {
+/// Makes a configured path absolute (relative to the working directory), so that paths the
+/// daemon hands out (mountpoints for Docker) and compares (mountinfo) are absolute.
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
+}
+
+fn run(mut cfg: config::Config) -> anyhow::Result<()> {
+    cfg.data_dir = absolute(&cfg.data_dir)?;
+    cfg.run_dir = absolute(&cfg.run_dir)?;
+    cfg.socket = absolute(&cfg.socket)?;
     let compression = Compression::parse(&cfg.compression).context("config key compression")?;
     let store = Arc::new(Store::open(
         &cfg.data_dir,

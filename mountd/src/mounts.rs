@@ -39,7 +39,7 @@ struct Active {
     primary: PathBuf,
     dev: u64,
     last_used: Instant,
-    _session: fuser::BackgroundSession,
+    session: fuser::BackgroundSession,
 }
 
 pub struct Mounts {
@@ -172,6 +172,18 @@ impl Mounts {
         &self.registry
     }
 
+    /// FUSE options for one volume. A volume with a size limit runs without the kernel's
+    /// writeback cache: writes then reach the daemon inside write(2), so exceeding the quota
+    /// fails that write(2) with ENOSPC instead of surfacing later at fsync or close while the
+    /// page cache still shows data that was never stored.
+    fn fuse_options(&self, has_quota: bool) -> FuseOptions {
+        let mut o = self.fuse.clone();
+        if has_quota {
+            o.writeback_cache = false;
+        }
+        o
+    }
+
     fn primary_path(&self, vol: &VolumeName) -> PathBuf {
         self.run_dir.join("mnt").join(vol.as_str())
     }
@@ -228,8 +240,10 @@ impl Mounts {
         cfg.acl = fuser::SessionACL::All;
         cfg.n_threads = Some(self.fuse.workers.max(1));
         cfg.clone_fd = true;
+        let fuse_opts = self.fuse_options(rec.size.is_some());
+        fs.set_kernel_times(fuse_opts.writeback_cache);
         let session = fuser::Session::from_fd(
-            FuseFs::new(fs.clone(), self.fuse.clone()),
+            FuseFs::new(fs.clone(), fuse_opts),
             dev_fuse,
             fuser::SessionACL::All,
             cfg,
@@ -261,23 +275,36 @@ impl Mounts {
                 primary: primary.clone(),
                 dev,
                 last_used: Instant::now(),
-                _session: session,
+                session,
             },
         );
         Ok(primary)
     }
 
-    /// Mountpoints of a volume (bind mounts of its primary, not the primary itself).
+    /// Mountpoints of a volume (bind mounts of its primary, not the primary itself). Entries
+    /// must match the connection's device number, type and source (the volume name): a device
+    /// number alone can belong to a newer FUSE mount once this connection is gone.
     pub fn mountpoints(&self, vol: &str) -> Vec<MountEntry> {
-        let active = self.active.lock();
-        let Some(a) = active.get(vol) else {
+        let Some((dev, primary)) = self
+            .active
+            .lock()
+            .get(vol)
+            .map(|a| (a.dev, a.primary.clone()))
+        else {
             return Vec::new();
         };
-        let (dev, primary) = (a.dev, a.primary.clone());
-        drop(active);
-        mountinfo()
-            .into_iter()
-            .filter(|m| m.dev == dev && m.target != primary)
+        let all = mountinfo();
+        let ours = |m: &MountEntry| m.dev == dev && m.source == vol && is_volfs_type(&m.fstype);
+        if !all.iter().any(|m| m.target == primary && ours(m)) {
+            // The connection was unmounted behind our back: forget it.
+            tracing::warn!(volume = %vol, "volume connection disappeared; closing it");
+            if let Err(e) = self.close(vol, false) {
+                tracing::warn!(volume = %vol, "closing vanished connection: {e}");
+            }
+            return Vec::new();
+        }
+        all.into_iter()
+            .filter(|m| ours(m) && m.target != primary)
             .collect()
     }
 
@@ -541,17 +568,34 @@ impl Mounts {
             b.delete(Cf::Holders, k);
         }
         self.registry.store().engine.write(b, true)?;
-        self.close(vol)
+        self.close(vol, false)
     }
 
-    fn close(&self, vol: &str) -> Result<()> {
-        let a = self.active.lock().remove(vol);
-        if let Some(a) = a {
-            a.fs.shutdown()?;
-            let _ = sys_umount(&a.primary, libc::MNT_DETACH);
-            tracing::info!(volume = %vol, "volume connection closed");
+    /// Flushes a volume and detaches its connection. With `abort`, also ends the connection
+    /// (processes still inside the detached mount get ENOTCONN) and waits for its FUSE threads,
+    /// so that nothing uses the store afterwards; used at daemon shutdown.
+    fn close(&self, vol: &str, abort: bool) -> Result<()> {
+        let Some(a) = self.active.lock().remove(vol) else {
+            return Ok(());
+        };
+        let flushed = a.fs.shutdown();
+        let _ = sys_umount(&a.primary, libc::MNT_DETACH);
+        if abort {
+            let ctl = format!("/sys/fs/fuse/connections/{}/abort", libc::minor(a.dev));
+            if let Err(e) = std::fs::write(&ctl, "1") {
+                tracing::debug!(volume = %vol, "aborting connection via {ctl}: {e}");
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            let session = a.session;
+            std::thread::spawn(move || {
+                let _ = tx.send(session.join());
+            });
+            if rx.recv_timeout(Duration::from_secs(5)).is_err() {
+                tracing::warn!(volume = %vol, "FUSE threads did not stop within 5 s");
+            }
         }
-        Ok(())
+        tracing::info!(volume = %vol, "volume connection closed");
+        flushed
     }
 
     /// Forgets records of mounts that were unmounted behind the daemon's back (a plain
@@ -596,7 +640,7 @@ impl Mounts {
         };
         for v in candidates {
             if self.mountpoints(&v).is_empty() && self.holders(&v).unwrap_or(1) == 0 {
-                if let Err(e) = self.close(&v) {
+                if let Err(e) = self.close(&v, false) {
                     tracing::warn!(volume = %v, "closing idle volume: {e}");
                 }
             }
@@ -616,7 +660,7 @@ impl Mounts {
             for m in self.mountpoints(&v) {
                 let _ = sys_umount(&m.target, libc::MNT_DETACH);
             }
-            if let Err(e) = self.close(&v) {
+            if let Err(e) = self.close(&v, true) {
                 tracing::error!(volume = %v, "closing at shutdown failed: {e}");
             }
         }

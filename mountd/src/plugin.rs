@@ -104,7 +104,12 @@ async fn call(
     match tokio::time::timeout(DEADLINE, work).await {
         Ok(Ok(Ok(v))) => reply(StatusCode::OK, v),
         Ok(Ok(Err(e))) => {
-            tracing::warn!("docker plugin: {e}");
+            // Docker asks Get for names it does not know before every Create: not a warning.
+            if matches!(e, Error::NotFound(_)) {
+                tracing::debug!("docker plugin: {e}");
+            } else {
+                tracing::warn!("docker plugin: {e}");
+            }
             reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 json!({"Err": e.to_string()}),

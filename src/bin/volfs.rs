@@ -157,7 +157,30 @@ struct StatusArgs {
 // ---------------------------------------------------------------------------------------------
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            std::process::exit(0);
+        }
+        Err(e) => {
+            // One readable line, like every other error; usage errors exit 2.
+            let detail = e.to_string();
+            let msg: Vec<&str> = detail
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
+            let msg = msg.join(" ");
+            eprintln!(
+                "volfs: {} (see volfs --help)",
+                msg.trim_start_matches("error: ")
+            );
+            std::process::exit(2);
+        }
+    };
     let code = match run(cli) {
         Ok(code) => code,
         // The reader went away (`volfs volume ls | head -1`): nothing useful left to say.

@@ -157,9 +157,13 @@ impl VolumeFs {
         if end > st.rec.size {
             st.rec.size = end;
         }
-        let now = Ts::now();
-        st.rec.mtime = now;
-        st.rec.ctime = now;
+        // With the kernel's writeback cache the kernel keeps mtime/ctime of written files and
+        // sends them with setattr; stamping our own clock here would move them later.
+        if !self.kernel_times.load(Ordering::Relaxed) {
+            let now = Ts::now();
+            st.rec.mtime = now;
+            st.rec.ctime = now;
+        }
         st.rec_dirty = true;
         self.stats
             .bytes_written

@@ -157,6 +157,8 @@ pub struct VolumeFs {
     dirty_total: AtomicU64,
     pub stats: VolumeStats,
     shut: AtomicBool,
+    /// The kernel maintains mtime/ctime of written files (writeback cache mode).
+    kernel_times: AtomicBool,
 }
 
 impl VolumeFs {
@@ -191,9 +193,15 @@ impl VolumeFs {
             dirty_total: AtomicU64::new(0),
             stats: VolumeStats::default(),
             shut: AtomicBool::new(false),
+            kernel_times: AtomicBool::new(false),
         });
         fs.clean_orphans()?;
         Ok(fs)
+    }
+
+    /// Tells the filesystem that the kernel keeps file times itself (FUSE writeback cache).
+    pub fn set_kernel_times(&self, on: bool) {
+        self.kernel_times.store(on, Ordering::Relaxed);
     }
 
     pub fn is_read_only(&self) -> bool {
