@@ -115,6 +115,9 @@ impl Batch {
     }
 }
 
+/// Key-value rows of one scan.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Visitor for [`Engine::scan`]: return `Ok(false)` to stop.
 pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool> + 'a;
 
@@ -129,8 +132,10 @@ pub trait Engine: Send + Sync {
     fn counter(&self, cf: Cf, key: &[u8]) -> Result<i64> {
         Ok(self.get(cf, key)?.map(|v| decode_i64(&v)).unwrap_or(0))
     }
+    /// Prefix scans of several column families, all from one consistent point in time.
+    fn snapshot_scan(&self, scans: &[(Cf, Vec<u8>)]) -> Result<Vec<Rows>>;
     /// Convenience: collect a prefix scan.
-    fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Rows> {
         let end = prefix_end(prefix);
         let mut out = Vec::new();
         self.scan(cf, prefix, &end, &mut |k, v| {
@@ -259,6 +264,27 @@ impl Engine for RocksEngine {
     fn sync_wal(&self) -> Result<()> {
         Ok(self.db.flush_wal(true)?)
     }
+
+    fn snapshot_scan(&self, scans: &[(Cf, Vec<u8>)]) -> Result<Vec<Rows>> {
+        let snap = self.db.snapshot();
+        let mut out = Vec::with_capacity(scans.len());
+        for (cf, prefix) in scans {
+            let mut ro = rocksdb::ReadOptions::default();
+            ro.set_iterate_upper_bound(prefix_end(prefix));
+            let it = snap.iterator_cf_opt(
+                self.cf(*cf)?,
+                ro,
+                rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
+            );
+            let mut v = Vec::new();
+            for item in it {
+                let (k, val) = item?;
+                v.push((k.to_vec(), val.to_vec()));
+            }
+            out.push(v);
+        }
+        Ok(out)
+    }
 }
 
 /// An in-memory engine with the same semantics, for unit tests of the layers above.
@@ -316,6 +342,17 @@ impl Engine for MemEngine {
     fn sync_wal(&self) -> Result<()> {
         Ok(())
     }
+    fn snapshot_scan(&self, scans: &[(Cf, Vec<u8>)]) -> Result<Vec<Rows>> {
+        let m = self.cfs.read();
+        Ok(scans
+            .iter()
+            .map(|(cf, p)| {
+                m.range((*cf, p.clone())..(*cf, prefix_end(p)))
+                    .map(|((_, k), v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -352,6 +389,11 @@ mod tests {
         })
         .unwrap();
         assert_eq!(n, 1, "visitor returning false stops the scan");
+        let snap = e
+            .snapshot_scan(&[(Cf::Inodes, b"a".to_vec()), (Cf::Inodes, b"b".to_vec())])
+            .unwrap();
+        assert_eq!(snap[0].len(), 1);
+        assert_eq!(snap[1][0].0, b"b1");
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub struct CreateOptions {
     pub labels: BTreeMap<String, String>,
     pub size: Option<u64>,
     pub read_only: bool,
+    /// Start as a copy of this volume (`from=VOLUME`).
+    pub from: Option<VolumeName>,
 }
 
 impl CreateOptions {
@@ -26,9 +28,17 @@ impl CreateOptions {
         match key {
             "size" => self.size = Some(parse_size(value)?),
             "ro" | "read_only" | "readonly" => self.read_only = parse_bool(key, value)?,
+            "from" => {
+                if value.contains('@') {
+                    return Err(Error::Invalid(format!(
+                        "option from={value}: snapshots are not available in this volfs version"
+                    )));
+                }
+                self.from = Some(VolumeName::new(value)?);
+            }
             _ => {
                 return Err(Error::Invalid(format!(
-                    "unknown volume option {key:?} (known: size, ro)"
+                    "unknown volume option {key:?} (known: size, ro, from)"
                 )))
             }
         }
@@ -108,12 +118,20 @@ impl Registry {
             layers: Vec::new(),
         };
         let mut b = Batch::new();
-        let root = InodeRecord::new(Kind::Dir, 0o755, 0, 0);
-        b.put(
-            Cf::Inodes,
-            meta::inode_key(top, ROOT_INO),
-            meta::encode(meta::INODE_VERSION, &root),
-        );
+        match &opts.from {
+            Some(src) => {
+                let src = self.require(src)?;
+                self.copy_tree(&src, &rec)?;
+            }
+            None => {
+                let root = InodeRecord::new(Kind::Dir, 0o755, 0, 0);
+                b.put(
+                    Cf::Inodes,
+                    meta::inode_key(top, ROOT_INO),
+                    meta::encode(meta::INODE_VERSION, &root),
+                );
+            }
+        }
         b.put(
             Cf::Volumes,
             name.as_str().as_bytes().to_vec(),
@@ -122,6 +140,42 @@ impl Registry {
         self.store.engine.write(b, true)?;
         tracing::info!(volume = %name, "volume created");
         Ok(rec)
+    }
+
+    /// Copies `src`'s files into `dst`'s (empty) top tree from one consistent point in the
+    /// index. Only metadata is copied: extents keep pointing at the same chunks, so no file data
+    /// is read or written. The caller commits the source's buffered data first. The new
+    /// volume's record is written after the copy, so a crash mid-copy leaves no half volume.
+    fn copy_tree(&self, src: &VolumeRecord, dst: &VolumeRecord) -> Result<()> {
+        let cfs = [Cf::Inodes, Cf::Dirents, Cf::Extents, Cf::Xattrs];
+        let p = meta::tree_prefix(src.top);
+        let scans: Vec<(Cf, Vec<u8>)> = cfs.iter().map(|cf| (*cf, p.clone())).collect();
+        let data = self.store.engine.snapshot_scan(&scans)?;
+        let new_prefix = meta::tree_prefix(dst.top);
+        let mut b = Batch::new();
+        for (cf, rows) in cfs.iter().zip(data) {
+            for (k, v) in rows {
+                let mut nk = new_prefix.clone();
+                nk.extend_from_slice(&k[p.len()..]);
+                b.put(*cf, nk, v);
+                if b.ops.len() >= 10_000 {
+                    self.store.engine.write(std::mem::take(&mut b), false)?;
+                }
+            }
+        }
+        let hw = self
+            .store
+            .engine
+            .get(Cf::Meta, &meta::ino_hw_key(src.top))?;
+        if let Some(hw) = hw {
+            b.put(Cf::Meta, meta::ino_hw_key(dst.top), hw);
+        }
+        let used = self
+            .store
+            .engine
+            .counter(Cf::Counters, &meta::used_key(src.id))?;
+        b.add(Cf::Counters, meta::used_key(dst.id), used);
+        self.store.engine.write(b, false)
     }
 
     pub fn get(&self, name: &VolumeName) -> Result<Option<VolumeRecord>> {

@@ -790,7 +790,7 @@ fn ls_rm_and_prune() {
     assert_eq!(out.stdout, "y\n", "{used} after prune");
 }
 
-/// Unknown options are refused and named; labels are accepted; `from` is refused.
+/// Unknown options are refused and named; labels are accepted; `from` must name a volume.
 #[test]
 fn unknown_options_are_refused() {
     let env = DockerEnv::start("opts");
@@ -813,14 +813,22 @@ fn unknown_options_are_refused() {
         "{v} exists in the daemon after a refused create"
     );
 
-    let out = env.create(&v, &["from=other"]);
+    // from= a volume that does not exist names it; from=VOL@SNAPSHOT is refused for now.
+    let missing = env.volume("missing");
+    let from_missing = format!("from={missing}");
+    let out = env.create(&v, &[from_missing.as_str()]);
     assert!(
         !out.success(),
-        "docker volume create --opt from=other succeeded:\n{out}"
+        "docker volume create --opt {from_missing} succeeded:\n{out}"
     );
     assert!(
-        out.stderr.contains("from"),
-        "the error does not name from:\n{out}"
+        out.stderr.contains(&missing),
+        "the error does not name {missing}:\n{out}"
+    );
+    let out = env.create(&v, &["from=x@snap"]);
+    assert!(
+        !out.success(),
+        "docker volume create --opt from=x@snap succeeded:\n{out}"
     );
     assert!(
         !env.daemon_volumes().contains(&v),
@@ -837,6 +845,53 @@ fn unknown_options_are_refused() {
         labels["com.example.tier"],
         json!("gold"),
         "com.example.tier=gold: {info}"
+    );
+}
+
+/// `--opt from=VOL` creates an independent copy: it sees the source's data, including writes
+/// still in the kernel's cache, and later writes on either side do not show on the other.
+#[test]
+fn from_option_clones_a_volume() {
+    let img = image();
+    let env = DockerEnv::start("clone");
+    let src = env.volume("src");
+    let dst = env.volume("dst");
+    env.create_ok(&src, &[]);
+    let s = format!("{src}:/data");
+    let holder = env.run_detached(
+        "holder",
+        &["-v", &s],
+        img,
+        "echo original > /data/f; exec sleep 300",
+    );
+    env.wait_references(&src, 1);
+    let from = format!("from={src}");
+    // Wait until the holder has written its file, then clone while it is still mounted.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while docker(&["exec", &holder, "cat", "/data/f"]).stdout.trim() != "original" {
+        assert!(Instant::now() < deadline, "holder never wrote /data/f");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    env.create_ok(&dst, &[from.as_str()]);
+    let d = format!("{dst}:/data");
+    let out = env.run_sh_ok(&["-v", &d], "cat /data/f; echo changed > /data/f");
+    assert_eq!(
+        out.lines().next(),
+        Some("original"),
+        "clone content:\n{out}"
+    );
+    let out = docker(&["exec", &holder, "cat", "/data/f"]);
+    assert_eq!(
+        out.stdout.trim(),
+        "original",
+        "a write to the clone changed the source:\n{out}"
+    );
+    docker_ok(&["exec", &holder, "sh", "-c", "echo source-later > /data/g"]);
+    let out = env.run_sh_ok(&["-v", &d], "cat /data/f; test ! -e /data/g && echo no-g");
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        vec!["changed", "no-g"],
+        "{out}"
     );
 }
 

@@ -114,7 +114,7 @@ pub fn create(d: &Daemon, req: &CreateVolume) -> volfs::Result<VolumeInfo> {
     for (k, v) in &req.opts {
         opts.set_opt(k, v)?;
     }
-    let rec = d.mounts.registry().create(&name, &opts)?;
+    let rec = d.mounts.create_volume(&name, &opts)?;
     volume_info(d, &rec)
 }
 

@@ -281,6 +281,41 @@ impl Mounts {
         Ok(primary)
     }
 
+    /// Creates a volume; a copy (`from`) first gets everything written to the source so far:
+    /// the kernel's dirty pages (syncfs on the connection) and the daemon's buffers.
+    pub fn create_volume(
+        &self,
+        name: &VolumeName,
+        opts: &volfs::volume::CreateOptions,
+    ) -> Result<volfs::meta::VolumeRecord> {
+        if let Some(src) = &opts.from {
+            self.flush_volume(src.as_str())?;
+        }
+        self.registry.create(name, opts)
+    }
+
+    /// Commits everything written to a mounted volume so far.
+    pub fn flush_volume(&self, vol: &str) -> Result<()> {
+        let Some((fs, primary)) = self
+            .active
+            .lock()
+            .get(vol)
+            .map(|a| (a.fs.clone(), a.primary.clone()))
+        else {
+            return Ok(());
+        };
+        let dir = std::fs::File::open(&primary)
+            .map_err(|e| Error::io(format!("opening {}", primary.display()), e))?;
+        // SAFETY: syncfs on a valid fd we own.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(Error::io(
+                format!("syncfs {}", primary.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        fs.flush_all()
+    }
+
     /// Mountpoints of a volume (bind mounts of its primary, not the primary itself). Entries
     /// must match the connection's device number, type and source (the volume name): a device
     /// number alone can belong to a newer FUSE mount once this connection is gone.

@@ -136,12 +136,7 @@ pub fn parse_opts(opts: &BTreeMap<String, String>) -> volfs::Result<CreateOption
     let mut unknown = Vec::new();
     for (k, v) in opts {
         match k.as_str() {
-            "size" | "ro" | "readonly" => o.set_opt(k, v)?,
-            "from" => {
-                return Err(Error::Invalid(format!(
-                    "option from={v}: clones are not available in this volfs version"
-                )))
-            }
+            "size" | "ro" | "readonly" | "from" => o.set_opt(k, v)?,
             _ if k.starts_with("label.") && k.len() > 6 => {
                 o.labels.insert(k[6..].to_string(), v.clone());
             }
@@ -171,7 +166,7 @@ fn create(d: &Daemon, req: Req) -> volfs::Result<Value> {
         // Docker may ask again for a volume it already knows.
         return Ok(json!({"Err": ""}));
     }
-    d.mounts.registry().create(&n, &opts)?;
+    d.mounts.create_volume(&n, &opts)?;
     Ok(json!({"Err": ""}))
 }
 
