@@ -244,6 +244,7 @@ async fn prune(
             for rec in d.mounts.registry().list()? {
                 if api::labels_match(&rec.labels, &req.filters)
                     && d.mounts.mountpoints(&rec.name).is_empty()
+                    && d.mounts.holders(&rec.name)? == 0
                 {
                     remove_volume(&d, &rec.name, false)?;
                     removed.push(rec.name);

@@ -112,6 +112,11 @@ fn run(mut cfg: config::Config) -> anyhow::Result<()> {
     cfg.data_dir = absolute(&cfg.data_dir)?;
     cfg.run_dir = absolute(&cfg.run_dir)?;
     cfg.socket = absolute(&cfg.socket)?;
+    if !cfg.plugin_socket.is_empty() {
+        cfg.plugin_socket = absolute(Path::new(&cfg.plugin_socket))?
+            .display()
+            .to_string();
+    }
     let compression = Compression::parse(&cfg.compression).context("config key compression")?;
     let store = Arc::new(Store::open(
         &cfg.data_dir,
@@ -172,6 +177,9 @@ fn run(mut cfg: config::Config) -> anyhow::Result<()> {
             .await?;
         anyhow::Ok(())
     });
+    // Stop the reaper and the API servers before tearing the mounts down, so that nothing
+    // prunes records or starts a connection while shutdown detaches them.
+    rt.shutdown_timeout(Duration::from_secs(5));
     tracing::info!("shutting down: flushing volumes");
     notify_systemd("STOPPING=1");
     mounts.shutdown();
