@@ -6,6 +6,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 target=${CARGO_TARGET_DIR:-$here/target}
 bin=$target/debug
 tmp=$(mktemp -d /tmp/volfs-pjd.XXXXXX)
+# pjdfstest runs steps as other users, who must be able to reach the mountpoint.
+chmod 0755 "$tmp"
 daemon=""
 cleanup() {
   set +e
@@ -36,4 +38,6 @@ if [ "$rc" -ne 0 ] || ! echo "$summary" | grep -q "Summary: 0 failed"; then
   tail -50 "$tmp/daemon.log"
   exit 1
 fi
-echo "pjdfstest on volfs: $summary"
+passed=$(echo "$summary" | sed -E 's/.* ([0-9]+) passed.*/\1/')
+skipped=$(echo "$summary" | sed -E 's/.* ([0-9]+) skipped.*/\1/')
+echo "pjdfstest: $passed passed, 0 failed, $skipped skipped"
