@@ -22,8 +22,15 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
-# Users fstests expects.
-for u in fsgqa 123456-fsgqa fsgqa2; do id "$u" >/dev/null 2>&1 || useradd -M -N "$u"; done
+# Users and groups fstests expects: each user with a group of the same name as its primary
+# group (tests chown to fsgqa:fsgqa and expect the user to be in it) and a home directory
+# (su warns "cannot change directory" into the test output otherwise).
+for u in fsgqa 123456-fsgqa fsgqa2; do
+  getent group "$u" >/dev/null || groupadd "$u"
+  if id "$u" >/dev/null 2>&1; then usermod -g "$u" "$u"; else useradd -m -g "$u" "$u"; fi
+  home=$(getent passwd "$u" | cut -d: -f6)
+  [ -d "$home" ] || { mkdir -p "$home" && chown "$u:$u" "$home"; }
+done
 mkdir -p /mnt/volfs-xfstests "$tmp/data" "$tmp/run"
 # The daemon mounts each volume's FUSE connection at <run dir>/mnt/<volume> with the volume
 # name as its source, and every mountpoint is a bind mount of it with the same source. fstests
