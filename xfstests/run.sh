@@ -27,7 +27,7 @@ trap cleanup EXIT
 # (su warns "cannot change directory" into the test output otherwise).
 for u in fsgqa 123456-fsgqa fsgqa2; do
   getent group "$u" >/dev/null || groupadd "$u"
-  if id "$u" >/dev/null 2>&1; then usermod -g "$u" "$u"; else useradd -m -g "$u" "$u"; fi
+  if ! id "$u" >/dev/null 2>&1; then useradd -m -g "$u" "$u"; elif [ "$(id -gn "$u")" != "$u" ]; then usermod -g "$u" "$u"; fi
   home=$(getent passwd "$u" | cut -d: -f6)
   [ -d "$home" ] || { mkdir -p "$home" && chown "$u:$u" "$home"; }
 done
