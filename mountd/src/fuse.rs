@@ -147,6 +147,16 @@ fn fattr(a: &Attr) -> FileAttr {
     }
 }
 
+/// A new file, directory or special file with the creator's mode less its umask.
+fn new_node(kind: Kind, mode: u32, umask: u32, rdev: u32) -> NewNode<'static> {
+    NewNode {
+        kind,
+        perm: mode & !umask & 0o7777,
+        rdev,
+        target: &[],
+    }
+}
+
 fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
@@ -281,12 +291,7 @@ impl Filesystem for FuseFs {
         if kind == Kind::Dir || kind == Kind::Symlink {
             return reply.error(Errno::EINVAL);
         }
-        let new = NewNode {
-            kind,
-            perm: mode & !umask & 0o7777,
-            rdev,
-            target: &[],
-        };
+        let new = new_node(kind, mode, umask, rdev);
         self.entry(
             reply,
             self.fs
@@ -305,12 +310,7 @@ impl Filesystem for FuseFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let new = NewNode {
-            kind: Kind::Dir,
-            perm: mode & !umask & 0o7777,
-            rdev: 0,
-            target: &[],
-        };
+        let new = new_node(Kind::Dir, mode, umask, 0);
         self.entry(
             reply,
             self.fs
@@ -637,12 +637,7 @@ impl Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let new = NewNode {
-            kind: Kind::File,
-            perm: mode & !umask & 0o7777,
-            rdev: 0,
-            target: &[],
-        };
+        let new = new_node(Kind::File, mode, umask, 0);
         let (a, fh) = try_reply!(
             self,
             "create",
