@@ -12,11 +12,29 @@
 //! | GET | /v1/mounts | | `[MountInfo]` |
 //! | POST | /v1/mounts | [`MountRequest`] | [`MountInfo`] |
 //! | POST | /v1/unmount | [`UnmountRequest`] | `{}` |
+//! | GET | /v1/volumes/{name}/snapshots | | `[SnapshotInfo]` |
+//! | POST | /v1/volumes/{name}/snapshots | [`CreateSnapshot`] | [`SnapshotInfo`] |
+//! | DELETE | /v1/volumes/{name}/snapshots/{snapshot} | | `{}` |
+//! | POST | /v1/volumes/{name}/rollback | [`RollbackRequest`] | [`VolumeInfo`] |
+//! | GET | /v1/layers | | `[LayerInfo]` |
+//! | POST | /v1/layers | [`ImportLayer`] | [`ImportedLayer`] |
+//! | DELETE | /v1/layers/{id} | | `{}` |
+//! | POST | /v1/layers/{id}/export | [`ExportLayer`] | `{}` |
+//! | GET | /v1/df | | [`DfReport`] |
+//! | POST | /v1/gc | | [`GcReport`] |
+//! | POST | /v1/fsck | [`FsckRequest`] | [`FsckReport`] |
+//!
+//! Volume clones are `POST /v1/volumes` with the option `from=VOLUME[@SNAPSHOT]`; a mount
+//! request's volume may be `VOLUME@SNAPSHOT` (read-only).
 //!
 //! Errors answer with a 4xx/5xx status and an [`ErrorBody`].
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::fsck::{FsckReport, Problem};
+pub use crate::gc::{DfReport, GcReport, VolumeUsage};
+pub use crate::image::LayerInfo;
 
 pub const DEFAULT_SOCKET: &str = "/run/volfs/volfs.sock";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/volfs";
@@ -52,6 +70,64 @@ pub struct VolumeInfo {
     pub bytes_used: u64,
     pub mountpoints: Vec<String>,
     pub open_handles: u64,
+    /// Snapshot names.
+    #[serde(default)]
+    pub snapshots: Vec<String>,
+    /// Frozen trees below the writable top.
+    #[serde(default)]
+    pub layers: usize,
+    /// The image layers it was created on (`--layers`), bottom first.
+    #[serde(default)]
+    pub image: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct CreateSnapshot {
+    /// Default: the UTC time, `YYYYMMDDTHHMMSSZ`.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotInfo {
+    pub volume: String,
+    pub name: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+    /// The volume's used bytes when it was taken.
+    pub bytes_used: u64,
+    /// The LayerId of its frozen top, once sealed (sealing runs in the background).
+    pub layer: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    pub snapshot: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportLayer {
+    /// Absolute path of a tarball on the daemon's host.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportedLayer {
+    pub id: String,
+    /// False when the store already had an identical layer.
+    pub new: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportLayer {
+    /// Absolute path of the tarball to write (created or truncated).
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct FsckRequest {
+    #[serde(default)]
+    pub repair: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]

@@ -126,6 +126,10 @@ pub struct ChunkStore {
     unsynced: Mutex<HashSet<u32>>,
     cache: quick_cache::sync::Cache<ChunkId, Arc<[u8]>, ChunkWeighter>,
     pub stats: ChunkStats,
+    /// Held shared by every writer from its first `put` (or its first read of extents it will
+    /// copy) until the index batch that references the chunks is written
+    /// ([`ChunkStore::writer`]); gc holds it exclusively while it marks and sweeps.
+    gc_gate: RwLock<()>,
 }
 
 #[derive(Default)]
@@ -177,6 +181,7 @@ impl ChunkStore {
                 ChunkWeighter,
             ),
             stats: ChunkStats::default(),
+            gc_gate: RwLock::new(()),
         })
     }
 
@@ -196,6 +201,63 @@ impl ChunkStore {
         self.cache.insert(id, Arc::from(data));
         self.stats.written.fetch_add(1, Ordering::Relaxed);
         Ok((id, Some(loc)))
+    }
+
+    /// Enters the gc gate for a write: hold the guard from the first `put` until the batch
+    /// that references the chunks is written.
+    pub fn writer(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.gc_gate.read_recursive()
+    }
+
+    /// Keeps gc out of the store's chunks (gc's own use).
+    pub fn exclusive(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        self.gc_gate.write()
+    }
+
+    /// Closes the pack being appended to; the next `put` starts a new one (gc compacts only
+    /// closed packs).
+    pub fn rotate(&self) {
+        *self.writer.lock() = None;
+    }
+
+    /// Appends a copy of a live chunk to the current pack (gc moving it out of a pack being
+    /// compacted). The caller writes the returned location to the index.
+    pub fn relocate(&self, id: &ChunkId, data: &[u8]) -> Result<ChunkLoc> {
+        self.append(id, data)
+    }
+
+    /// Deletes a pack file that no index entry points into any more.
+    pub fn remove_pack(&self, pack: u32) -> Result<()> {
+        if self.writer.lock().as_ref().is_some_and(|w| w.id == pack) {
+            return Err(Error::Busy(format!("pack {pack:08x} is being written")));
+        }
+        self.drop_reader(pack);
+        self.unsynced.lock().remove(&pack);
+        let path = self.pack_path(pack);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
+        }
+    }
+
+    /// Ids and sizes of the pack files on disk.
+    pub fn packs(&self) -> Result<Vec<(u32, u64)>> {
+        let rd = std::fs::read_dir(&self.dir)
+            .map_err(|e| Error::io(format!("reading {}", self.dir.display()), e))?;
+        let mut out = Vec::new();
+        for ent in rd.flatten() {
+            if let Some(id) = pack_id_of(&ent.file_name().to_string_lossy()) {
+                out.push((id, ent.metadata().map(|m| m.len()).unwrap_or(0)));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The pack being appended to, if any.
+    pub fn current_pack(&self) -> Option<u32> {
+        self.writer.lock().as_ref().map(|w| w.id)
     }
 
     pub fn contains(&self, id: &ChunkId) -> Result<bool> {
@@ -337,10 +399,20 @@ impl ChunkStore {
 
     /// Reads a chunk from disk, bypassing the cache, and checks it against its id.
     pub fn read_verified(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let loc = self
+        let mut loc = self
             .location(id)?
             .ok_or_else(|| self.corrupt(id, "missing from the chunk index".into()))?;
-        let f = self.reader(loc.pack)?;
+        let f = match self.reader(loc.pack) {
+            Ok(f) => f,
+            Err(_) => {
+                // gc may have moved the chunk and removed its old pack since we looked it up.
+                loc = self
+                    .location(id)?
+                    .ok_or_else(|| self.corrupt(id, "missing from the chunk index".into()))?;
+                self.reader(loc.pack)
+                    .map_err(|e| self.corrupt(id, format!("pack {:08x}: {e}", loc.pack)))?
+            }
+        };
         let mut rec = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
         f.read_exact_at(&mut rec, loc.offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {

@@ -39,10 +39,16 @@ pub enum Cf {
     Mounts,
     /// volume name | 0x00 | holder id -> (): Docker mount references, counted per caller ID.
     Holders,
+    /// tree id -> tree record (frozen, imported and merged trees; see crate::layer).
+    Trees,
+    /// layer id -> tree id: the sealed layers by content id.
+    Layers,
+    /// volume id | snapshot name -> snapshot record.
+    Snapshots,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 11] = [
+    pub const ALL: [Cf; 14] = [
         Cf::Meta,
         Cf::Volumes,
         Cf::Inodes,
@@ -54,6 +60,9 @@ impl Cf {
         Cf::Counters,
         Cf::Mounts,
         Cf::Holders,
+        Cf::Trees,
+        Cf::Layers,
+        Cf::Snapshots,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -68,6 +77,9 @@ impl Cf {
             Cf::Counters => "counters",
             Cf::Mounts => "mounts",
             Cf::Holders => "holders",
+            Cf::Trees => "trees",
+            Cf::Layers => "layers",
+            Cf::Snapshots => "snapshots",
         }
     }
 }
@@ -211,6 +223,24 @@ impl RocksEngine {
         self.db
             .cf_handle(cf.name())
             .ok_or_else(|| Error::Db(format!("column family {} missing", cf.name())))
+    }
+
+    /// Compacts every column family, so that deleted keys give their space back (after gc).
+    pub fn compact_all(&self) {
+        for cf in Cf::ALL {
+            if let Ok(h) = self.cf(cf) {
+                self.db.compact_range_cf(h, None::<&[u8]>, None::<&[u8]>);
+            }
+        }
+    }
+
+    /// Bytes of the index's files on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.db
+            .property_int_value("rocksdb.total-sst-files-size")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
     }
 
     /// Pending compaction bytes, for status and metrics.

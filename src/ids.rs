@@ -52,8 +52,8 @@ hash_id!(LayerId, "a layer's canonical encoding");
 pub struct VolumeId(pub u64);
 
 /// A namespace of inodes, directory entries, extents and xattrs in the metadata index. A
-/// volume's writable top is a tree; layers will be trees too.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// volume's writable top is a tree; so is every frozen, imported or merged layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TreeId(pub u64);
 
 /// A volume's name, valid by Docker's rule `[a-zA-Z0-9][a-zA-Z0-9_.-]*` (at most 128 bytes).
@@ -102,6 +102,45 @@ impl FromStr for VolumeName {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         VolumeName::new(s)
+    }
+}
+
+/// What can be mounted: a volume, or a snapshot of one (`VOLUME@SNAPSHOT`, always read-only).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct VolumeRef {
+    pub volume: VolumeName,
+    pub snapshot: Option<String>,
+    text: String,
+}
+
+impl VolumeRef {
+    pub fn parse(s: &str) -> Result<Self> {
+        let (volume, snapshot) = crate::layer::split_ref(s)?;
+        Ok(VolumeRef {
+            volume,
+            snapshot,
+            text: s.to_string(),
+        })
+    }
+    /// `VOLUME` or `VOLUME@SNAPSHOT`.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl From<VolumeName> for VolumeRef {
+    fn from(v: VolumeName) -> Self {
+        VolumeRef {
+            text: v.to_string(),
+            volume: v,
+            snapshot: None,
+        }
+    }
+}
+
+impl fmt::Display for VolumeRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
     }
 }
 

@@ -6,8 +6,12 @@
 //! - [`chunk`]: the content-addressed chunk store (append-only pack files indexed in `db`).
 //! - [`chunker`]: content-defined chunking (FastCDC) of file data.
 //! - [`meta`]: the versioned records kept in `db` (inodes, directory entries, extents, volumes).
-//! - [`volume`]: the volume registry (create, list, remove, options, labels).
+//! - [`layer`]: trees, layers and snapshots; overlay lookups through a volume's stack.
+//! - [`image`]: image layer tarballs: import, export, and merging a stack of them.
+//! - [`volume`]: the volume registry (create, clone, snapshot, rollback, list, remove).
 //! - [`fs`]: the POSIX filesystem of one volume, used by the FUSE adapter in `volfs-mountd`.
+//! - [`gc`] and [`fsck`]: garbage collection, pack compaction and `df`; consistency checks
+//!   and scrub.
 //! - [`api`] and [`client`]: the control API's wire types and a blocking client for the CLI.
 //!
 //! The library never imports FUSE; `volfs-mountd` adapts [`fs::VolumeFs`] to the kernel.
@@ -18,7 +22,11 @@ pub mod client;
 pub mod db;
 pub mod error;
 pub mod fs;
+pub mod fsck;
+pub mod gc;
 pub mod ids;
+pub mod image;
+pub mod layer;
 pub mod meta;
 pub mod store;
 pub mod volume;

@@ -173,9 +173,10 @@ pub struct Extent {
     pub len: u32,
 }
 
-pub const VOLUME_VERSION: u8 = 1;
+pub const VOLUME_VERSION: u8 = 2;
 
-/// `volumes`: volume name -> VolumeRecord.
+/// `volumes`: volume name -> VolumeRecord (version 2; version 1 records are read and upgraded
+/// in memory, see [`VolumeRecord::decode`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
     pub id: VolumeId,
@@ -186,10 +187,57 @@ pub struct VolumeRecord {
     /// Quota in bytes.
     pub size: Option<u64>,
     pub read_only: bool,
-    /// The writable tree on top of `layers`.
+    /// The writable tree on top of `lower`.
     pub top: TreeId,
-    /// Read-only layers below the top, topmost first.
-    pub layers: Vec<LayerId>,
+    /// Frozen trees below the top, topmost first (see crate::layer).
+    pub lower: Vec<TreeId>,
+    /// The image layers the volume was built from (`--layers`), bottom first; for display.
+    pub image: Vec<LayerId>,
+}
+
+/// Version 1 of the volume record (volfs 0.1): no lower trees.
+#[derive(Deserialize)]
+struct VolumeRecordV1 {
+    id: VolumeId,
+    name: String,
+    created: i64,
+    labels: BTreeMap<String, String>,
+    size: Option<u64>,
+    read_only: bool,
+    top: TreeId,
+    layers: Vec<LayerId>,
+}
+
+impl VolumeRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        encode(VOLUME_VERSION, self)
+    }
+
+    /// Reads a version 2 record, or upgrades a version 1 record (the migration step 1 -> 2).
+    pub fn decode(bytes: &[u8]) -> Result<VolumeRecord> {
+        if bytes.first() == Some(&1) {
+            let v1: VolumeRecordV1 = decode(1, "volume record", bytes)?;
+            return Ok(VolumeRecord {
+                id: v1.id,
+                name: v1.name,
+                created: v1.created,
+                labels: v1.labels,
+                size: v1.size,
+                read_only: v1.read_only,
+                top: v1.top,
+                lower: Vec::new(),
+                image: v1.layers,
+            });
+        }
+        decode(VOLUME_VERSION, "volume record", bytes)
+    }
+
+    /// The volume's trees, topmost first.
+    pub fn trees(&self) -> Vec<TreeId> {
+        let mut t = vec![self.top];
+        t.extend_from_slice(&self.lower);
+        t
+    }
 }
 
 pub const MOUNT_VERSION: u8 = 1;
@@ -263,6 +311,38 @@ mod tests {
         bad[0] = 99;
         assert!(decode::<InodeRecord>(INODE_VERSION, "inode", &bad).is_err());
         assert!(decode::<InodeRecord>(INODE_VERSION, "inode", &[]).is_err());
+    }
+
+    #[test]
+    fn version_1_volume_records_upgrade() {
+        #[derive(Serialize)]
+        struct V1 {
+            id: VolumeId,
+            name: String,
+            created: i64,
+            labels: BTreeMap<String, String>,
+            size: Option<u64>,
+            read_only: bool,
+            top: TreeId,
+            layers: Vec<LayerId>,
+        }
+        let old = encode(
+            1,
+            &V1 {
+                id: VolumeId(3),
+                name: "db".into(),
+                created: 7,
+                labels: BTreeMap::new(),
+                size: Some(10),
+                read_only: true,
+                top: TreeId(9),
+                layers: Vec::new(),
+            },
+        );
+        let r = VolumeRecord::decode(&old).unwrap();
+        assert_eq!((r.id, r.top, r.size, r.read_only), (VolumeId(3), TreeId(9), Some(10), true));
+        assert!(r.lower.is_empty());
+        assert_eq!(VolumeRecord::decode(&r.encode()).unwrap(), r);
     }
 
     #[test]

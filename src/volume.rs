@@ -1,13 +1,17 @@
-//! The volume registry: creating, listing, inspecting and removing volumes, their options
-//! (quota, read-only) and labels. A volume's files live in its top tree (see [`crate::meta`]);
-//! the registry creates the root directory and deletes the tree with the volume.
+//! The volume registry: creating, cloning, snapshotting, rolling back, listing and removing
+//! volumes, their options (quota, read-only) and labels. A volume is a writable top tree over
+//! frozen lower trees (see [`crate::layer`]). The registry owns the volume and snapshot
+//! records; it freezes a mounted volume through its live [`VolumeFs`] so that buffered writes
+//! land on the right side of the freeze.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::db::{Batch, Cf};
 use crate::error::{Error, Result};
-use crate::ids::{TreeId, VolumeId, VolumeName};
-use crate::meta::{self, InodeRecord, Kind, VolumeRecord, VOLUME_VERSION};
+use crate::fs::VolumeFs;
+use crate::ids::{LayerId, TreeId, VolumeId, VolumeName};
+use crate::layer::{self, SnapshotRecord, TreeKind, TreeRecord, SNAPSHOT_VERSION};
+use crate::meta::{self, InodeRecord, Kind, VolumeRecord};
 use crate::store::Store;
 
 pub const ROOT_INO: u64 = 1;
@@ -18,8 +22,10 @@ pub struct CreateOptions {
     pub labels: BTreeMap<String, String>,
     pub size: Option<u64>,
     pub read_only: bool,
-    /// Start as a copy of this volume (`from=VOLUME`).
-    pub from: Option<VolumeName>,
+    /// Start as a copy of this volume or snapshot (`from=VOLUME[@SNAPSHOT]`).
+    pub from: Option<(VolumeName, Option<String>)>,
+    /// Start on a stack of image layers, bottom first (`layers=ID,ID,...`).
+    pub layers: Vec<LayerId>,
 }
 
 impl CreateOptions {
@@ -28,19 +34,23 @@ impl CreateOptions {
         match key {
             "size" => self.size = Some(parse_size(value)?),
             "ro" | "read_only" | "readonly" => self.read_only = parse_bool(key, value)?,
-            "from" => {
-                if value.contains('@') {
-                    return Err(Error::Invalid(format!(
-                        "option from={value}: snapshots are not available in this volfs version"
-                    )));
-                }
-                self.from = Some(VolumeName::new(value)?);
+            "from" => self.from = Some(layer::split_ref(value)?),
+            "layers" => {
+                self.layers = value
+                    .split(',')
+                    .map(|s| s.trim().parse())
+                    .collect::<Result<Vec<LayerId>>>()?
             }
             _ => {
                 return Err(Error::Invalid(format!(
-                    "unknown volume option {key:?} (known: size, ro, from)"
+                    "unknown volume option {key:?} (known: size, ro, from, layers)"
                 )))
             }
+        }
+        if self.from.is_some() && !self.layers.is_empty() {
+            return Err(Error::Invalid(
+                "options from and layers exclude each other".into(),
+            ));
         }
         Ok(())
     }
@@ -88,6 +98,16 @@ pub struct Registry {
     lock: parking_lot::Mutex<()>,
 }
 
+/// Reads a tree's inode high-water mark (the next inode number to hand out).
+fn ino_hw(store: &Store, t: TreeId) -> Result<u64> {
+    match store.engine.get(Cf::Meta, &meta::ino_hw_key(t))? {
+        Some(v) => Ok(u64::from_le_bytes(v.as_slice().try_into().map_err(|_| {
+            Error::Encoding("inode high-water mark".into())
+        })?)),
+        None => Ok(ROOT_INO + 1),
+    }
+}
+
 impl Registry {
     pub fn new(store: Arc<Store>) -> Self {
         Registry {
@@ -100,14 +120,22 @@ impl Registry {
         &self.store
     }
 
-    pub fn create(&self, name: &VolumeName, opts: &CreateOptions) -> Result<VolumeRecord> {
+    /// Creates a volume: empty, a clone of `from` (a volume, frozen first through `live` if
+    /// it is mounted, or a snapshot), or on a stack of image layers. O(1) in the data either
+    /// way: only records are written.
+    pub fn create(
+        &self,
+        name: &VolumeName,
+        opts: &CreateOptions,
+        live: Option<&VolumeFs>,
+    ) -> Result<VolumeRecord> {
         let _g = self.lock.lock();
         if self.get(name)?.is_some() {
             return Err(Error::Exists(format!("volume {name}")));
         }
         let id = VolumeId(self.store.next_id("volume")?);
         let top = TreeId(self.store.next_id("tree")?);
-        let rec = VolumeRecord {
+        let mut rec = VolumeRecord {
             id,
             name: name.to_string(),
             created: meta::Ts::now().secs,
@@ -115,13 +143,37 @@ impl Registry {
             size: opts.size,
             read_only: opts.read_only,
             top,
-            layers: Vec::new(),
+            lower: Vec::new(),
+            image: opts.layers.clone(),
         };
         let mut b = Batch::new();
-        match &opts.from {
-            Some(src) => {
+        // The base: (lower trees, inode high-water mark, used bytes).
+        let base: Option<(Vec<TreeId>, u64, i64)> = match &opts.from {
+            Some((src, None)) => {
                 let src = self.require(src)?;
-                self.copy_tree(&src, &rec)?;
+                let src = self.freeze(&src, live, |_, _, _, _| Ok(Batch::new()))?;
+                let hw = ino_hw(&self.store, src.top)?;
+                let used = self.used_bytes(&src)? as i64;
+                Some((src.lower.clone(), hw, used))
+            }
+            Some((src, Some(snap))) => {
+                let (_, s) = self.snapshot(src, snap)?;
+                let hw = layer::get_tree(&*self.store.engine, s.tree)?
+                    .map(|t| t.ino_hw)
+                    .unwrap_or(ROOT_INO + 1);
+                Some((s.trees(), hw, s.used))
+            }
+            None if !opts.layers.is_empty() => {
+                let (tree, hw, used) = crate::image::merged(&self.store, &opts.layers)?;
+                Some((vec![tree], hw, used))
+            }
+            None => None,
+        };
+        match base {
+            Some((lower, hw, used)) => {
+                rec.lower = lower;
+                b.put(Cf::Meta, meta::ino_hw_key(top), hw.to_le_bytes().to_vec());
+                b.add(Cf::Counters, meta::used_key(id), used);
             }
             None => {
                 let root = InodeRecord::new(Kind::Dir, 0o755, 0, 0);
@@ -132,57 +184,158 @@ impl Registry {
                 );
             }
         }
-        b.put(
-            Cf::Volumes,
-            name.as_str().as_bytes().to_vec(),
-            meta::encode(VOLUME_VERSION, &rec),
-        );
+        b.put(Cf::Volumes, name.as_str().as_bytes().to_vec(), rec.encode());
         self.store.engine.write(b, true)?;
-        tracing::info!(volume = %name, "volume created");
+        tracing::info!(volume = %name, layers = rec.lower.len(), "volume created");
         Ok(rec)
     }
 
-    /// Copies `src`'s files into `dst`'s (empty) top tree from one consistent point in the
-    /// index. Only metadata is copied: extents keep pointing at the same chunks, so no file data
-    /// is read or written. The caller commits the source's buffered data first. The new
-    /// volume's record is written after the copy, so a crash mid-copy leaves no half volume.
-    fn copy_tree(&self, src: &VolumeRecord, dst: &VolumeRecord) -> Result<()> {
-        let cfs = [Cf::Inodes, Cf::Dirents, Cf::Extents, Cf::Xattrs];
-        let p = meta::tree_prefix(src.top);
-        let scans: Vec<(Cf, Vec<u8>)> = cfs.iter().map(|cf| (*cf, p.clone())).collect();
-        let data = self.store.engine.snapshot_scan(&scans)?;
-        let new_prefix = meta::tree_prefix(dst.top);
-        let mut b = Batch::new();
-        for (cf, rows) in cfs.iter().zip(data) {
-            for (k, v) in rows {
-                let mut nk = new_prefix.clone();
-                nk.extend_from_slice(&k[p.len()..]);
-                b.put(*cf, nk, v);
-                if b.ops.len() >= 10_000 {
-                    self.store.engine.write(std::mem::take(&mut b), false)?;
-                }
+    /// Freezes `rec`'s top tree (through `live` when the volume is mounted) and gives the
+    /// volume a new empty top. `extra(new record, frozen tree, ino_hw, used)` adds to the same
+    /// synced batch. Returns the new record. The caller holds the registry lock.
+    fn freeze(
+        &self,
+        rec: &VolumeRecord,
+        live: Option<&VolumeFs>,
+        extra: impl FnOnce(&VolumeRecord, TreeId, u64, i64) -> Result<Batch>,
+    ) -> Result<VolumeRecord> {
+        let new_top = TreeId(self.store.next_id("tree")?);
+        let engine = self.store.engine.clone();
+        let mut out = None;
+        let build = |old: TreeId, hw: u64, used: i64| -> Result<Batch> {
+            let mut b = Batch::new();
+            layer::put_tree(
+                &mut b,
+                old,
+                &TreeRecord {
+                    kind: TreeKind::Frozen,
+                    created: meta::Ts::now().secs,
+                    ino_hw: hw,
+                    parent: rec.lower.first().copied(),
+                    layer: None,
+                    origin: rec.name.clone(),
+                    bytes: 0,
+                },
+            );
+            b.put(Cf::Meta, meta::ino_hw_key(new_top), hw.to_le_bytes().to_vec());
+            // Unlinked-but-open inodes are cleaned up from the new top.
+            let op = meta::tree_prefix(old);
+            for (k, v) in engine.scan_prefix(Cf::Orphans, &op)? {
+                let mut nk = meta::tree_prefix(new_top);
+                nk.extend_from_slice(&k[op.len()..]);
+                b.put(Cf::Orphans, nk, v);
+                b.delete(Cf::Orphans, k);
+            }
+            let mut nrec = rec.clone();
+            nrec.top = new_top;
+            nrec.lower.insert(0, old);
+            b.put(Cf::Volumes, nrec.name.as_bytes().to_vec(), nrec.encode());
+            b.append(extra(&nrec, old, hw, used)?);
+            out = Some(nrec);
+            Ok(b)
+        };
+        match live {
+            Some(fs) => fs.freeze(new_top, build)?,
+            None => {
+                let hw = ino_hw(&self.store, rec.top)?;
+                let used = self.used_bytes(rec)? as i64;
+                let b = build(rec.top, hw, used)?;
+                self.store.engine.write(b, true)?;
             }
         }
-        let hw = self
-            .store
-            .engine
-            .get(Cf::Meta, &meta::ino_hw_key(src.top))?;
-        if let Some(hw) = hw {
-            b.put(Cf::Meta, meta::ino_hw_key(dst.top), hw);
+        out.ok_or_else(|| Error::Db("freeze produced no record".into()))
+    }
+
+    /// Takes a snapshot named `name` of volume `vol`: every write acknowledged before the
+    /// call is in it, none after. `live` is the volume's filesystem if it is mounted.
+    pub fn snapshot_create(
+        &self,
+        vol: &VolumeName,
+        name: &str,
+        live: Option<&VolumeFs>,
+    ) -> Result<SnapshotRecord> {
+        layer::check_snapshot_name(name)?;
+        let _g = self.lock.lock();
+        let rec = self.require(vol)?;
+        if layer::get_snapshot(&*self.store.engine, rec.id, name)?.is_some() {
+            return Err(Error::Exists(format!("snapshot {vol}@{name}")));
         }
-        let used = self
-            .store
-            .engine
-            .counter(Cf::Counters, &meta::used_key(src.id))?;
-        b.add(Cf::Counters, meta::used_key(dst.id), used);
-        self.store.engine.write(b, false)
+        let mut snap = None;
+        self.freeze(&rec, live, |nrec, frozen, _hw, used| {
+            let s = SnapshotRecord {
+                name: name.to_string(),
+                created: meta::Ts::now().secs,
+                tree: frozen,
+                lower: nrec.lower[1..].to_vec(),
+                used,
+            };
+            let mut b = Batch::new();
+            b.put(
+                Cf::Snapshots,
+                layer::snapshot_key(rec.id, name),
+                meta::encode(SNAPSHOT_VERSION, &s),
+            );
+            snap = Some(s);
+            Ok(b)
+        })?;
+        tracing::info!(volume = %vol, snapshot = name, "snapshot taken");
+        snap.ok_or_else(|| Error::Db("snapshot produced no record".into()))
+    }
+
+    /// A volume's snapshot, with the volume.
+    pub fn snapshot(&self, vol: &VolumeName, name: &str) -> Result<(VolumeRecord, SnapshotRecord)> {
+        let rec = self.require(vol)?;
+        let s = layer::get_snapshot(&*self.store.engine, rec.id, name)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {vol}@{name}")))?;
+        Ok((rec, s))
+    }
+
+    pub fn snapshots(&self, vol: &VolumeName) -> Result<Vec<SnapshotRecord>> {
+        let rec = self.require(vol)?;
+        layer::snapshots(&*self.store.engine, rec.id)
+    }
+
+    /// Deletes a snapshot record. Its trees are freed by gc once nothing else uses them.
+    pub fn snapshot_remove(&self, vol: &VolumeName, name: &str) -> Result<()> {
+        let _g = self.lock.lock();
+        let (rec, _) = self.snapshot(vol, name)?;
+        let mut b = Batch::new();
+        b.delete(Cf::Snapshots, layer::snapshot_key(rec.id, name));
+        self.store.engine.write(b, true)?;
+        tracing::info!(volume = %vol, snapshot = name, "snapshot removed");
+        Ok(())
+    }
+
+    /// Resets a volume to a snapshot: a new empty top over the snapshot's trees. Everything
+    /// written since the snapshot is discarded. The caller makes sure it is not mounted.
+    pub fn rollback(&self, vol: &VolumeName, name: &str) -> Result<VolumeRecord> {
+        let _g = self.lock.lock();
+        let (rec, snap) = self.snapshot(vol, name)?;
+        let top = TreeId(self.store.next_id("tree")?);
+        let snap_hw = layer::get_tree(&*self.store.engine, snap.tree)?
+            .map(|t| t.ino_hw)
+            .unwrap_or(ROOT_INO + 1);
+        // Inode numbers are never reused: new ones start above everything handed out.
+        let hw = ino_hw(&self.store, rec.top)?.max(snap_hw);
+        let mut nrec = rec.clone();
+        nrec.top = top;
+        nrec.lower = snap.trees();
+        let mut b = Batch::new();
+        b.put(Cf::Meta, meta::ino_hw_key(top), hw.to_le_bytes().to_vec());
+        layer::delete_tree(&*self.store.engine, &mut b, rec.top)?;
+        b.delete(Cf::Counters, meta::used_key(rec.id));
+        b.add(Cf::Counters, meta::used_key(rec.id), snap.used);
+        b.put(Cf::Volumes, vol.as_str().as_bytes().to_vec(), nrec.encode());
+        self.store.engine.write(b, true)?;
+        tracing::info!(volume = %vol, snapshot = name, "volume rolled back");
+        Ok(nrec)
     }
 
     pub fn get(&self, name: &VolumeName) -> Result<Option<VolumeRecord>> {
         self.store
             .engine
             .get(Cf::Volumes, name.as_str().as_bytes())?
-            .map(|v| meta::decode(VOLUME_VERSION, "volume record", &v))
+            .map(|v| VolumeRecord::decode(&v))
             .transpose()
     }
 
@@ -196,7 +349,7 @@ impl Registry {
             .engine
             .scan_prefix(Cf::Volumes, b"")?
             .into_iter()
-            .map(|(_, v)| meta::decode(VOLUME_VERSION, "volume record", &v))
+            .map(|(_, v)| VolumeRecord::decode(&v))
             .collect()
     }
 
@@ -208,27 +361,27 @@ impl Registry {
             .max(0) as u64)
     }
 
-    /// Deletes the volume record and all its files. The caller makes sure it is not mounted.
+    /// Deletes the volume record, its snapshots and its top tree. Lower trees are freed by gc
+    /// once no other volume, snapshot or layer uses them. The caller makes sure it is not
+    /// mounted.
     pub fn remove(&self, name: &VolumeName) -> Result<()> {
         let _g = self.lock.lock();
         let rec = self.require(name)?;
         let mut b = Batch::new();
         b.delete(Cf::Volumes, name.as_str().as_bytes().to_vec());
-        let p = meta::tree_prefix(rec.top);
-        for cf in [
-            Cf::Inodes,
-            Cf::Dirents,
-            Cf::Extents,
-            Cf::Xattrs,
-            Cf::Orphans,
-        ] {
-            b.delete_prefix(cf, &p);
-        }
+        layer::delete_tree(&*self.store.engine, &mut b, rec.top)?;
+        b.delete_prefix(Cf::Snapshots, &layer::snapshot_prefix(rec.id));
         b.delete(Cf::Counters, meta::used_key(rec.id));
-        b.delete(Cf::Meta, meta::ino_hw_key(rec.top));
         self.store.engine.write(b, true)?;
         tracing::info!(volume = %name, "volume removed");
         Ok(())
+    }
+
+    /// Runs `f` with the registry locked: no volume or snapshot record changes meanwhile (gc
+    /// uses it to find the live trees).
+    pub fn locked<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _g = self.lock.lock();
+        f()
     }
 }
 

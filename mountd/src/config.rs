@@ -35,6 +35,9 @@ pub struct Config {
     /// Docker volume plugin socket; empty disables the plugin. Env VOLFS_PLUGIN_SOCKET,
     /// flag --plugin-socket. Docker names the driver after the file (volfs.sock -> volfs).
     pub plugin_socket: String,
+    /// Seconds between background garbage collections; 0 turns them off (`volfs gc` still
+    /// works). Env VOLFS_GC_INTERVAL_SECS.
+    pub gc_interval_secs: u64,
 }
 
 impl Default for Config {
@@ -51,6 +54,7 @@ impl Default for Config {
             fuse_subtype: true,
             log_format: "text".into(),
             plugin_socket: "/run/docker/plugins/volfs.sock".into(),
+            gc_interval_secs: 3600,
         }
     }
 }
@@ -115,6 +119,9 @@ impl Config {
         }
         if let Some(v) = env("VOLFS_LOG_FORMAT") {
             self.log_format = v;
+        }
+        if let Some(v) = env("VOLFS_GC_INTERVAL_SECS") {
+            self.gc_interval_secs = parse("VOLFS_GC_INTERVAL_SECS", v)?;
         }
         if let Ok(v) = std::env::var("VOLFS_PLUGIN_SOCKET") {
             self.plugin_socket = v;

@@ -12,10 +12,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use volfs::api::{
-    self, CreateVolume, MountInfo, MountRequest, PruneReply, PruneRequest, Status, UnmountRequest,
-    VolumeInfo,
+    self, CreateSnapshot, CreateVolume, ExportLayer, FsckRequest, ImportLayer, ImportedLayer,
+    MountInfo, MountRequest, PruneReply, PruneRequest, RollbackRequest, SnapshotInfo, Status,
+    UnmountRequest, VolumeInfo,
 };
-use volfs::ids::VolumeName;
+use volfs::ids::{LayerId, VolumeName, VolumeRef};
 use volfs::meta::VolumeRecord;
 use volfs::volume::CreateOptions;
 use volfs::Error;
@@ -25,6 +26,8 @@ use crate::mounts::Mounts;
 pub struct Daemon {
     pub mounts: Arc<Mounts>,
     pub started: Instant,
+    /// Wakes the background worker to seal new snapshot layers.
+    pub seal: Arc<tokio::sync::Notify>,
 }
 
 pub struct ApiError(Error);
@@ -69,6 +72,21 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/volumes/{name}", get(inspect).delete(remove))
         .route("/v1/mounts", get(list_mounts).post(mount))
         .route("/v1/unmount", post(unmount))
+        .route(
+            "/v1/volumes/{name}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snapshot}",
+            axum::routing::delete(remove_snapshot),
+        )
+        .route("/v1/volumes/{name}/rollback", post(rollback))
+        .route("/v1/layers", get(list_layers).post(import_layer))
+        .route("/v1/layers/{id}", axum::routing::delete(remove_layer))
+        .route("/v1/layers/{id}/export", post(export_layer))
+        .route("/v1/df", get(df))
+        .route("/v1/gc", post(gc))
+        .route("/v1/fsck", post(fsck))
         .with_state(d)
 }
 
@@ -101,7 +119,199 @@ pub fn volume_info(d: &Daemon, rec: &VolumeRecord) -> volfs::Result<VolumeInfo> 
             .map(|m| m.target.display().to_string())
             .collect(),
         open_handles: fs.map(|f| f.open_handles()).unwrap_or(0),
+        snapshots: volfs::layer::snapshots(&*d.mounts.registry().store().engine, rec.id)?
+            .into_iter()
+            .map(|s| s.name)
+            .collect(),
+        layers: rec.lower.len(),
+        image: rec.image.iter().map(|l| l.to_hex()).collect(),
     })
+}
+
+fn snapshot_info(d: &Daemon, vol: &str, s: &volfs::layer::SnapshotRecord) -> SnapshotInfo {
+    let layer = volfs::layer::get_tree(&*d.mounts.registry().store().engine, s.tree)
+        .ok()
+        .flatten()
+        .and_then(|t| t.layer)
+        .map(|l| l.to_hex());
+    SnapshotInfo {
+        volume: vol.to_string(),
+        name: s.name.clone(),
+        created: api::rfc3339(s.created),
+        bytes_used: s.used.max(0) as u64,
+        layer,
+    }
+}
+
+/// A default snapshot name: the UTC time to the second.
+fn default_snapshot_name() -> String {
+    api::rfc3339(volfs::meta::Ts::now().secs).replace([':', '-'], "")
+}
+
+async fn list_snapshots(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> ApiResult<Vec<SnapshotInfo>> {
+    Ok(Json(
+        blocking(move || {
+            let vol = VolumeName::new(&name)?;
+            Ok(d.mounts
+                .registry()
+                .snapshots(&vol)?
+                .iter()
+                .map(|s| snapshot_info(&d, &name, s))
+                .collect())
+        })
+        .await?,
+    ))
+}
+
+async fn create_snapshot(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    Json(req): Json<CreateSnapshot>,
+) -> ApiResult<SnapshotInfo> {
+    Ok(Json(
+        blocking(move || {
+            let vol = VolumeName::new(&name)?;
+            let snap = req.name.unwrap_or_else(default_snapshot_name);
+            let s = d.mounts.snapshot(&vol, &snap)?;
+            d.seal.notify_one();
+            Ok(snapshot_info(&d, &name, &s))
+        })
+        .await?,
+    ))
+}
+
+async fn remove_snapshot(
+    State(d): State<Arc<Daemon>>,
+    Path((name, snap)): Path<(String, String)>,
+) -> ApiResult<serde_json::Value> {
+    blocking(move || {
+        let vol = VolumeName::new(&name)?;
+        let r = VolumeRef::parse(&format!("{name}@{snap}"))?;
+        if !d.mounts.mountpoints(r.as_str()).is_empty() {
+            return Err(Error::Busy(format!(
+                "snapshot {r} is mounted; unmount it first"
+            )));
+        }
+        d.mounts.detach_volume(r.as_str())?;
+        d.mounts.registry().snapshot_remove(&vol, &snap)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn rollback(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    Json(req): Json<RollbackRequest>,
+) -> ApiResult<VolumeInfo> {
+    Ok(Json(
+        blocking(move || {
+            let vol = VolumeName::new(&name)?;
+            let rec = d.mounts.rollback(&vol, &req.snapshot)?;
+            volume_info(&d, &rec)
+        })
+        .await?,
+    ))
+}
+
+async fn list_layers(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<api::LayerInfo>> {
+    Ok(Json(
+        blocking(move || volfs::image::list(&*d.mounts.registry().store().engine)).await?,
+    ))
+}
+
+fn absolute(p: &str) -> volfs::Result<PathBuf> {
+    let p = PathBuf::from(p);
+    if !p.is_absolute() {
+        return Err(Error::Invalid(format!("{} is not an absolute path", p.display())));
+    }
+    Ok(p)
+}
+
+async fn import_layer(
+    State(d): State<Arc<Daemon>>,
+    Json(req): Json<ImportLayer>,
+) -> ApiResult<ImportedLayer> {
+    Ok(Json(
+        blocking(move || {
+            let path = absolute(&req.path)?;
+            let (id, new) = volfs::image::import(d.mounts.registry().store(), &path)?;
+            Ok(ImportedLayer {
+                id: id.to_hex(),
+                new,
+            })
+        })
+        .await?,
+    ))
+}
+
+async fn remove_layer(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    blocking(move || {
+        let id: LayerId = id.parse()?;
+        volfs::image::remove(d.mounts.registry().store(), &id)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn export_layer(
+    State(d): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    Json(req): Json<ExportLayer>,
+) -> ApiResult<serde_json::Value> {
+    blocking(move || {
+        let id: LayerId = id.parse()?;
+        let path = absolute(&req.path)?;
+        let f = std::fs::File::create(&path)
+            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        let mut w = std::io::BufWriter::new(f);
+        volfs::image::export(d.mounts.registry().store(), &id, &mut w)?;
+        use std::io::Write;
+        w.flush()
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    })
+    .await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn df(State(d): State<Arc<Daemon>>) -> ApiResult<api::DfReport> {
+    Ok(Json(
+        blocking(move || {
+            let r = d.mounts.registry();
+            volfs::gc::df(r.store(), r)
+        })
+        .await?,
+    ))
+}
+
+/// Runs gc, keeping the trees that open snapshot views read.
+pub fn run_gc(d: &Daemon) -> volfs::Result<api::GcReport> {
+    let r = d.mounts.registry();
+    volfs::layer::seal_pending(r.store())?;
+    volfs::gc::collect(r.store(), r, &d.mounts.active_trees())
+}
+
+async fn gc(State(d): State<Arc<Daemon>>) -> ApiResult<api::GcReport> {
+    Ok(Json(blocking(move || run_gc(&d)).await?))
+}
+
+async fn fsck(
+    State(d): State<Arc<Daemon>>,
+    Json(req): Json<FsckRequest>,
+) -> ApiResult<api::FsckReport> {
+    Ok(Json(
+        blocking(move || {
+            let r = d.mounts.registry();
+            volfs::fsck::check(r.store(), r, req.repair, &d.mounts.active_volumes())
+        })
+        .await?,
+    ))
 }
 
 pub fn create(d: &Daemon, req: &CreateVolume) -> volfs::Result<VolumeInfo> {
@@ -267,7 +477,7 @@ async fn mount(
     Ok(Json(
         blocking(move || {
             d.mounts.mount(
-                &VolumeName::new(&req.volume)?,
+                &VolumeRef::parse(&req.volume)?,
                 &PathBuf::from(&req.target),
                 req.read_only,
             )

@@ -141,7 +141,9 @@ fn run(mut cfg: config::Config) -> anyhow::Result<()> {
     let daemon = Arc::new(control::Daemon {
         mounts: mounts.clone(),
         started: Instant::now(),
+        seal: Arc::new(tokio::sync::Notify::new()),
     });
+    let gc_interval = cfg.gc_interval_secs;
     tracing::info!(data_dir = %cfg.data_dir.display(), socket = %cfg.socket.display(), "volfs-mountd {} starting", env!("CARGO_PKG_VERSION"));
     mounts.restore()?;
 
@@ -159,6 +161,35 @@ fn run(mut cfg: config::Config) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 let m = reaper.clone();
                 let _ = tokio::task::spawn_blocking(move || m.reap_idle()).await;
+            }
+        });
+        // Background work, off the request path: sealing new snapshot layers (woken by each
+        // snapshot, and every minute) and periodic garbage collection.
+        let worker = daemon.clone();
+        tokio::spawn(async move {
+            let mut last_gc = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = worker.seal.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                }
+                let d = worker.clone();
+                let gc_due = gc_interval > 0 && last_gc.elapsed() >= Duration::from_secs(gc_interval);
+                if gc_due {
+                    last_gc = Instant::now();
+                }
+                let _ = tokio::task::spawn_blocking(move || {
+                    let store = d.mounts.registry().store().clone();
+                    if let Err(e) = volfs::layer::seal_pending(&store) {
+                        tracing::warn!("sealing layers: {e}");
+                    }
+                    if gc_due {
+                        if let Err(e) = control::run_gc(&d) {
+                            tracing::warn!("background gc: {e}");
+                        }
+                    }
+                })
+                .await;
             }
         });
         if let Some(l) = plugin_listener {

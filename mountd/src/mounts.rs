@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use volfs::api::MountInfo;
 use volfs::db::{Batch, Cf};
 use volfs::fs::VolumeFs;
-use volfs::ids::VolumeName;
+use volfs::ids::{TreeId, VolumeName, VolumeRef};
 use volfs::meta::{self, MountRecord, MOUNT_VERSION};
 use volfs::volume::Registry;
 use volfs::{Error, Result};
@@ -184,19 +184,29 @@ impl Mounts {
         o
     }
 
-    fn primary_path(&self, vol: &VolumeName) -> PathBuf {
+    fn primary_path(&self, vol: &VolumeRef) -> PathBuf {
         self.run_dir.join("mnt").join(vol.as_str())
     }
 
-    /// Mounts the volume's FUSE connection if it is not up, and returns its primary path.
-    pub fn activate(&self, vol: &VolumeName) -> Result<PathBuf> {
+    /// Mounts the FUSE connection of a volume (or of a snapshot, read-only) if it is not up,
+    /// and returns its primary path.
+    pub fn activate(&self, vol: &VolumeRef) -> Result<PathBuf> {
         let mut active = self.active.lock();
         if let Some(a) = active.get_mut(vol.as_str()) {
             a.last_used = Instant::now();
             return Ok(a.primary.clone());
         }
-        let rec = self.registry.require(vol)?;
-        let fs = VolumeFs::load(self.registry.store().clone(), &rec)?;
+        let mut rec = self.registry.require(&vol.volume)?;
+        let store = self.registry.store().clone();
+        let fs = match &vol.snapshot {
+            None => VolumeFs::load(store, &rec)?,
+            Some(snap) => {
+                let (_, s) = self.registry.snapshot(&vol.volume, snap)?;
+                rec.read_only = true;
+                rec.size = None;
+                VolumeFs::load_snapshot(store, &rec, &s)?
+            }
+        };
         let primary = self.primary_path(vol);
         // A primary left over from a daemon that died is a dead FUSE mount: detach it.
         if mountinfo().iter().any(|m| m.target == primary) {
@@ -281,28 +291,76 @@ impl Mounts {
         Ok(primary)
     }
 
-    /// Creates a volume; a copy (`from`) first gets everything written to the source so far:
-    /// the kernel's dirty pages (syncfs on the connection) and the daemon's buffers.
+    /// Creates a volume; a clone of a mounted volume (`from`) first gets everything written
+    /// to the source so far: the kernel's dirty pages (syncfs on the connection), then the
+    /// freeze commits the daemon's buffers.
     pub fn create_volume(
         &self,
         name: &VolumeName,
         opts: &volfs::volume::CreateOptions,
     ) -> Result<volfs::meta::VolumeRecord> {
-        if let Some(src) = &opts.from {
-            self.flush_volume(src.as_str())?;
-        }
-        self.registry.create(name, opts)
+        let live = match &opts.from {
+            Some((src, None)) => self.writeback(src.as_str())?,
+            _ => None,
+        };
+        self.registry.create(name, opts, live.as_deref())
     }
 
-    /// Commits everything written to a mounted volume so far.
-    pub fn flush_volume(&self, vol: &str) -> Result<()> {
+    /// Takes a snapshot of a volume, mounted or not (see `create_volume` for the order).
+    pub fn snapshot(&self, vol: &VolumeName, name: &str) -> Result<volfs::layer::SnapshotRecord> {
+        let live = self.writeback(vol.as_str())?;
+        self.registry.snapshot_create(vol, name, live.as_deref())
+    }
+
+    /// Resets a volume to a snapshot. A connection with mountpoints or Docker holders is
+    /// refused; an idle one is closed first.
+    pub fn rollback(&self, vol: &VolumeName, name: &str) -> Result<volfs::meta::VolumeRecord> {
+        self.registry.snapshot(vol, name)?;
+        if self.active.lock().contains_key(vol.as_str()) {
+            let mps = self.mountpoints(vol.as_str());
+            let held = self.holders(vol.as_str())?;
+            if !mps.is_empty() || held > 0 {
+                return Err(Error::Busy(format!(
+                    "volume {vol} is in use ({} mountpoint(s), {held} container mount(s)); unmount it before a rollback",
+                    mps.len()
+                )));
+            }
+            self.close(vol.as_str(), false)?;
+        }
+        self.registry.rollback(vol, name)
+    }
+
+    /// Trees that open snapshot views read: gc keeps them even if the snapshot is removed
+    /// while mounted.
+    pub fn active_trees(&self) -> Vec<TreeId> {
+        let active = self.active.lock();
+        let mut out = Vec::new();
+        for a in active.values() {
+            let s = a.fs.stack();
+            out.push(s.top);
+            out.extend(s.lower.iter().map(|l| l.tree));
+        }
+        out
+    }
+
+    /// Names of volumes with an open connection (fsck does not repair them).
+    pub fn active_volumes(&self) -> std::collections::HashSet<String> {
+        self.active
+            .lock()
+            .keys()
+            .map(|k| k.split('@').next().unwrap_or(k).to_string())
+            .collect()
+    }
+
+    /// Writes back the kernel's dirty pages of a mounted volume and returns its filesystem.
+    fn writeback(&self, vol: &str) -> Result<Option<Arc<VolumeFs>>> {
         let Some((fs, primary)) = self
             .active
             .lock()
             .get(vol)
             .map(|a| (a.fs.clone(), a.primary.clone()))
         else {
-            return Ok(());
+            return Ok(None);
         };
         let dir = std::fs::File::open(&primary)
             .map_err(|e| Error::io(format!("opening {}", primary.display()), e))?;
@@ -313,7 +371,7 @@ impl Mounts {
                 std::io::Error::last_os_error(),
             ));
         }
-        fs.flush_all()
+        Ok(Some(fs))
     }
 
     /// Mountpoints of a volume (bind mounts of its primary, not the primary itself). Entries
@@ -349,7 +407,7 @@ impl Mounts {
 
     /// Mounts `vol` at `target` (a bind mount of its primary), read-only if asked or if the
     /// volume is read-only, and records it so that it comes back after a restart.
-    pub fn mount(&self, vol: &VolumeName, target: &Path, read_only: bool) -> Result<MountInfo> {
+    pub fn mount(&self, vol: &VolumeRef, target: &Path, read_only: bool) -> Result<MountInfo> {
         if !target.is_absolute() {
             return Err(Error::Invalid(format!(
                 "mount target {} is not an absolute path",
@@ -364,7 +422,7 @@ impl Mounts {
                 target.display()
             )));
         }
-        let primary = self.activate(vol)?;
+        let primary = self.activate(&vol.clone().into())?;
         let dev = self
             .active
             .lock()
@@ -394,7 +452,8 @@ impl Mounts {
                 e,
             )
         })?;
-        let ro = read_only || self.registry.require(vol)?.read_only;
+        let ro =
+            read_only || vol.snapshot.is_some() || self.registry.require(&vol.volume)?.read_only;
         if ro {
             if let Err(e) = sys_mount(
                 None,
@@ -511,7 +570,7 @@ impl Mounts {
             }
         }
         for v in held {
-            if let Err(e) = VolumeName::new(&v).and_then(|n| self.activate(&n)) {
+            if let Err(e) = VolumeName::new(&v).and_then(|n| self.activate(&n.into())) {
                 tracing::error!(volume = %v, "cannot restore volume held by Docker: {e}");
             }
         }
@@ -524,7 +583,7 @@ impl Mounts {
             {
                 let _ = sys_umount(&target, libc::MNT_DETACH);
             }
-            let res = VolumeName::new(&m.volume).and_then(|v| self.mount(&v, &target, m.read_only));
+            let res = VolumeRef::parse(&m.volume).and_then(|v| self.mount(&v, &target, m.read_only));
             if let Err(e) = res {
                 tracing::error!(volume = %m.volume, target = %m.target, "cannot restore mount: {e}");
             }
@@ -541,7 +600,7 @@ impl Mounts {
     /// Takes a reference on a volume for `id` (a Docker mount ID) and returns the path the
     /// caller may use. Idempotent per id; references survive restarts.
     pub fn hold(&self, vol: &VolumeName, id: &str) -> Result<PathBuf> {
-        let primary = self.activate(vol)?;
+        let primary = self.activate(&vol.clone().into())?;
         let mut k = Self::holder_prefix(vol.as_str());
         k.extend_from_slice(id.as_bytes());
         let mut b = Batch::new();
@@ -582,6 +641,19 @@ impl Mounts {
 
     /// Unmounts a volume everywhere (for `volume rm --force`) and closes its connection.
     pub fn detach_volume(&self, vol: &str) -> Result<()> {
+        if !vol.contains('@') {
+            // Its snapshot views go with it.
+            let views: Vec<String> = self
+                .active
+                .lock()
+                .keys()
+                .filter(|k| k.strip_prefix(vol).is_some_and(|r| r.starts_with('@')))
+                .cloned()
+                .collect();
+            for v in views {
+                self.detach_volume(&v)?;
+            }
+        }
         for m in self.mountpoints(vol) {
             let _ = sys_umount(&m.target, libc::MNT_DETACH);
         }

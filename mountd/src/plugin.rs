@@ -220,7 +220,7 @@ fn get(d: &Daemon, req: Req) -> volfs::Result<Value> {
         "size": info.size,
         "read_only": info.read_only,
         "labels": info.labels,
-        "snapshots": Vec::<String>::new(),
+        "snapshots": info.snapshots,
         "mountpoints": info.mountpoints,
         "docker_references": d.mounts.holders(n.as_str())?,
     });

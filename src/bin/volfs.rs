@@ -1,6 +1,7 @@
 //! `volfs`: the command-line client of volfs. It asks `volfs-mountd` over the control API's
-//! unix socket (see [`volfs::api`]) to create, list, inspect, remove and prune volumes, to
-//! mount and unmount them, and to report its state. `volfs status` exits 1 when the daemon
+//! unix socket (see [`volfs::api`]) to create, clone, list, inspect, roll back, remove and
+//! prune volumes, to take and list snapshots, to import and export image layers, to mount and
+//! unmount volumes and snapshots, to collect garbage, check the store and report its state. `volfs status` exits 1 when the daemon
 //! reports warnings, so it doubles as a health check.
 //!
 //! Error policy: every failure prints exactly one line `volfs: <message>` on stderr and exits
@@ -15,11 +16,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use volfs::api::{
-    self, CreateVolume, MountInfo, MountRequest, PruneReply, PruneRequest, Status, UnmountRequest,
-    VolumeInfo, DEFAULT_SOCKET,
+    self, CreateSnapshot, CreateVolume, DfReport, ExportLayer, FsckReport, FsckRequest, GcReport,
+    ImportLayer, ImportedLayer, LayerInfo, MountInfo, MountRequest, PruneReply, PruneRequest,
+    RollbackRequest, SnapshotInfo, Status, UnmountRequest, VolumeInfo, DEFAULT_SOCKET,
 };
 use volfs::client::{Client, ClientError};
-use volfs::ids::VolumeName;
+use volfs::ids::{LayerId, VolumeName, VolumeRef};
 use volfs::volume::CreateOptions;
 
 // ---------------------------------------------------------------------------------------------
@@ -46,13 +48,26 @@ enum Command {
     /// Create, list, inspect, remove and prune volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
-    /// Mount a volume on an existing directory.
+    /// Take, list and remove snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Import, export, list and remove image layers.
+    #[command(subcommand)]
+    Layer(LayerCommand),
+    /// Mount a volume (or VOLUME@SNAPSHOT, read-only) on an existing directory.
     Mount(MountArgs),
     /// Unmount a volfs mount point.
     #[command(visible_alias = "unmount")]
     Umount(UmountArgs),
     /// Show the daemon's state; exits 1 when it reports warnings.
     Status(StatusArgs),
+    /// Show logical and stored bytes, the dedup ratio, and each volume's exclusive and shared
+    /// bytes.
+    Df(JsonArgs),
+    /// Free chunks and layers nothing uses any more, and compact pack files.
+    Gc(JsonArgs),
+    /// Check every reference and every chunk's hash; exits 1 when problems remain.
+    Fsck(FsckArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
     Completions { shell: clap_complete::Shell },
     /// Write man pages for volfs and its subcommands into a directory.
@@ -74,6 +89,112 @@ enum VolumeCommand {
     Rm(RmArgs),
     /// Remove all volumes that are not mounted.
     Prune(PruneArgs),
+    /// Create DST as a writable copy of SRC (or SRC@SNAPSHOT) that shares all its data.
+    Clone(CloneArgs),
+    /// Reset a volume to a snapshot, discarding everything written since (VOLUME@SNAPSHOT).
+    Rollback(RollbackArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Take a snapshot of a volume, mounted or not.
+    Create(SnapshotCreateArgs),
+    /// List a volume's snapshots.
+    #[command(visible_alias = "list")]
+    Ls(SnapshotLsArgs),
+    /// Remove a snapshot (VOLUME@SNAPSHOT).
+    #[command(visible_alias = "remove")]
+    Rm(SnapshotRmArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum LayerCommand {
+    /// Import a Docker/OCI layer tarball (uncompressed tar); prints its layer id.
+    Import(LayerImportArgs),
+    /// Write a layer as a tarball.
+    Export(LayerExportArgs),
+    /// List layers.
+    #[command(visible_alias = "list")]
+    Ls(JsonArgs),
+    /// Forget an imported layer; gc frees its data once no volume uses it.
+    #[command(visible_alias = "remove")]
+    Rm(LayerRmArgs),
+}
+
+#[derive(Debug, Args)]
+struct CloneArgs {
+    /// The volume (or VOLUME@SNAPSHOT) to copy.
+    src: String,
+    /// The new volume.
+    dst: String,
+}
+
+#[derive(Debug, Args)]
+struct RollbackArgs {
+    /// VOLUME@SNAPSHOT
+    target: String,
+}
+
+#[derive(Debug, Args)]
+struct SnapshotCreateArgs {
+    volume: String,
+    /// Snapshot name (default: the UTC time, YYYYMMDDTHHMMSSZ).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct SnapshotLsArgs {
+    volume: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct SnapshotRmArgs {
+    /// VOLUME@SNAPSHOT (repeatable).
+    #[arg(required = true)]
+    targets: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct LayerImportArgs {
+    /// The tarball.
+    file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct LayerExportArgs {
+    /// Layer id (64 hex digits).
+    id: String,
+    /// Write to this file instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct LayerRmArgs {
+    /// Layer ids.
+    #[arg(required = true)]
+    ids: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct JsonArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct FsckArgs {
+    /// Fix what can be fixed (see `volfs fsck --help`); mounted volumes are only checked.
+    #[arg(long)]
+    repair: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +210,12 @@ struct CreateArgs {
     /// Create the volume read-only.
     #[arg(long)]
     read_only: bool,
+    /// Start as a copy of VOLUME or VOLUME@SNAPSHOT (same as -o from=...).
+    #[arg(long, value_name = "VOLUME[@SNAPSHOT]")]
+    from: Option<String>,
+    /// Start on these image layers, bottom first (same as -o layers=...).
+    #[arg(long, value_name = "ID[,ID...]", conflicts_with = "from")]
+    layers: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +329,18 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Volume(VolumeCommand::Inspect(a)) => volume_inspect(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Rm(a)) => volume_rm(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Prune(a)) => volume_prune(&client, a, &mut out)?,
+        Command::Volume(VolumeCommand::Clone(a)) => volume_clone(&client, a, &mut out)?,
+        Command::Volume(VolumeCommand::Rollback(a)) => volume_rollback(&client, a, &mut out)?,
+        Command::Snapshot(SnapshotCommand::Create(a)) => snapshot_create(&client, a, &mut out)?,
+        Command::Snapshot(SnapshotCommand::Ls(a)) => snapshot_ls(&client, a, &mut out)?,
+        Command::Snapshot(SnapshotCommand::Rm(a)) => snapshot_rm(&client, a, &mut out)?,
+        Command::Layer(LayerCommand::Import(a)) => layer_import(&client, a, &mut out)?,
+        Command::Layer(LayerCommand::Export(a)) => layer_export(&client, a, &mut out)?,
+        Command::Layer(LayerCommand::Ls(a)) => layer_ls(&client, a, &mut out)?,
+        Command::Layer(LayerCommand::Rm(a)) => layer_rm(&client, a, &mut out)?,
+        Command::Df(a) => df(&client, a, &mut out)?,
+        Command::Gc(a) => gc(&client, a, &mut out)?,
+        Command::Fsck(a) => fsck(&client, a, &mut out)?,
         Command::Mount(a) => mount(&client, a)?,
         Command::Umount(a) => umount(&client, a)?,
         Command::Status(a) => status(&client, a, &mut out)?,
@@ -232,7 +371,14 @@ fn run(cli: Cli) -> Result<i32> {
 fn volume_create(client: &Client, args: CreateArgs, out: &mut dyn Write) -> Result<i32> {
     let name = volume_name(&args.name)?;
     let labels = parse_labels(&args.labels)?;
-    let opts = parse_opts(&args.opts, args.read_only)?;
+    let mut list = args.opts.clone();
+    if let Some(f) = &args.from {
+        list.push(format!("from={f}"));
+    }
+    if let Some(l) = &args.layers {
+        list.push(format!("layers={l}"));
+    }
+    let opts = parse_opts(&list, args.read_only)?;
     let req = CreateVolume {
         name: name.to_string(),
         labels,
@@ -335,8 +481,271 @@ fn volume_prune(client: &Client, args: PruneArgs, out: &mut dyn Write) -> Result
     Ok(0)
 }
 
+fn volume_clone(client: &Client, args: CloneArgs, out: &mut dyn Write) -> Result<i32> {
+    VolumeRef::parse(&args.src).map_err(invalid)?;
+    let name = volume_name(&args.dst)?;
+    let mut opts = BTreeMap::new();
+    opts.insert("from".to_string(), args.src.clone());
+    let req = CreateVolume {
+        name: name.to_string(),
+        opts,
+        ..Default::default()
+    };
+    let info: VolumeInfo = client.post("/v1/volumes", &req)?;
+    writeln!(out, "{}", info.name)?;
+    Ok(0)
+}
+
+/// Parses VOLUME@SNAPSHOT.
+fn snapshot_ref(s: &str) -> Result<(VolumeName, String)> {
+    let r = VolumeRef::parse(s).map_err(invalid)?;
+    match r.snapshot {
+        Some(snap) => Ok((r.volume, snap)),
+        None => bail!("{s:?} names no snapshot: expected VOLUME@SNAPSHOT"),
+    }
+}
+
+fn volume_rollback(client: &Client, args: RollbackArgs, out: &mut dyn Write) -> Result<i32> {
+    let (vol, snapshot) = snapshot_ref(&args.target)?;
+    let _: VolumeInfo = client.post(
+        &format!("/v1/volumes/{vol}/rollback"),
+        &RollbackRequest { snapshot },
+    )?;
+    writeln!(out, "{}", args.target)?;
+    Ok(0)
+}
+
+fn snapshot_create(client: &Client, args: SnapshotCreateArgs, out: &mut dyn Write) -> Result<i32> {
+    let vol = volume_name(&args.volume)?;
+    if let Some(n) = &args.name {
+        volfs::layer::check_snapshot_name(n).map_err(invalid)?;
+    }
+    let s: SnapshotInfo = client.post(
+        &format!("/v1/volumes/{vol}/snapshots"),
+        &CreateSnapshot { name: args.name },
+    )?;
+    writeln!(out, "{}@{}", s.volume, s.name)?;
+    Ok(0)
+}
+
+fn snapshot_ls(client: &Client, args: SnapshotLsArgs, out: &mut dyn Write) -> Result<i32> {
+    let vol = volume_name(&args.volume)?;
+    let snaps: Vec<SnapshotInfo> = client.get(&format!("/v1/volumes/{vol}/snapshots"))?;
+    if args.json {
+        write_json(out, &snaps)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = snaps
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.created.clone(),
+                human_bytes(s.bytes_used),
+                s.layer.as_deref().map_or("(sealing)".to_string(), |l| l[..16].to_string()),
+            ]
+        })
+        .collect();
+    write_table(out, &["NAME", "CREATED", "USED", "LAYER"], &rows)?;
+    Ok(0)
+}
+
+fn snapshot_rm(client: &Client, args: SnapshotRmArgs, out: &mut dyn Write) -> Result<i32> {
+    let refs = args
+        .targets
+        .iter()
+        .map(|t| snapshot_ref(t))
+        .collect::<Result<Vec<_>>>()?;
+    let mut failed = Vec::new();
+    for (vol, snap) in refs {
+        match client.delete::<serde_json::Value>(&format!("/v1/volumes/{vol}/snapshots/{snap}")) {
+            Ok(_) => writeln!(out, "{vol}@{snap}")?,
+            Err(e @ ClientError::Api { .. }) => failed.push(e.to_string()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
+    }
+    Ok(0)
+}
+
+fn layer_id(s: &str) -> Result<LayerId> {
+    s.parse().map_err(invalid)
+}
+
+fn layer_import(client: &Client, args: LayerImportArgs, out: &mut dyn Write) -> Result<i32> {
+    let abs = args
+        .file
+        .canonicalize()
+        .with_context(|| format!("layer tarball {}", args.file.display()))?;
+    if !abs.is_file() {
+        bail!("layer tarball {} is not a file", args.file.display());
+    }
+    let r: ImportedLayer = client.post(
+        "/v1/layers",
+        &ImportLayer {
+            path: path_string(abs)?,
+        },
+    )?;
+    writeln!(out, "{}", r.id)?;
+    Ok(0)
+}
+
+fn layer_export(client: &Client, args: LayerExportArgs, out: &mut dyn Write) -> Result<i32> {
+    let id = layer_id(&args.id)?;
+    let (path, temp) = match &args.output {
+        Some(p) => {
+            let abs = if p.is_absolute() {
+                p.clone()
+            } else {
+                std::env::current_dir()?.join(p)
+            };
+            (abs, false)
+        }
+        None => {
+            if io::stdout().is_terminal() {
+                bail!("refusing to write a tarball to a terminal: use -o FILE or redirect standard output");
+            }
+            let p = std::env::temp_dir().join(format!("volfs-export-{}.tar", std::process::id()));
+            (p, true)
+        }
+    };
+    let res: std::result::Result<serde_json::Value, _> = client.post(
+        &format!("/v1/layers/{id}/export"),
+        &ExportLayer {
+            path: path_string(path.clone())?,
+        },
+    );
+    if temp {
+        let copied = res.map_err(anyhow::Error::from).and_then(|_| {
+            let mut f = std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+            io::copy(&mut f, out)?;
+            Ok(())
+        });
+        let _ = std::fs::remove_file(&path);
+        copied?;
+    } else {
+        res?;
+    }
+    Ok(0)
+}
+
+fn layer_ls(client: &Client, args: JsonArgs, out: &mut dyn Write) -> Result<i32> {
+    let layers: Vec<LayerInfo> = client.get("/v1/layers")?;
+    if args.json {
+        write_json(out, &layers)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = layers
+        .iter()
+        .map(|l| {
+            vec![
+                l.id.clone(),
+                l.kind.clone(),
+                human_bytes(l.bytes),
+                api::rfc3339(l.created),
+                l.origin.clone(),
+            ]
+        })
+        .collect();
+    write_table(out, &["LAYER", "KIND", "SIZE", "CREATED", "ORIGIN"], &rows)?;
+    Ok(0)
+}
+
+fn layer_rm(client: &Client, args: LayerRmArgs, out: &mut dyn Write) -> Result<i32> {
+    let ids = args.ids.iter().map(|i| layer_id(i)).collect::<Result<Vec<_>>>()?;
+    for id in ids {
+        let _: serde_json::Value = client.delete(&format!("/v1/layers/{id}"))?;
+        writeln!(out, "{id}")?;
+    }
+    Ok(0)
+}
+
+fn df(client: &Client, args: JsonArgs, out: &mut dyn Write) -> Result<i32> {
+    let r: DfReport = client.get("/v1/df")?;
+    if args.json {
+        write_json(out, &r)?;
+        return Ok(0);
+    }
+    writeln!(out, "logical:     {}", human_bytes(r.logical))?;
+    writeln!(out, "stored:      {}", human_bytes(r.stored))?;
+    writeln!(out, "dedup ratio: {:.2}", r.dedup_ratio)?;
+    writeln!(out, "packs:       {}", human_bytes(r.pack_bytes))?;
+    writeln!(out, "index:       {}", human_bytes(r.index_bytes))?;
+    writeln!(out, "garbage:     {} (volfs gc frees it)", human_bytes(r.garbage))?;
+    if !r.volumes.is_empty() {
+        writeln!(out)?;
+        let rows: Vec<Vec<String>> = r
+            .volumes
+            .iter()
+            .map(|v| {
+                vec![
+                    v.name.clone(),
+                    human_bytes(v.logical),
+                    human_bytes(v.exclusive),
+                    human_bytes(v.shared),
+                    v.snapshots.to_string(),
+                ]
+            })
+            .collect();
+        write_table(out, &["VOLUME", "LOGICAL", "EXCLUSIVE", "SHARED", "SNAPSHOTS"], &rows)?;
+    }
+    Ok(0)
+}
+
+fn gc(client: &Client, args: JsonArgs, out: &mut dyn Write) -> Result<i32> {
+    let r: GcReport = client.post("/v1/gc", &serde_json::json!({}))?;
+    if args.json {
+        write_json(out, &r)?;
+        return Ok(0);
+    }
+    writeln!(
+        out,
+        "freed {} chunk(s) ({}) and {} tree(s); {} pack(s) compacted, {} removed; disk {} -> {} in {} ms",
+        r.chunks_freed,
+        human_bytes(r.bytes_freed),
+        r.trees_freed,
+        r.packs_compacted,
+        r.packs_removed,
+        human_bytes(r.disk_before),
+        human_bytes(r.disk_after),
+        r.millis
+    )?;
+    Ok(0)
+}
+
+fn fsck(client: &Client, args: FsckArgs, out: &mut dyn Write) -> Result<i32> {
+    let r: FsckReport = client.post("/v1/fsck", &FsckRequest { repair: args.repair })?;
+    let open = r
+        .problems
+        .iter()
+        .filter(|p| !p.outcome.starts_with("repaired"))
+        .count();
+    if args.json {
+        write_json(out, &r)?;
+    } else {
+        writeln!(
+            out,
+            "checked {} volume(s), {} snapshot(s), {} inode(s), {} chunk(s) ({} verified)",
+            r.volumes,
+            r.snapshots,
+            r.inodes,
+            r.chunks,
+            human_bytes(r.bytes_verified)
+        )?;
+        for p in &r.problems {
+            writeln!(out, "{}: {} [{}]", p.kind, one_line(&p.detail), p.outcome)?;
+        }
+        if r.problems.is_empty() {
+            writeln!(out, "no problems found")?;
+        }
+    }
+    Ok(if open > 0 { 1 } else { 0 })
+}
+
 fn mount(client: &Client, args: MountArgs) -> Result<i32> {
-    let volume = volume_name(&args.volume)?;
+    let volume = VolumeRef::parse(&args.volume).map_err(invalid)?;
     let target = existing_dir(&args.dir)?;
     let req = MountRequest {
         volume: volume.to_string(),

@@ -42,14 +42,15 @@ pub enum Whence {
 }
 
 impl VolumeFs {
-    fn extents<'a>(
+    pub(super) fn extents<'a>(
         &self,
         ino: u64,
         st: &'a mut NodeState,
     ) -> Result<&'a mut BTreeMap<u64, Extent>> {
         if st.extents.is_none() {
             let mut m = BTreeMap::new();
-            for (k, v) in self.engine.scan_prefix(Cf::Extents, &self.ikey(ino))? {
+            let p = meta::inode_key(st.tree, ino);
+            for (k, v) in self.engine.scan_prefix(Cf::Extents, &p)? {
                 m.insert(
                     meta::extent_offset(&k)?,
                     meta::decode(meta::EXTENT_VERSION, "extent", &v)?,
@@ -117,7 +118,7 @@ impl VolumeFs {
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<u32> {
-        self.check_writable()?;
+        let _w = self.writer()?;
         let end = off
             .checked_add(data.len() as u64)
             .ok_or(Error::Posix(libc::EFBIG))?;
@@ -191,6 +192,10 @@ impl VolumeFs {
             }
             return Ok(());
         }
+        self.own(ino, st)?;
+        // Chunks put from here on are referenced by this batch: keep gc out until it is written.
+        let _chunks = self.store.chunks.writer();
+        let top = self.tree();
         let size = st.rec.size;
         let dirty = std::mem::take(&mut st.dirty);
         let dirty_before = st.dirty_bytes;
@@ -237,7 +242,7 @@ impl VolumeFs {
                 for o in old {
                     if let Some(e) = ext.remove(&o) {
                         delta -= e.len as i64;
-                        b.delete(Cf::Extents, meta::extent_key(self.tree, ino, o));
+                        b.delete(Cf::Extents, meta::extent_key(top, ino, o));
                     }
                 }
                 let mut pos = 0usize;
@@ -255,7 +260,7 @@ impl VolumeFs {
                     let o = start + pos as u64;
                     b.put(
                         Cf::Extents,
-                        meta::extent_key(self.tree, ino, o),
+                        meta::extent_key(top, ino, o),
                         meta::encode(meta::EXTENT_VERSION, &e),
                     );
                     ext.insert(o, e);
@@ -309,6 +314,7 @@ impl VolumeFs {
     /// Commits and makes durable everything written to `ino` (and, as a side effect, every
     /// earlier change in the store).
     pub fn fsync(&self, ino: u64) -> Result<()> {
+        let _w = self.gate();
         let mut st = self.lock(ino)?;
         self.commit(ino, &mut st, Commit::All, true)?;
         drop(st);
@@ -317,6 +323,7 @@ impl VolumeFs {
 
     /// `flush` is sent on every close(2): commit so that the data reaches the store.
     pub fn flush(&self, ino: u64) -> Result<()> {
+        let _w = self.gate();
         let mut st = self.lock(ino)?;
         self.commit(ino, &mut st, Commit::All, false)
     }
@@ -348,7 +355,7 @@ impl VolumeFs {
             }
             st.dirty_bytes -= removed;
             self.dirty_total.fetch_sub(removed, Ordering::Relaxed);
-            let tree = self.tree;
+            let tree = self.tree();
             let ext = self.extents(ino, st)?;
             let mut delta = 0i64;
             let cut: Vec<u64> = ext.range(size..).map(|(o, _)| *o).collect();
@@ -391,7 +398,7 @@ impl VolumeFs {
         end: u64,
         b: &mut Batch,
     ) -> Result<()> {
-        let tree = self.tree;
+        let tree = self.tree();
         let ext = self.extents(ino, st)?;
         let mut delta = 0i64;
         let hit: Vec<(u64, Extent)> = overlapping(ext, a, end);
@@ -434,12 +441,12 @@ impl VolumeFs {
     }
 
     pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> Result<()> {
-        self.check_writable()?;
+        let _w = self.writer()?;
         let end = off.checked_add(len).ok_or(Error::Posix(libc::EFBIG))?;
         if end > i64::MAX as u64 {
             return posix(libc::EFBIG);
         }
-        let mut st = self.lock(ino)?;
+        let mut st = self.lock_own(ino)?;
         if st.rec.kind != Kind::File {
             return posix(libc::ENODEV);
         }
@@ -487,6 +494,7 @@ impl VolumeFs {
     }
 
     pub fn lseek(&self, ino: u64, off: u64, whence: Whence) -> Result<u64> {
+        let _w = self.gate();
         let mut st = self.lock(ino)?;
         self.commit(ino, &mut st, Commit::All, false)?;
         let size = st.rec.size;
@@ -537,10 +545,12 @@ impl VolumeFs {
         off_out: u64,
         len: u64,
     ) -> Result<u64> {
-        self.check_writable()?;
+        let _w = self.writer()?;
         if off_out.checked_add(len).is_none_or(|e| e > i64::MAX as u64) {
             return posix(libc::EFBIG);
         }
+        // The destination will reference the source's chunks: keep gc out until it does.
+        let _chunks = self.store.chunks.writer();
         // Collect the source's extents for the range.
         let (pieces, n) = {
             let mut st = self.lock(src)?;
@@ -558,7 +568,7 @@ impl VolumeFs {
                 n,
             )
         };
-        let mut st = self.lock(dst)?;
+        let mut st = self.lock_own(dst)?;
         if st.rec.kind != Kind::File {
             return posix(libc::EINVAL);
         }
@@ -577,7 +587,7 @@ impl VolumeFs {
         }
         let mut b = Batch::new();
         self.punch_locked(dst, &mut st, off_out, off_out + n, &mut b)?;
-        let tree = self.tree;
+        let tree = self.tree();
         let mut delta = 0i64;
         let ext = self.extents(dst, &mut st)?;
         for (o, e) in pieces {

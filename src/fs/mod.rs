@@ -9,6 +9,13 @@
 //! the index in one atomic batch per operation. File data is buffered per inode (`dirty`) and
 //! turned into chunks on flush, fsync, release or when the buffer grows large (see [`data`]).
 //!
+//! Layers: the volume is a [`Stack`] of trees (see [`crate::layer`]). Reads look through the
+//! stack; every change goes to the top. An inode that lives in a lower tree is copied up
+//! (record, extents, xattrs; no file data) before its first change ([`VolumeFs::own`]).
+//! Every method that writes to the index holds the **freeze gate** for reading; a snapshot
+//! ([`VolumeFs::freeze`]) takes it for writing, commits all buffered data, and swaps in a new
+//! top, so a snapshot holds every write acknowledged before it and none after.
+//!
 //! Permission checks are the kernel's (`default_permissions`); this module implements the
 //! parts the kernel leaves to the filesystem (setgid inheritance, timestamps, link counts).
 mod data;
@@ -29,6 +36,7 @@ use parking_lot::Mutex;
 use crate::db::{Batch, Cf, Engine};
 use crate::error::{posix, Error, Result};
 use crate::ids::{TreeId, VolumeId, VolumeName};
+use crate::layer::{Lower, SnapshotRecord, Stack};
 use crate::meta::{self, Extent, InodeRecord, Kind, Ts, VolumeRecord, INODE_VERSION};
 use crate::store::Store;
 use crate::volume::ROOT_INO;
@@ -112,6 +120,8 @@ enum Handle {
 /// In-memory state of one inode.
 struct NodeState {
     rec: InodeRecord,
+    /// The tree holding the inode's record, extents and xattrs (the top once copied up).
+    tree: TreeId,
     /// Committed extents by file offset, loaded on first data access.
     extents: Option<BTreeMap<u64, Extent>>,
     /// Written but not yet chunked data: non-overlapping ranges by file offset.
@@ -128,6 +138,7 @@ struct NodeState {
 }
 
 type Node = Mutex<NodeState>;
+type Gate<'a> = parking_lot::RwLockReadGuard<'a, ()>;
 type NodeGuard = parking_lot::ArcMutexGuard<parking_lot::RawMutex, NodeState>;
 
 #[derive(Default)]
@@ -139,7 +150,10 @@ pub struct VolumeStats {
 pub struct VolumeFs {
     pub name: VolumeName,
     id: VolumeId,
-    tree: TreeId,
+    /// The trees; the top changes only under the write side of `gate`.
+    stack: parking_lot::RwLock<Arc<Stack>>,
+    /// The freeze gate: writers to the index hold it shared, `freeze` exclusively.
+    gate: parking_lot::RwLock<()>,
     store: Arc<Store>,
     engine: Arc<dyn Engine>,
     read_only: bool,
@@ -165,8 +179,29 @@ impl VolumeFs {
     /// Opens a volume's filesystem and cleans up inodes that were unlinked while open when
     /// the daemon last stopped.
     pub fn load(store: Arc<Store>, rec: &VolumeRecord) -> Result<Arc<VolumeFs>> {
+        let stack = Stack::load(&*store.engine, rec.top, &rec.lower)?;
+        Self::open_stack(store, rec, stack, rec.read_only, &rec.name)
+    }
+
+    /// Opens a read-only view of a snapshot of volume `rec`.
+    pub fn load_snapshot(
+        store: Arc<Store>,
+        rec: &VolumeRecord,
+        snap: &SnapshotRecord,
+    ) -> Result<Arc<VolumeFs>> {
+        let stack = Stack::load(&*store.engine, snap.tree, &snap.lower)?;
+        Self::open_stack(store, rec, stack, true, &rec.name)
+    }
+
+    fn open_stack(
+        store: Arc<Store>,
+        rec: &VolumeRecord,
+        stack: Stack,
+        read_only: bool,
+        name: &str,
+    ) -> Result<Arc<VolumeFs>> {
         let engine = store.engine.clone();
-        let hw = match engine.get(Cf::Meta, &meta::ino_hw_key(rec.top))? {
+        let hw = match engine.get(Cf::Meta, &meta::ino_hw_key(stack.top))? {
             Some(v) => u64::from_le_bytes(
                 v.as_slice()
                     .try_into()
@@ -176,12 +211,13 @@ impl VolumeFs {
         };
         let used = engine.counter(Cf::Counters, &meta::used_key(rec.id))?;
         let fs = Arc::new(VolumeFs {
-            name: VolumeName::new(&rec.name)?,
+            name: VolumeName::new(name)?,
             id: rec.id,
-            tree: rec.top,
+            stack: parking_lot::RwLock::new(Arc::new(stack)),
+            gate: parking_lot::RwLock::new(()),
             store: store.clone(),
             engine,
-            read_only: rec.read_only,
+            read_only,
             quota: rec.size,
             used: AtomicI64::new(used),
             reserved: AtomicI64::new(0),
@@ -195,7 +231,9 @@ impl VolumeFs {
             shut: AtomicBool::new(false),
             kernel_times: AtomicBool::new(false),
         });
-        fs.clean_orphans()?;
+        if !read_only {
+            fs.clean_orphans()?;
+        }
         Ok(fs)
     }
 
@@ -216,15 +254,107 @@ impl VolumeFs {
         self.handles.len() as u64
     }
 
-    fn check_writable(&self) -> Result<()> {
+    /// Checks that the volume is writable and enters the freeze gate. Every method that
+    /// writes to the index holds the returned guard until its batch is written.
+    fn writer(&self) -> Result<Gate<'_>> {
         if self.read_only {
             return Err(Error::ReadOnly(format!("volume {}", self.name)));
         }
-        Ok(())
+        Ok(self.gate.read_recursive())
+    }
+
+    /// Enters the freeze gate without the read-only check (commits of buffered data, which a
+    /// read-only volume never has).
+    fn gate(&self) -> Gate<'_> {
+        self.gate.read_recursive()
+    }
+
+    /// The writable top tree.
+    fn tree(&self) -> TreeId {
+        self.stack.read().top
+    }
+
+    /// The current stack of trees.
+    pub fn stack(&self) -> Arc<Stack> {
+        self.stack.read().clone()
     }
 
     fn ikey(&self, ino: u64) -> Vec<u8> {
-        meta::inode_key(self.tree, ino)
+        meta::inode_key(self.tree(), ino)
+    }
+
+    /// Makes the top tree hold `ino`: copies its record, extents and xattrs up from the lower
+    /// tree that holds them (chunks are shared, not copied). Written at once, on its own:
+    /// the copy changes nothing visible. The caller holds the freeze gate.
+    fn own(&self, ino: u64, st: &mut NodeState) -> Result<()> {
+        let top = self.tree();
+        if st.tree == top {
+            return Ok(());
+        }
+        let from = st.tree;
+        let mut b = Batch::new();
+        let ext = self.extents(ino, st)?;
+        for (off, e) in ext.iter() {
+            b.put(
+                Cf::Extents,
+                meta::extent_key(top, ino, *off),
+                meta::encode(meta::EXTENT_VERSION, e),
+            );
+        }
+        let p = meta::inode_key(from, ino);
+        self.engine
+            .scan(Cf::Xattrs, &p, &crate::db::prefix_end(&p), &mut |k, v| {
+                b.put(Cf::Xattrs, meta::xattr_key(top, ino, &k[16..]), v.to_vec());
+                Ok(true)
+            })?;
+        b.put(
+            Cf::Inodes,
+            meta::inode_key(top, ino),
+            meta::encode(INODE_VERSION, &st.rec),
+        );
+        self.engine.write(b, false)?;
+        st.tree = top;
+        Ok(())
+    }
+
+    /// Locks `ino` for a change: the node, copied up into the top tree.
+    fn lock_own(&self, ino: u64) -> Result<NodeGuard> {
+        let mut st = self.lock(ino)?;
+        self.own(ino, &mut st)?;
+        Ok(st)
+    }
+
+    /// Freezes the top tree: commits every buffered write, then, in one synced batch built by
+    /// `build(old_top, ino_hw, used_bytes)`, records the freeze, and switches to `new_top`
+    /// (empty) with the old top as the topmost lower tree. Writes wait meanwhile; those
+    /// acknowledged before are in the frozen tree, later ones land in the new top. The kernel's
+    /// dirty pages must have been written back first (syncfs on the mount).
+    pub fn freeze(
+        &self,
+        new_top: TreeId,
+        build: impl FnOnce(TreeId, u64, i64) -> Result<Batch>,
+    ) -> Result<()> {
+        let _g = self.gate.write();
+        self.commit_all()?;
+        let old = self.tree();
+        let hw = {
+            let a = self.ino_alloc.lock();
+            a.0.max(a.1)
+        };
+        let b = build(old, hw, self.used.load(Ordering::Relaxed))?;
+        self.store.chunks.sync()?;
+        self.engine.write(b, true)?;
+        let mut s = self.stack.write();
+        let mut lower = vec![Lower {
+            tree: old,
+            ino_hw: hw,
+        }];
+        lower.extend(s.lower.iter().copied());
+        *s = Arc::new(Stack {
+            top: new_top,
+            lower,
+        });
+        Ok(())
     }
 
     /// Returns the node of `ino`, loading it from the index if needed.
@@ -232,13 +362,13 @@ impl VolumeFs {
         if let Some(n) = self.nodes.get(&ino) {
             return Ok(n.clone());
         }
-        let v = self
-            .engine
-            .get(Cf::Inodes, &self.ikey(ino))?
+        let (tree, rec) = self
+            .stack()
+            .inode(&*self.engine, ino)?
             .ok_or(Error::Posix(libc::ENOENT))?;
-        let rec: InodeRecord = meta::decode(INODE_VERSION, "inode", &v)?;
         let node = Arc::new(Mutex::new(NodeState {
             rec,
+            tree,
             extents: None,
             dirty: BTreeMap::new(),
             dirty_bytes: 0,
@@ -271,7 +401,7 @@ impl VolumeFs {
             a.1 = a.0 + INO_BATCH;
             b.put(
                 Cf::Meta,
-                meta::ino_hw_key(self.tree),
+                meta::ino_hw_key(self.tree()),
                 a.1.to_le_bytes().to_vec(),
             );
         }
@@ -326,8 +456,8 @@ impl VolumeFs {
     }
 
     pub fn setattr(&self, ino: u64, s: &SetAttr) -> Result<Attr> {
-        self.check_writable()?;
-        let mut st = self.lock(ino)?;
+        let _w = self.writer()?;
+        let mut st = self.lock_own(ino)?;
         let now = Ts::now();
         let mut b = Batch::new();
         if let Some(size) = s.size {
@@ -394,6 +524,7 @@ impl VolumeFs {
         let Some((_, Handle::File { ino })) = self.handles.remove(&fh) else {
             return posix(libc::EBADF);
         };
+        let _w = self.gate();
         let mut st = self.lock(ino)?;
         st.opens = st.opens.saturating_sub(1);
         let res = self.commit(ino, &mut st, data::Commit::All, false);
@@ -417,17 +548,21 @@ impl VolumeFs {
     }
 
     fn purge_into(&self, b: &mut Batch, ino: u64, st: &NodeState) -> Result<()> {
-        b.delete(Cf::Inodes, self.ikey(ino));
-        // Point deletes, not range tombstones: one range tombstone per unlink slows every read.
-        match &st.extents {
-            Some(m) => {
-                for off in m.keys() {
-                    b.delete(Cf::Extents, meta::extent_key(self.tree, ino, *off));
+        self.delete_inode(b, ino);
+        let top = self.tree();
+        if st.tree == top {
+            // Point deletes, not range tombstones: one range tombstone per unlink slows every
+            // read.
+            match &st.extents {
+                Some(m) => {
+                    for off in m.keys() {
+                        b.delete(Cf::Extents, meta::extent_key(top, ino, *off));
+                    }
                 }
+                None => self.delete_keys(b, Cf::Extents, &self.ikey(ino))?,
             }
-            None => self.delete_keys(b, Cf::Extents, &self.ikey(ino))?,
+            self.delete_keys(b, Cf::Xattrs, &self.ikey(ino))?;
         }
-        self.delete_keys(b, Cf::Xattrs, &self.ikey(ino))?;
         b.delete(Cf::Orphans, self.ikey(ino));
         b.add(
             Cf::Counters,
@@ -435,6 +570,15 @@ impl VolumeFs {
             -(st.rec.alloc as i64),
         );
         Ok(())
+    }
+
+    /// Deletes an inode record from the top, leaving a whiteout if a lower tree may hold it.
+    fn delete_inode(&self, b: &mut Batch, ino: u64) {
+        if self.stack().lower_may_have(ino) {
+            b.put(Cf::Inodes, self.ikey(ino), Vec::new());
+        } else {
+            b.delete(Cf::Inodes, self.ikey(ino));
+        }
     }
 
     /// Adds a delete for every key under `prefix`.
@@ -449,7 +593,7 @@ impl VolumeFs {
     fn clean_orphans(&self) -> Result<()> {
         let orphans = self
             .engine
-            .scan_prefix(Cf::Orphans, &meta::tree_prefix(self.tree))?;
+            .scan_prefix(Cf::Orphans, &meta::tree_prefix(self.tree()))?;
         for (k, _) in orphans {
             let ino = meta::u64_at(&k, 8)?;
             match self.lock(ino) {
@@ -495,6 +639,12 @@ impl VolumeFs {
 
     /// Commits every file's buffered data (used before shutdown and snapshots).
     pub fn flush_all(&self) -> Result<()> {
+        let _w = self.gate();
+        self.commit_all()
+    }
+
+    /// `flush_all` for a caller that holds the freeze gate.
+    fn commit_all(&self) -> Result<()> {
         let inos: Vec<u64> = self.nodes.iter().map(|e| *e.key()).collect();
         for ino in inos {
             if let Ok(mut st) = self.lock(ino) {

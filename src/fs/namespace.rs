@@ -25,33 +25,30 @@ impl VolumeFs {
         if name.len() > 255 {
             return posix(libc::ENAMETOOLONG);
         }
-        self.engine
-            .get(Cf::Dirents, &meta::dirent_key(self.tree, parent, name))?
-            .map(|v| meta::decode(DIRENT_VERSION, "directory entry", &v))
-            .transpose()
+        self.stack().dirent(&*self.engine, parent, name)
     }
 
     fn put_dirent(&self, b: &mut Batch, parent: u64, name: &[u8], d: Dirent) {
         b.put(
             Cf::Dirents,
-            meta::dirent_key(self.tree, parent, name),
+            meta::dirent_key(self.tree(), parent, name),
             meta::encode(DIRENT_VERSION, &d),
         );
     }
 
+    /// Removes an entry in the top tree; a whiteout hides it if a lower tree may have it.
     fn del_dirent(&self, b: &mut Batch, parent: u64, name: &[u8]) {
-        b.delete(Cf::Dirents, meta::dirent_key(self.tree, parent, name));
+        let stack = self.stack();
+        let key = meta::dirent_key(stack.top, parent, name);
+        if stack.lower_may_have(parent) {
+            b.put(Cf::Dirents, key, Vec::new());
+        } else {
+            b.delete(Cf::Dirents, key);
+        }
     }
 
     fn dir_is_empty(&self, ino: u64) -> Result<bool> {
-        let p = meta::dirent_prefix(self.tree, ino);
-        let mut empty = true;
-        self.engine
-            .scan(Cf::Dirents, &p, &crate::db::prefix_end(&p), &mut |_, _| {
-                empty = false;
-                Ok(false)
-            })?;
-        Ok(empty)
+        Ok(self.stack().list(&*self.engine, ino, 1)?.is_empty())
     }
 
     /// Creates a file, directory, symlink or special file. With `open_flags`, also opens it and
@@ -64,10 +61,10 @@ impl VolumeFs {
         who: Caller,
         open_flags: Option<i32>,
     ) -> Result<(Attr, Option<u64>)> {
-        self.check_writable()?;
+        let _w = self.writer()?;
         check_name(name)?;
         let _ns = self.ns.lock();
-        let mut p = self.lock(parent)?;
+        let mut p = self.lock_own(parent)?;
         if p.rec.kind != Kind::Dir {
             return posix(libc::ENOTDIR);
         }
@@ -129,10 +126,10 @@ impl VolumeFs {
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr> {
-        self.check_writable()?;
+        let _w = self.writer()?;
         check_name(newname)?;
         let _ns = self.ns.lock();
-        let mut p = self.lock(newparent)?;
+        let mut p = self.lock_own(newparent)?;
         if p.rec.kind != Kind::Dir {
             return posix(libc::ENOTDIR);
         }
@@ -142,7 +139,7 @@ impl VolumeFs {
         if ino == newparent {
             return posix(libc::EPERM);
         }
-        let mut st = self.lock(ino)?;
+        let mut st = self.lock_own(ino)?;
         if st.rec.kind == Kind::Dir {
             return posix(libc::EPERM);
         }
@@ -182,10 +179,12 @@ impl VolumeFs {
             if st.opens == 0 {
                 self.purge_into(b, ino, st)?;
             } else {
+                self.own(ino, st)?;
                 self.persist_rec(b, ino, &st.rec);
                 b.put(Cf::Orphans, self.ikey(ino), Vec::new());
             }
         } else {
+            self.own(ino, st)?;
             self.persist_rec(b, ino, &st.rec);
         }
         Ok(())
@@ -206,14 +205,17 @@ impl VolumeFs {
     fn drop_dir(&self, b: &mut Batch, ino: u64, st: &mut NodeState, now: Ts) -> Result<()> {
         st.rec.nlink = 0;
         st.rec.ctime = now;
-        b.delete(Cf::Inodes, self.ikey(ino));
-        self.delete_keys(b, Cf::Xattrs, &self.ikey(ino))
+        self.delete_inode(b, ino);
+        if st.tree == self.tree() {
+            self.delete_keys(b, Cf::Xattrs, &self.ikey(ino))?;
+        }
+        Ok(())
     }
 
     pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
-        self.check_writable()?;
+        let _w = self.writer()?;
         let _ns = self.ns.lock();
-        let mut p = self.lock(parent)?;
+        let mut p = self.lock_own(parent)?;
         let d = self
             .dirent(parent, name)?
             .ok_or(Error::Posix(libc::ENOENT))?;
@@ -234,7 +236,7 @@ impl VolumeFs {
     }
 
     pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
-        self.check_writable()?;
+        let _w = self.writer()?;
         if name == b"." {
             return posix(libc::EINVAL);
         }
@@ -242,7 +244,7 @@ impl VolumeFs {
             return posix(libc::ENOTEMPTY);
         }
         let _ns = self.ns.lock();
-        let mut p = self.lock(parent)?;
+        let mut p = self.lock_own(parent)?;
         let d = self
             .dirent(parent, name)?
             .ok_or(Error::Posix(libc::ENOENT))?;
@@ -273,7 +275,7 @@ impl VolumeFs {
         newname: &[u8],
         flags: u32,
     ) -> Result<()> {
-        self.check_writable()?;
+        let _w = self.writer()?;
         check_name(newname)?;
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
             || (flags & RENAME_NOREPLACE != 0 && flags & RENAME_EXCHANGE != 0)
@@ -315,7 +317,7 @@ impl VolumeFs {
                 nlink_delta[1].1 += dirs(src.kind) - dirs(d.kind);
             }
             for ino in [src.ino, d.ino] {
-                let mut st = self.lock(ino)?;
+                let mut st = self.lock_own(ino)?;
                 st.rec.ctime = now;
                 self.persist_rec(&mut b, ino, &st.rec);
             }
@@ -343,7 +345,7 @@ impl VolumeFs {
                 nlink_delta[0].1 -= 1;
                 nlink_delta[1].1 += 1;
             }
-            let mut st = self.lock(src.ino)?;
+            let mut st = self.lock_own(src.ino)?;
             st.rec.ctime = now;
             self.persist_rec(&mut b, src.ino, &st.rec);
             drop(st);
@@ -368,7 +370,7 @@ impl VolumeFs {
             deltas.to_vec()
         };
         for (ino, d) in list {
-            let mut p = self.lock(ino)?;
+            let mut p = self.lock_own(ino)?;
             p.rec.nlink = (p.rec.nlink as i64 + d as i64).max(0) as u32;
             p.rec.mtime = now;
             p.rec.ctime = now;
@@ -378,29 +380,20 @@ impl VolumeFs {
     }
 
     fn list_dir(&self, ino: u64) -> Result<Vec<DirEntry>> {
-        let p = meta::dirent_prefix(self.tree, ino);
-        let mut out = vec![
-            DirEntry {
+        let entries = self.stack().list(&*self.engine, ino, usize::MAX)?;
+        let mut out = Vec::with_capacity(entries.len() + 2);
+        for name in [b".".to_vec(), b"..".to_vec()] {
+            out.push(DirEntry {
                 ino,
                 kind: Kind::Dir,
-                name: b".".to_vec(),
-            },
-            DirEntry {
-                ino,
-                kind: Kind::Dir,
-                name: b"..".to_vec(),
-            },
-        ];
-        self.engine
-            .scan(Cf::Dirents, &p, &crate::db::prefix_end(&p), &mut |k, v| {
-                let e: Dirent = meta::decode(DIRENT_VERSION, "directory entry", v)?;
-                out.push(DirEntry {
-                    ino: e.ino,
-                    kind: e.kind,
-                    name: k[16..].to_vec(),
-                });
-                Ok(true)
-            })?;
+                name,
+            });
+        }
+        out.extend(entries.into_iter().map(|(name, e)| DirEntry {
+            ino: e.ino,
+            kind: e.kind,
+            name,
+        }));
         Ok(out)
     }
 

@@ -38,13 +38,13 @@ fn reply(v: Vec<u8>, size: u32) -> Result<XattrReply> {
 
 impl VolumeFs {
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
-        self.check_writable()?;
+        let _w = self.writer()?;
         check(name)?;
         if value.len() > MAX_VALUE {
             return posix(libc::E2BIG);
         }
-        let mut st = self.lock(ino)?;
-        let key = meta::xattr_key(self.tree, ino, name);
+        let mut st = self.lock_own(ino)?;
+        let key = meta::xattr_key(st.tree, ino, name);
         let exists = self.engine.get(Cf::Xattrs, &key)?.is_some();
         if flags & XATTR_CREATE != 0 && exists {
             return posix(libc::EEXIST);
@@ -61,10 +61,10 @@ impl VolumeFs {
 
     pub fn getxattr(&self, ino: u64, name: &[u8], size: u32) -> Result<XattrReply> {
         check(name)?;
-        let _st = self.lock(ino)?;
+        let st = self.lock(ino)?;
         match self
             .engine
-            .get(Cf::Xattrs, &meta::xattr_key(self.tree, ino, name))?
+            .get(Cf::Xattrs, &meta::xattr_key(st.tree, ino, name))?
         {
             Some(v) => reply(v, size),
             None => posix(libc::ENODATA),
@@ -72,9 +72,12 @@ impl VolumeFs {
     }
 
     pub fn listxattr(&self, ino: u64, size: u32) -> Result<XattrReply> {
-        let _st = self.lock(ino)?;
+        let st = self.lock(ino)?;
         let mut out = Vec::new();
-        for (k, _) in self.engine.scan_prefix(Cf::Xattrs, &self.ikey(ino))? {
+        for (k, _) in self
+            .engine
+            .scan_prefix(Cf::Xattrs, &meta::inode_key(st.tree, ino))?
+        {
             out.extend_from_slice(&k[16..]);
             out.push(0);
         }
@@ -82,10 +85,10 @@ impl VolumeFs {
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
-        self.check_writable()?;
+        let _w = self.writer()?;
         check(name)?;
-        let mut st = self.lock(ino)?;
-        let key = meta::xattr_key(self.tree, ino, name);
+        let mut st = self.lock_own(ino)?;
+        let key = meta::xattr_key(st.tree, ino, name);
         if self.engine.get(Cf::Xattrs, &key)?.is_none() {
             return posix(libc::ENODATA);
         }

@@ -1,0 +1,292 @@
+//! `volfs fsck`: checks every reference between volumes, snapshots, trees, inodes, directory
+//! entries, extents and chunks; verifies every chunk against its hash (scrub); reports leaks.
+//! Problems are named by volume and path, so that a user knows which file is hurt.
+//!
+//! `--repair` fixes what can be fixed without inventing data:
+//! - a directory entry whose inode is missing is removed from the volume's top (a whiteout
+//!   when a lower tree holds it);
+//! - an extent that points at a chunk missing from the index is removed from a top-owned
+//!   file (those bytes read as zeros instead of EIO), and the file is named;
+//! - a corrupt chunk nothing uses is dropped from the index;
+//! - leaked trees and chunks are freed by running gc.
+//!
+//! What it cannot fix is listed as such: corrupt chunks that files use (there is no second
+//! copy on this host), damage inside snapshots and layers (they are immutable).
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::db::{Batch, Cf};
+use crate::error::Result;
+use crate::gc;
+use crate::ids::{ChunkId, TreeId};
+use crate::layer::{self, Stack};
+use crate::meta::{self, Kind};
+use crate::store::Store;
+use crate::volume::{Registry, ROOT_INO};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Problem {
+    /// `missing-tree`, `dangling-entry`, `missing-chunk`, `bad-extent`, `corrupt-chunk`,
+    /// `leaked-tree`, `leaked-chunks`.
+    pub kind: String,
+    pub detail: String,
+    /// `repaired`, `not repaired: why`, or `-` without `--repair`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FsckReport {
+    pub volumes: u64,
+    pub snapshots: u64,
+    pub inodes: u64,
+    pub chunks: u64,
+    pub bytes_verified: u64,
+    pub problems: Vec<Problem>,
+}
+
+struct Walk<'a> {
+    store: &'a Store,
+    repair: bool,
+    index: &'a HashMap<ChunkId, crate::chunk::ChunkLoc>,
+    /// chunk -> the first file found using it
+    users: HashMap<ChunkId, String>,
+    problems: Vec<Problem>,
+    inodes: u64,
+    fix: Batch,
+}
+
+impl Walk<'_> {
+    fn problem(&mut self, kind: &str, detail: String, outcome: &str) {
+        tracing::warn!(kind, "fsck: {detail}");
+        self.problems.push(Problem {
+            kind: kind.into(),
+            detail,
+            outcome: outcome.into(),
+        });
+    }
+
+    /// Walks one namespace (`label` is `volume` or `volume@snapshot`); `writable` says whether
+    /// repairs may go into its top tree.
+    fn namespace(&mut self, label: &str, stack: &Stack, writable: bool) -> Result<()> {
+        let engine = self.store.engine.clone();
+        let mut seen: HashSet<u64> = HashSet::new();
+        let mut dirs: Vec<(String, u64)> = vec![(String::new(), ROOT_INO)];
+        if stack.inode(&*engine, ROOT_INO)?.is_none() {
+            self.problem(
+                "dangling-entry",
+                format!("{label}: the root directory's inode is missing"),
+                "not repaired: the volume has no root",
+            );
+            return Ok(());
+        }
+        while let Some((path, dir)) = dirs.pop() {
+            for (name, d) in stack.list(&*engine, dir, usize::MAX)? {
+                let p = format!("{path}/{}", String::from_utf8_lossy(&name));
+                let Some((tree, rec)) = stack.inode(&*engine, d.ino)? else {
+                    let outcome = if !self.repair {
+                        "-"
+                    } else if writable {
+                        let key = meta::dirent_key(stack.top, dir, &name);
+                        if stack.lower_may_have(dir) {
+                            self.fix.put(Cf::Dirents, key, Vec::new());
+                        } else {
+                            self.fix.delete(Cf::Dirents, key);
+                        }
+                        "repaired"
+                    } else {
+                        "not repaired: the volume is mounted, or this is a snapshot"
+                    };
+                    self.problem(
+                        "dangling-entry",
+                        format!("{label}:{p} names inode {}, which does not exist", d.ino),
+                        outcome,
+                    );
+                    continue;
+                };
+                if !seen.insert(d.ino) {
+                    continue;
+                }
+                self.inodes += 1;
+                match rec.kind {
+                    Kind::Dir => dirs.push((p, d.ino)),
+                    Kind::File => self.file(label, &p, tree, d.ino, writable && tree == stack.top)?,
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn file(&mut self, label: &str, path: &str, tree: TreeId, ino: u64, top_owned: bool) -> Result<()> {
+        let p = meta::inode_key(tree, ino);
+        let rows = self.store.engine.scan_prefix(Cf::Extents, &p)?;
+        for (k, v) in rows {
+            let e: meta::Extent = meta::decode(meta::EXTENT_VERSION, "extent", &v)?;
+            let off = meta::extent_offset(&k)?;
+            match self.index.get(&e.chunk) {
+                None => {
+                    let outcome = if !self.repair {
+                        "-"
+                    } else if top_owned {
+                        self.fix.delete(Cf::Extents, k.clone());
+                        "repaired: the range reads as zeros now"
+                    } else {
+                        "not repaired: the volume is mounted, or the file lives in a snapshot or layer"
+                    };
+                    self.problem(
+                        "missing-chunk",
+                        format!(
+                            "{label}:{path}: bytes {off}..{} point at chunk {}, which is not in the store",
+                            off + e.len as u64,
+                            e.chunk
+                        ),
+                        outcome,
+                    );
+                }
+                Some(loc) if e.chunk_off as u64 + e.len as u64 > loc.raw_len as u64 => {
+                    self.problem(
+                        "bad-extent",
+                        format!(
+                            "{label}:{path}: bytes {off}..{} want bytes {}..{} of {}-byte chunk {}",
+                            off + e.len as u64,
+                            e.chunk_off,
+                            e.chunk_off + e.len,
+                            loc.raw_len,
+                            e.chunk
+                        ),
+                        if self.repair { "not repaired: the extent's length is unknown" } else { "-" },
+                    );
+                }
+                Some(_) => {
+                    self.users
+                        .entry(e.chunk)
+                        .or_insert_with(|| format!("{label}:{path}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks the whole store; with `repair`, fixes what it can (see the module comment).
+/// Volumes named in `mounted` are checked but not repaired (their files are in use).
+pub fn check(
+    store: &Store,
+    registry: &Registry,
+    repair: bool,
+    mounted: &HashSet<String>,
+) -> Result<FsckReport> {
+    let engine = store.engine.clone();
+    let index = gc::chunk_index(&*engine)?;
+    let mut w = Walk {
+        store,
+        repair,
+        index: &index,
+        users: HashMap::new(),
+        problems: Vec::new(),
+        inodes: 0,
+        fix: Batch::new(),
+    };
+    let mut rep = FsckReport::default();
+    let trees = layer::all_trees(&*engine)?;
+    for v in registry.list()? {
+        rep.volumes += 1;
+        let writable = !mounted.contains(&v.name);
+        let mut stacks = vec![(v.name.clone(), v.top, v.lower.clone(), writable)];
+        for s in layer::snapshots(&*engine, v.id)? {
+            rep.snapshots += 1;
+            stacks.push((format!("{}@{}", v.name, s.name), s.tree, s.lower.clone(), false));
+        }
+        for (label, top, lower, writable) in stacks {
+            let missing: Vec<TreeId> = lower.iter().filter(|t| !trees.contains_key(t)).copied().collect();
+            if !missing.is_empty() {
+                w.problem(
+                    "missing-tree",
+                    format!("{label}: layer trees {missing:?} are missing"),
+                    if repair { "not repaired: restore the volume from a backup" } else { "-" },
+                );
+                continue;
+            }
+            let stack = Stack::load(&*engine, top, &lower)?;
+            w.namespace(&label, &stack, writable)?;
+        }
+    }
+    // Scrub: every chunk in the index, from disk.
+    let mut corrupt_unused = Vec::new();
+    for (id, loc) in &index {
+        rep.chunks += 1;
+        match store.chunks.read_verified(id) {
+            Ok(d) => rep.bytes_verified += d.len() as u64,
+            Err(e) => {
+                let user = w.users.get(id).cloned();
+                let outcome = match (&user, repair) {
+                    (_, false) => "-",
+                    (None, true) => {
+                        corrupt_unused.push(*id);
+                        "repaired: nothing used it; dropped from the index"
+                    }
+                    (Some(_), true) => "not repaired: no intact copy on this host; restore the file",
+                };
+                w.problem(
+                    "corrupt-chunk",
+                    format!(
+                        "chunk {id} (pack {:08x} offset {}): {e}; used by {}",
+                        loc.pack,
+                        loc.offset,
+                        user.as_deref().unwrap_or("nothing")
+                    ),
+                    outcome,
+                );
+            }
+        }
+    }
+    for id in corrupt_unused {
+        w.fix.delete(Cf::Chunks, id.0.to_vec());
+    }
+    // Leaks: dead trees, and chunks no live tree uses.
+    let live = gc::live_trees(store, registry, &[])?;
+    let dead: Vec<TreeId> = trees.keys().filter(|t| !live.contains(t)).copied().collect();
+    let mut leaked = (0u64, 0u64);
+    {
+        let mut used: HashSet<ChunkId> = HashSet::new();
+        for t in &live {
+            gc::for_each_extent(&*engine, *t, &mut |_, _, e| {
+                used.insert(e.chunk);
+                Ok(())
+            })?;
+        }
+        for (id, loc) in &index {
+            if !used.contains(id) {
+                leaked.0 += 1;
+                leaked.1 += loc.raw_len as u64;
+            }
+        }
+    }
+    let mut run_gc = false;
+    if !dead.is_empty() {
+        run_gc = repair;
+        w.problem(
+            "leaked-tree",
+            format!("{} tree(s) no volume, snapshot or layer uses: {:?}", dead.len(), dead),
+            if repair { "repaired by gc" } else { "-" },
+        );
+    }
+    if leaked.0 > 0 {
+        run_gc = repair;
+        w.problem(
+            "leaked-chunks",
+            format!("{} chunk(s), {} bytes, are stored but unused (gc frees them)", leaked.0, leaked.1),
+            if repair { "repaired by gc" } else { "-" },
+        );
+    }
+    if repair && !w.fix.is_empty() {
+        engine.write(std::mem::take(&mut w.fix), true)?;
+    }
+    if run_gc {
+        gc::collect(store, registry, &[])?;
+    }
+    rep.inodes = w.inodes;
+    rep.problems = w.problems;
+    Ok(rep)
+}
