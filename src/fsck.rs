@@ -27,8 +27,7 @@ use crate::volume::{Registry, ROOT_INO};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Problem {
-    /// `missing-tree`, `dangling-entry`, `missing-chunk`, `bad-extent`, `corrupt-chunk`,
-    /// `leaked-tree`, `leaked-chunks`.
+    /// `missing-tree`, `dangling-entry`, `missing-chunk`, `bad-extent`, `corrupt-chunk`.
     pub kind: String,
     pub detail: String,
     /// `repaired`, `not repaired: why`, or `-` without `--repair`.
@@ -42,6 +41,10 @@ pub struct FsckReport {
     pub inodes: u64,
     pub chunks: u64,
     pub bytes_verified: u64,
+    /// Garbage gc will free: trees nothing uses, and unused chunks (not problems).
+    pub garbage_trees: u64,
+    pub garbage_chunks: u64,
+    pub garbage_bytes: u64,
     pub problems: Vec<Problem>,
 }
 
@@ -110,7 +113,9 @@ impl Walk<'_> {
                 self.inodes += 1;
                 match rec.kind {
                     Kind::Dir => dirs.push((p, d.ino)),
-                    Kind::File => self.file(label, &p, tree, d.ino, writable && tree == stack.top)?,
+                    Kind::File => {
+                        self.file(label, &p, tree, d.ino, writable && tree == stack.top)?
+                    }
                     _ => {}
                 }
             }
@@ -118,7 +123,14 @@ impl Walk<'_> {
         Ok(())
     }
 
-    fn file(&mut self, label: &str, path: &str, tree: TreeId, ino: u64, top_owned: bool) -> Result<()> {
+    fn file(
+        &mut self,
+        label: &str,
+        path: &str,
+        tree: TreeId,
+        ino: u64,
+        top_owned: bool,
+    ) -> Result<()> {
         let p = meta::inode_key(tree, ino);
         let rows = self.store.engine.scan_prefix(Cf::Extents, &p)?;
         for (k, v) in rows {
@@ -155,7 +167,11 @@ impl Walk<'_> {
                             loc.raw_len,
                             e.chunk
                         ),
-                        if self.repair { "not repaired: the extent's length is unknown" } else { "-" },
+                        if self.repair {
+                            "not repaired: the extent's length is unknown"
+                        } else {
+                            "-"
+                        },
                     );
                 }
                 Some(_) => {
@@ -196,15 +212,28 @@ pub fn check(
         let mut stacks = vec![(v.name.clone(), v.top, v.lower.clone(), writable)];
         for s in layer::snapshots(&*engine, v.id)? {
             rep.snapshots += 1;
-            stacks.push((format!("{}@{}", v.name, s.name), s.tree, s.lower.clone(), false));
+            stacks.push((
+                format!("{}@{}", v.name, s.name),
+                s.tree,
+                s.lower.clone(),
+                false,
+            ));
         }
         for (label, top, lower, writable) in stacks {
-            let missing: Vec<TreeId> = lower.iter().filter(|t| !trees.contains_key(t)).copied().collect();
+            let missing: Vec<TreeId> = lower
+                .iter()
+                .filter(|t| !trees.contains_key(t))
+                .copied()
+                .collect();
             if !missing.is_empty() {
                 w.problem(
                     "missing-tree",
                     format!("{label}: layer trees {missing:?} are missing"),
-                    if repair { "not repaired: restore the volume from a backup" } else { "-" },
+                    if repair {
+                        "not repaired: restore the volume from a backup"
+                    } else {
+                        "-"
+                    },
                 );
                 continue;
             }
@@ -226,7 +255,9 @@ pub fn check(
                         corrupt_unused.push(*id);
                         "repaired: nothing used it; dropped from the index"
                     }
-                    (Some(_), true) => "not repaired: no intact copy on this host; restore the file",
+                    (Some(_), true) => {
+                        "not repaired: no intact copy on this host; restore the file"
+                    }
                 };
                 w.problem(
                     "corrupt-chunk",
@@ -246,7 +277,11 @@ pub fn check(
     }
     // Leaks: dead trees, and chunks no live tree uses.
     let live = gc::live_trees(store, registry, &[])?;
-    let dead: Vec<TreeId> = trees.keys().filter(|t| !live.contains(t)).copied().collect();
+    let dead: Vec<TreeId> = trees
+        .keys()
+        .filter(|t| !live.contains(t))
+        .copied()
+        .collect();
     let mut leaked = (0u64, 0u64);
     {
         let mut used: HashSet<ChunkId> = HashSet::new();
@@ -263,23 +298,9 @@ pub fn check(
             }
         }
     }
-    let mut run_gc = false;
-    if !dead.is_empty() {
-        run_gc = repair;
-        w.problem(
-            "leaked-tree",
-            format!("{} tree(s) no volume, snapshot or layer uses: {:?}", dead.len(), dead),
-            if repair { "repaired by gc" } else { "-" },
-        );
-    }
-    if leaked.0 > 0 {
-        run_gc = repair;
-        w.problem(
-            "leaked-chunks",
-            format!("{} chunk(s), {} bytes, are stored but unused (gc frees them)", leaked.0, leaked.1),
-            if repair { "repaired by gc" } else { "-" },
-        );
-    }
+    rep.garbage_trees = dead.len() as u64;
+    (rep.garbage_chunks, rep.garbage_bytes) = leaked;
+    let run_gc = repair && (!dead.is_empty() || leaked.0 > 0);
     if repair && !w.fix.is_empty() {
         engine.write(std::mem::take(&mut w.fix), true)?;
     }

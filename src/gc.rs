@@ -58,7 +58,11 @@ pub fn live_trees(store: &Store, registry: &Registry, extra: &[TreeId]) -> Resul
         }
     }
     for (t, rec) in layer::all_trees(engine)? {
-        if rec.kind == TreeKind::Import && rec.layer.is_some_and(|id| layer::layer_tree(engine, &id).ok().flatten() == Some(t)) {
+        if rec.kind == TreeKind::Import
+            && rec
+                .layer
+                .is_some_and(|id| layer::layer_tree(engine, &id).ok().flatten() == Some(t))
+        {
             live.insert(t);
         }
     }

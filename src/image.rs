@@ -61,7 +61,9 @@ impl<'a> TreeWriter<'a> {
 
     fn maybe_flush(&mut self) -> Result<()> {
         if self.b.ops.len() >= BATCH_OPS {
-            self.store.engine.write(std::mem::take(&mut self.b), false)?;
+            self.store
+                .engine
+                .write(std::mem::take(&mut self.b), false)?;
         }
         Ok(())
     }
@@ -94,34 +96,12 @@ impl<'a> TreeWriter<'a> {
     }
 
     fn xattr(&mut self, ino: u64, name: &[u8], value: &[u8]) -> Result<()> {
-        self.b
-            .put(Cf::Xattrs, meta::xattr_key(self.tree, ino, name), value.to_vec());
+        self.b.put(
+            Cf::Xattrs,
+            meta::xattr_key(self.tree, ino, name),
+            value.to_vec(),
+        );
         self.maybe_flush()
-    }
-
-    /// Chunks a file's content into the store; returns (size, bytes covered by extents).
-    fn data(&mut self, ino: u64, r: &mut dyn Read) -> Result<u64> {
-        let chunks = self.store.chunks.clone();
-        let mut off = 0u64;
-        for c in fastcdc::v2020::StreamCDC::new(r, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
-            let c = c.map_err(|e| Error::Invalid(format!("reading file data from the tarball: {e}")))?;
-            let (id, loc) = chunks.put(&c.data)?;
-            if let Some(loc) = loc {
-                crate::chunk::ChunkStore::index(&mut self.b, &id, &loc);
-            }
-            self.extent(
-                ino,
-                off,
-                &Extent {
-                    chunk: id,
-                    chunk_off: 0,
-                    len: c.length as u32,
-                },
-            )?;
-            off += c.length as u64;
-        }
-        self.bytes += off;
-        Ok(off)
     }
 
     /// Writes the rest and the tree record; seals the tree and returns its layer id. A tree
@@ -157,7 +137,11 @@ impl<'a> TreeWriter<'a> {
         rec.layer = Some(id);
         let mut b = Batch::new();
         layer::put_tree(&mut b, self.tree, &rec);
-        b.put(Cf::Layers, id.0.to_vec(), self.tree.0.to_be_bytes().to_vec());
+        b.put(
+            Cf::Layers,
+            id.0.to_vec(),
+            self.tree.0.to_be_bytes().to_vec(),
+        );
         engine.write(b, true)?;
         Ok((id, self.tree, true))
     }
@@ -198,14 +182,34 @@ fn record_of(h: &tar::Header, kind: Kind) -> InodeRecord {
         secs: h.mtime().unwrap_or(0) as i64,
         nsec: 0,
     };
-    rec.mtime = t;
-    rec.atime = t;
-    rec.ctime = t;
+    (rec.atime, rec.mtime, rec.ctime, rec.btime) = (t, t, t, t);
     rec
+}
+
+/// A directory the tarball does not list (a parent of a listed path), or the root when it is
+/// not listed: fixed attributes, so that the layer id depends only on the tarball's content.
+fn implicit_dir() -> InodeRecord {
+    let mut rec = InodeRecord::new(Kind::Dir, 0o755, 0, 0);
+    let t = Ts::default();
+    (rec.atime, rec.mtime, rec.ctime, rec.btime) = (t, t, t, t);
+    rec
+}
+
+/// One path of a tarball being imported.
+struct Item {
+    rec: InodeRecord,
+    extents: Vec<(u64, Extent)>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// A hard link: the path whose inode this is.
+    link_to: Option<Vec<Vec<u8>>>,
 }
 
 /// Imports a layer tarball (plain tar; Docker's `docker save` layers and OCI layer blobs
 /// after decompression). Returns the layer id and whether the layer is new to the store.
+///
+/// Inode numbers are assigned in path order after the whole tarball is read, and implicit
+/// directories get fixed attributes, so the same content gives the same layer id whatever
+/// the order of the tarball's entries.
 pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
     let f = std::fs::File::open(path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
@@ -213,27 +217,35 @@ pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
     // Chunks put from here on are referenced only once the tree is written.
     let _gc = store.chunks.writer();
     let mut w = TreeWriter::new(store)?;
-    // path -> (ino, kind); the root is ino 1.
-    let mut paths: HashMap<Vec<Vec<u8>>, (u64, Kind)> = HashMap::new();
-    let mut recs: BTreeMap<u64, InodeRecord> = BTreeMap::new();
-    let mut root = InodeRecord::new(Kind::Dir, 0o755, 0, 0);
-    root.nlink = 2;
-    recs.insert(ROOT_INO, root);
-    paths.insert(Vec::new(), (ROOT_INO, Kind::Dir));
-    let bad = |e: std::io::Error| Error::Invalid(format!("{} is not a valid tarball: {e}", path.display()));
+    let mut items: BTreeMap<Vec<Vec<u8>>, Item> = BTreeMap::new();
+    items.insert(
+        Vec::new(),
+        Item {
+            rec: implicit_dir(),
+            extents: Vec::new(),
+            xattrs: Vec::new(),
+            link_to: None,
+        },
+    );
+    let bad = |e: std::io::Error| {
+        Error::Invalid(format!("{} is not a valid tarball: {e}", path.display()))
+    };
+    let shown = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
     for entry in ar.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
-        let comps = components(&entry.path_bytes())?;
+        let raw_path = entry.path_bytes().to_vec();
+        let comps = components(&raw_path)?;
         let h = entry.header().clone();
         let ty = h.entry_type();
         let kind = match ty {
-            tar::EntryType::Regular | tar::EntryType::Continuous => Kind::File,
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::Link => {
+                Kind::File
+            }
             tar::EntryType::Directory => Kind::Dir,
             tar::EntryType::Symlink => Kind::Symlink,
             tar::EntryType::Char => Kind::CharDev,
             tar::EntryType::Block => Kind::BlockDev,
             tar::EntryType::Fifo => Kind::Fifo,
-            tar::EntryType::Link => Kind::File,
             _ => continue, // PAX/GNU headers are read by `tar`; others carry no file.
         };
         let mut xattrs = Vec::new();
@@ -244,113 +256,175 @@ pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
                 }
             }
         }
-        if comps.is_empty() {
-            // The root's own attributes.
-            if let Some(r) = recs.get_mut(&ROOT_INO) {
-                let n = record_of(&h, Kind::Dir);
-                r.perm = n.perm;
-                r.uid = n.uid;
-                r.gid = n.gid;
-                r.mtime = n.mtime;
-            }
-            continue;
-        }
-        // Parents, made as plain directories if the tarball did not list them.
-        let mut parent = ROOT_INO;
-        for i in 0..comps.len() - 1 {
-            let p = comps[..=i].to_vec();
-            parent = match paths.get(&p) {
-                Some((ino, Kind::Dir)) => *ino,
+        // Parents the tarball did not list are plain directories.
+        for i in 0..comps.len() {
+            match items.get(&comps[..i]) {
+                Some(it) if it.rec.kind == Kind::Dir && it.link_to.is_none() => {}
                 Some(_) => {
                     return Err(Error::Invalid(format!(
                         "tarball entry {:?}: a parent is not a directory",
-                        String::from_utf8_lossy(&entry.path_bytes())
+                        shown(&raw_path)
                     )))
                 }
                 None => {
-                    let ino = w.alloc();
-                    recs.insert(ino, InodeRecord::new(Kind::Dir, 0o755, 0, 0));
-                    if let Some(pr) = recs.get_mut(&parent) {
-                        pr.nlink += 1;
-                    }
-                    w.dirent(parent, &comps[i], Dirent { ino, kind: Kind::Dir })?;
-                    paths.insert(p, (ino, Kind::Dir));
-                    ino
+                    items.insert(
+                        comps[..i].to_vec(),
+                        Item {
+                            rec: implicit_dir(),
+                            extents: Vec::new(),
+                            xattrs: Vec::new(),
+                            link_to: None,
+                        },
+                    );
                 }
-            };
+            }
         }
-        let name = comps[comps.len() - 1].clone();
-        if ty == tar::EntryType::Link {
-            let target = entry.link_name_bytes().map(|c| c.to_vec()).unwrap_or_default();
-            let tc = components(&target)?;
-            let (ino, k) = *paths.get(&tc).ok_or_else(|| {
-                Error::Invalid(format!(
-                    "tarball hard link {:?} points at {:?}, which comes nowhere before it",
-                    String::from_utf8_lossy(&entry.path_bytes()),
-                    String::from_utf8_lossy(&target)
-                ))
-            })?;
-            if k == Kind::Dir {
-                return Err(Error::Invalid("tarball hard link to a directory".into()));
+        let mut rec = record_of(&h, kind);
+        let mut item_extents = Vec::new();
+        let mut link_to = None;
+        match ty {
+            tar::EntryType::Link => {
+                let target = entry
+                    .link_name_bytes()
+                    .map(|c| c.to_vec())
+                    .unwrap_or_default();
+                let tc = components(&target)?;
+                match items.get(&tc) {
+                    Some(t) if t.rec.kind != Kind::Dir => {
+                        link_to = Some(t.link_to.clone().unwrap_or(tc));
+                    }
+                    _ => {
+                        return Err(Error::Invalid(format!(
+                            "tarball hard link {:?} points at {:?}, which is not a file listed before it",
+                            shown(&raw_path),
+                            shown(&target)
+                        )))
+                    }
+                }
             }
-            if let Some(r) = recs.get_mut(&ino) {
-                r.nlink += 1;
+            _ => match kind {
+                Kind::File => {
+                    let mut off = 0u64;
+                    for c in
+                        fastcdc::v2020::StreamCDC::new(&mut entry, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
+                    {
+                        let c = c.map_err(|e| {
+                            Error::Invalid(format!(
+                                "reading {:?} from the tarball: {e}",
+                                shown(&raw_path)
+                            ))
+                        })?;
+                        let (id, loc) = store.chunks.put(&c.data)?;
+                        if let Some(loc) = loc {
+                            crate::chunk::ChunkStore::index(&mut w.b, &id, &loc);
+                        }
+                        item_extents.push((
+                            off,
+                            Extent {
+                                chunk: id,
+                                chunk_off: 0,
+                                len: c.length as u32,
+                            },
+                        ));
+                        off += c.length as u64;
+                    }
+                    w.maybe_flush()?;
+                    rec.size = off;
+                    rec.alloc = off;
+                }
+                Kind::Symlink => {
+                    rec.target = entry
+                        .link_name_bytes()
+                        .map(|c| c.to_vec())
+                        .unwrap_or_default();
+                    rec.size = rec.target.len() as u64;
+                }
+                Kind::CharDev | Kind::BlockDev => {
+                    let major = h.device_major().ok().flatten().unwrap_or(0);
+                    let minor = h.device_minor().ok().flatten().unwrap_or(0);
+                    rec.rdev = libc::makedev(major, minor) as u32;
+                }
+                _ => {}
+            },
+        }
+        if comps.is_empty() {
+            // The root's own attributes.
+            if kind == Kind::Dir {
+                if let Some(r) = items.get_mut(&comps) {
+                    r.rec = rec;
+                }
             }
-            w.dirent(parent, &name, Dirent { ino, kind: k })?;
-            paths.insert(comps, (ino, k));
             continue;
         }
-        if kind == Kind::Dir {
-            if let Some((ino, Kind::Dir)) = paths.get(&comps) {
-                // Listed after an implicit creation: take its attributes.
-                let n = record_of(&h, Kind::Dir);
-                if let Some(r) = recs.get_mut(ino) {
-                    r.perm = n.perm;
-                    r.uid = n.uid;
-                    r.gid = n.gid;
-                    r.mtime = n.mtime;
-                }
-                continue;
+        if let Some(old) = items.get(&comps) {
+            if !(old.rec.kind == Kind::Dir && kind == Kind::Dir) {
+                return Err(Error::Invalid(format!(
+                    "tarball lists {:?} twice",
+                    shown(&raw_path)
+                )));
             }
         }
-        if paths.contains_key(&comps) {
-            return Err(Error::Invalid(format!(
-                "tarball lists {:?} twice",
-                String::from_utf8_lossy(&entry.path_bytes())
-            )));
-        }
-        let ino = w.alloc();
-        let mut rec = record_of(&h, kind);
-        match kind {
-            Kind::File => {
-                rec.size = w.data(ino, &mut entry)?;
-                rec.alloc = rec.size;
-            }
-            Kind::Symlink => {
-                rec.target = entry.link_name_bytes().map(|c| c.to_vec()).unwrap_or_default();
-                rec.size = rec.target.len() as u64;
-            }
-            Kind::CharDev | Kind::BlockDev => {
-                let major = h.device_major().ok().flatten().unwrap_or(0);
-                let minor = h.device_minor().ok().flatten().unwrap_or(0);
-                rec.rdev = libc::makedev(major, minor) as u32;
-            }
-            Kind::Dir => {
-                if let Some(pr) = recs.get_mut(&parent) {
-                    pr.nlink += 1;
-                }
-            }
-            _ => {}
-        }
-        for (n, v) in xattrs {
-            w.xattr(ino, &n, &v)?;
-        }
-        recs.insert(ino, rec);
-        w.dirent(parent, &name, Dirent { ino, kind })?;
-        paths.insert(comps, (ino, kind));
+        items.insert(
+            comps,
+            Item {
+                rec,
+                extents: item_extents,
+                xattrs,
+                link_to,
+            },
+        );
     }
-    for (ino, rec) in &recs {
-        w.inode(*ino, rec)?;
+    // Number the inodes in path order; hard links share their target's.
+    let mut inos: BTreeMap<Vec<Vec<u8>>, u64> = BTreeMap::new();
+    let mut nlink: BTreeMap<u64, u32> = BTreeMap::new();
+    for (p, _) in items.iter().filter(|(_, it)| it.link_to.is_none()) {
+        let ino = if p.is_empty() { ROOT_INO } else { w.alloc() };
+        inos.insert(p.clone(), ino);
+    }
+    for (p, it) in &items {
+        let ino = match &it.link_to {
+            Some(t) => inos.get(t).copied().ok_or_else(|| {
+                Error::Invalid(format!("tarball hard link {:?} has no target", p))
+            })?,
+            None => inos[p],
+        };
+        inos.insert(p.clone(), ino);
+        if it.rec.kind == Kind::Dir {
+            if let Some((_, parent)) = p.split_last() {
+                *nlink.entry(inos[parent]).or_insert(2) += 1;
+            }
+            nlink.entry(ino).or_insert(2);
+        } else {
+            *nlink.entry(ino).or_insert(0) += 1;
+        }
+    }
+    for (p, it) in &items {
+        let ino = inos[p];
+        if let Some((name, parent)) = p.split_last() {
+            w.dirent(
+                inos[parent],
+                name,
+                Dirent {
+                    ino,
+                    kind: it.rec.kind,
+                },
+            )?;
+        }
+        if it.link_to.is_some() {
+            continue;
+        }
+        let mut rec = it.rec.clone();
+        rec.nlink = nlink.get(&ino).copied().unwrap_or(1);
+        w.inode(ino, &rec)?;
+        for (off, e) in &it.extents {
+            w.extent(ino, *off, e)?;
+        }
+        for (n, v) in &it.xattrs {
+            w.xattr(ino, n, v)?;
+        }
+        if rec.kind == Kind::File {
+            w.bytes += rec.size;
+        }
     }
     let origin = path
         .file_name()
@@ -365,7 +439,12 @@ fn read_inode(engine: &dyn Engine, t: TreeId, ino: u64) -> Result<InodeRecord> {
     let v = engine
         .get(Cf::Inodes, &meta::inode_key(t, ino))?
         .filter(|v| !layer::is_whiteout(v))
-        .ok_or_else(|| Error::Db(format!("tree {} has a directory entry for missing inode {ino}", t.0)))?;
+        .ok_or_else(|| {
+            Error::Db(format!(
+                "tree {} has a directory entry for missing inode {ino}",
+                t.0
+            ))
+        })?;
     meta::decode(INODE_VERSION, "inode", &v)
 }
 
@@ -394,7 +473,10 @@ impl Read for FileReader<'_> {
                 return Ok(0);
             }
             // Next piece: a hole up to the next extent, or the next extent.
-            let next = self.extents.iter().find(|(o, e)| o + e.len as u64 > self.pos);
+            let next = self
+                .extents
+                .iter()
+                .find(|(o, e)| o + e.len as u64 > self.pos);
             self.buf = match next {
                 Some((o, e)) if *o <= self.pos => {
                     let c = self
@@ -405,10 +487,14 @@ impl Read for FileReader<'_> {
                     let from = (e.chunk_off as u64 + (self.pos - o)) as usize;
                     let to = (e.chunk_off + e.len) as usize;
                     c.get(from..to)
-                        .ok_or_else(|| std::io::Error::other(format!("extent past chunk {}", e.chunk)))?
+                        .ok_or_else(|| {
+                            std::io::Error::other(format!("extent past chunk {}", e.chunk))
+                        })?
                         .to_vec()
                 }
-                Some((o, _)) => vec![0; (*o).min(self.size).saturating_sub(self.pos).min(1 << 20) as usize],
+                Some((o, _)) => {
+                    vec![0; (*o).min(self.size).saturating_sub(self.pos).min(1 << 20) as usize]
+                }
                 None => vec![0; (self.size - self.pos).min(1 << 20) as usize],
             };
             let room = (self.size - self.pos) as usize;
@@ -427,7 +513,12 @@ fn extents_of(engine: &dyn Engine, t: TreeId, ino: u64) -> Result<Vec<(u64, Exte
     engine
         .scan_prefix(Cf::Extents, &meta::inode_key(t, ino))?
         .into_iter()
-        .map(|(k, v)| Ok((meta::extent_offset(&k)?, meta::decode(meta::EXTENT_VERSION, "extent", &v)?)))
+        .map(|(k, v)| {
+            Ok((
+                meta::extent_offset(&k)?,
+                meta::decode(meta::EXTENT_VERSION, "extent", &v)?,
+            ))
+        })
         .collect()
 }
 
@@ -460,7 +551,12 @@ pub fn export(store: &Store, id: &LayerId, out: &mut dyn Write) -> Result<()> {
             if !xattrs.is_empty() {
                 let pax: Vec<(String, Vec<u8>)> = xattrs
                     .iter()
-                    .map(|(k, v)| (format!("SCHILY.xattr.{}", String::from_utf8_lossy(&k[16..])), v.clone()))
+                    .map(|(k, v)| {
+                        (
+                            format!("SCHILY.xattr.{}", String::from_utf8_lossy(&k[16..])),
+                            v.clone(),
+                        )
+                    })
                     .collect();
                 b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
                     .map_err(io)?;
@@ -480,7 +576,8 @@ pub fn export(store: &Store, id: &LayerId, out: &mut dyn Write) -> Result<()> {
             match rec.kind {
                 Kind::Dir => {
                     h.set_entry_type(tar::EntryType::Directory);
-                    b.append_data(&mut h, format!("{p}/"), std::io::empty()).map_err(io)?;
+                    b.append_data(&mut h, format!("{p}/"), std::io::empty())
+                        .map_err(io)?;
                     subdirs.push((path, d.ino));
                 }
                 Kind::File => {
@@ -535,17 +632,18 @@ struct Source {
 /// Applies layer tree `t` onto `paths` (path components -> source), honouring whiteouts and
 /// opaque directories.
 fn apply(engine: &dyn Engine, t: TreeId, paths: &mut BTreeMap<Vec<Vec<u8>>, Source>) -> Result<()> {
-    let remove_under = |paths: &mut BTreeMap<Vec<Vec<u8>>, Source>, p: &[Vec<u8>], keep_self: bool| {
-        let doomed: Vec<Vec<Vec<u8>>> = paths
-            .range(p.to_vec()..)
-            .take_while(|(k, _)| k.starts_with(p))
-            .filter(|(k, _)| !(keep_self && k.len() == p.len()))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in doomed {
-            paths.remove(&k);
-        }
-    };
+    let remove_under =
+        |paths: &mut BTreeMap<Vec<Vec<u8>>, Source>, p: &[Vec<u8>], keep_self: bool| {
+            let doomed: Vec<Vec<Vec<u8>>> = paths
+                .range(p.to_vec()..)
+                .take_while(|(k, _)| k.starts_with(p))
+                .filter(|(k, _)| !(keep_self && k.len() == p.len()))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in doomed {
+                paths.remove(&k);
+            }
+        };
     let mut stack: Vec<(Vec<Vec<u8>>, u64)> = vec![(Vec::new(), ROOT_INO)];
     paths.insert(
         Vec::new(),
@@ -598,7 +696,8 @@ pub fn merged(store: &Store, ids: &[LayerId]) -> Result<(TreeId, u64, i64)> {
     let engine = &*store.engine;
     let mut trees = Vec::new();
     for id in ids {
-        let t = layer::layer_tree(engine, id)?.ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+        let t =
+            layer::layer_tree(engine, id)?.ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
         trees.push(t);
     }
     let mut h = blake3::Hasher::new();
@@ -654,20 +753,22 @@ pub fn merged(store: &Store, ids: &[LayerId]) -> Result<(TreeId, u64, i64)> {
             }
         }
     }
+    let mut written = std::collections::HashSet::new();
     for (p, s) in &paths {
         let ino = by_path[p];
+        if !written.insert(ino) {
+            continue; // another link to an inode already written
+        }
         let mut rec = read_inode(engine, s.tree, s.ino)?;
         rec.nlink = if s.kind == Kind::Dir {
             2 + subdirs.get(&ino).copied().unwrap_or(0)
         } else {
             nlinks.get(&ino).copied().unwrap_or(1)
         };
-        if s.kind == Kind::File && nlinks.get(&ino) == Some(&rec.nlink) {
+        if s.kind == Kind::File {
             w.bytes += rec.alloc;
         }
         w.inode(ino, &rec)?;
-        // Each linked inode once.
-        nlinks.insert(ino, u32::MAX);
     }
     let (hw, used) = (w.next_ino, w.bytes as i64);
     let origin = format!("merge of {} layer(s)", ids.len());
@@ -696,7 +797,9 @@ pub fn list(engine: &dyn Engine) -> Result<Vec<LayerInfo>> {
         let t = <[u8; 8]>::try_from(v)
             .map(|b| TreeId(u64::from_be_bytes(b)))
             .map_err(|_| Error::Encoding("layer index entry".into()))?;
-        let id = <[u8; 32]>::try_from(k).map(LayerId).map_err(|_| Error::Encoding("layer key".into()))?;
+        let id = <[u8; 32]>::try_from(k)
+            .map(LayerId)
+            .map_err(|_| Error::Encoding("layer key".into()))?;
         if let Some(rec) = trees.get(&t) {
             out.push(LayerInfo {
                 id: id.to_hex(),

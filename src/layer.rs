@@ -107,13 +107,11 @@ pub fn snapshot_key(v: VolumeId, name: &str) -> Vec<u8> {
 
 /// A snapshot name: the same rule as volume names.
 pub fn check_snapshot_name(name: &str) -> Result<()> {
-    crate::ids::VolumeName::new(name)
-        .map(|_| ())
-        .map_err(|_| {
-            Error::Invalid(format!(
-                "snapshot name {name:?} must match [a-zA-Z0-9][a-zA-Z0-9_.-]* (at most 128 bytes)"
-            ))
-        })
+    crate::ids::VolumeName::new(name).map(|_| ()).map_err(|_| {
+        Error::Invalid(format!(
+            "snapshot name {name:?} must match [a-zA-Z0-9][a-zA-Z0-9_.-]* (at most 128 bytes)"
+        ))
+    })
 }
 
 /// Splits `VOLUME@SNAPSHOT`; the snapshot part is `None` without `@`.
@@ -162,9 +160,8 @@ impl Stack {
     pub fn load(engine: &dyn Engine, top: TreeId, lower: &[TreeId]) -> Result<Stack> {
         let mut out = Vec::with_capacity(lower.len());
         for t in lower {
-            let rec = get_tree(engine, *t)?.ok_or_else(|| {
-                Error::Db(format!("layer tree {} is missing its record", t.0))
-            })?;
+            let rec = get_tree(engine, *t)?
+                .ok_or_else(|| Error::Db(format!("layer tree {} is missing its record", t.0)))?;
             out.push(Lower {
                 tree: *t,
                 ino_hw: rec.ino_hw,
@@ -260,7 +257,7 @@ fn scan_dirents(
     engine: &dyn Engine,
     t: TreeId,
     parent: u64,
-    visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool>,
+    visit: &mut crate::db::Visit<'_>,
 ) -> Result<()> {
     let p = meta::dirent_prefix(t, parent);
     engine.scan(Cf::Dirents, &p, &crate::db::prefix_end(&p), &mut |k, v| {
@@ -305,7 +302,11 @@ pub fn layer_tree(engine: &dyn Engine, id: &LayerId) -> Result<Option<TreeId>> {
 /// [`TREE_CFS`] in order and each of the tree's rows in key order:
 /// `cf index u8 | key length u32 LE | key without the tree prefix | value length u32 LE |
 /// value`. Returns the id and the logical bytes (sum of file sizes) in the tree.
-pub fn layer_id_of(engine: &dyn Engine, t: TreeId, parent: Option<LayerId>) -> Result<(LayerId, u64)> {
+pub fn layer_id_of(
+    engine: &dyn Engine,
+    t: TreeId,
+    parent: Option<LayerId>,
+) -> Result<(LayerId, u64)> {
     let mut h = blake3::Hasher::new();
     h.update(b"volfs-layer\0");
     h.update(&[1]);
@@ -343,8 +344,8 @@ pub fn seal(store: &Store, t: TreeId) -> Result<LayerId> {
     let mut cur = Some(t);
     let mut parent_id = None;
     while let Some(c) = cur {
-        let rec = get_tree(engine, c)?
-            .ok_or_else(|| Error::Db(format!("tree {} has no record", c.0)))?;
+        let rec =
+            get_tree(engine, c)?.ok_or_else(|| Error::Db(format!("tree {} has no record", c.0)))?;
         if let Some(id) = rec.layer {
             parent_id = Some(id);
             break;
@@ -407,7 +408,11 @@ pub fn snapshots(engine: &dyn Engine, v: VolumeId) -> Result<Vec<SnapshotRecord>
         .collect()
 }
 
-pub fn get_snapshot(engine: &dyn Engine, v: VolumeId, name: &str) -> Result<Option<SnapshotRecord>> {
+pub fn get_snapshot(
+    engine: &dyn Engine,
+    v: VolumeId,
+    name: &str,
+) -> Result<Option<SnapshotRecord>> {
     engine
         .get(Cf::Snapshots, &snapshot_key(v, name))?
         .map(|v| meta::decode(SNAPSHOT_VERSION, "snapshot record", &v))
@@ -426,13 +431,25 @@ mod tests {
         let ts = meta::Ts { secs: 1, nsec: 0 };
         (r.atime, r.mtime, r.ctime, r.btime) = (ts, ts, ts, ts);
         let mut b = Batch::new();
-        b.put(Cf::Inodes, meta::inode_key(t, ino), meta::encode(INODE_VERSION, &r));
+        b.put(
+            Cf::Inodes,
+            meta::inode_key(t, ino),
+            meta::encode(INODE_VERSION, &r),
+        );
         e.write(b, false).unwrap();
     }
 
     fn put_dirent(e: &dyn Engine, t: TreeId, parent: u64, name: &[u8], ino: Option<u64>) {
         let v = ino
-            .map(|ino| meta::encode(DIRENT_VERSION, &Dirent { ino, kind: Kind::File }))
+            .map(|ino| {
+                meta::encode(
+                    DIRENT_VERSION,
+                    &Dirent {
+                        ino,
+                        kind: Kind::File,
+                    },
+                )
+            })
             .unwrap_or_default();
         let mut b = Batch::new();
         b.put(Cf::Dirents, meta::dirent_key(t, parent, name), v);

@@ -340,7 +340,10 @@ mod tests {
             },
         );
         let r = VolumeRecord::decode(&old).unwrap();
-        assert_eq!((r.id, r.top, r.size, r.read_only), (VolumeId(3), TreeId(9), Some(10), true));
+        assert_eq!(
+            (r.id, r.top, r.size, r.read_only),
+            (VolumeId(3), TreeId(9), Some(10), true)
+        );
         assert!(r.lower.is_empty());
         assert_eq!(VolumeRecord::decode(&r.encode()).unwrap(), r);
     }

@@ -101,9 +101,11 @@ pub struct Registry {
 /// Reads a tree's inode high-water mark (the next inode number to hand out).
 fn ino_hw(store: &Store, t: TreeId) -> Result<u64> {
     match store.engine.get(Cf::Meta, &meta::ino_hw_key(t))? {
-        Some(v) => Ok(u64::from_le_bytes(v.as_slice().try_into().map_err(|_| {
-            Error::Encoding("inode high-water mark".into())
-        })?)),
+        Some(v) => {
+            Ok(u64::from_le_bytes(v.as_slice().try_into().map_err(
+                |_| Error::Encoding("inode high-water mark".into()),
+            )?))
+        }
         None => Ok(ROOT_INO + 1),
     }
 }
@@ -217,7 +219,11 @@ impl Registry {
                     bytes: 0,
                 },
             );
-            b.put(Cf::Meta, meta::ino_hw_key(new_top), hw.to_le_bytes().to_vec());
+            b.put(
+                Cf::Meta,
+                meta::ino_hw_key(new_top),
+                hw.to_le_bytes().to_vec(),
+            );
             // Unlinked-but-open inodes are cleaned up from the new top.
             let op = meta::tree_prefix(old);
             for (k, v) in engine.scan_prefix(Cf::Orphans, &op)? {

@@ -37,7 +37,10 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
                 out.insert(rel, format!("dir {:o}", md.mode() & 0o7777));
                 walk(root, &p, out);
             } else if md.file_type().is_symlink() {
-                out.insert(rel, format!("link {}", fs::read_link(&p).unwrap().display()));
+                out.insert(
+                    rel,
+                    format!("link {}", fs::read_link(&p).unwrap().display()),
+                );
             } else {
                 let data = fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
                 out.insert(
@@ -112,7 +115,11 @@ fn snapshot_of_a_mounted_volume_holds_acknowledged_writes_and_nothing_later() {
     let s = d.fresh_dir("snap");
     d.cli_ok(&["mount", "db@s1", s.to_str().unwrap()]);
     assert_tree_eq(&tree(&s), &before, "snapshot s1");
-    assert_errno(File::create(s.join("x")), libc::EROFS, "creating a file in a snapshot");
+    assert_errno(
+        File::create(s.join("x")),
+        libc::EROFS,
+        "creating a file in a snapshot",
+    );
     assert_errno(
         OpenOptions::new().write(true).open(s.join("closed")),
         libc::EROFS,
@@ -141,7 +148,10 @@ fn snapshot_of_a_mounted_volume_holds_acknowledged_writes_and_nothing_later() {
     d.unmount(&s2).unwrap();
     // Bad names and unknown snapshots are clear errors.
     for (args, want) in [
-        (vec!["snapshot", "create", "db", "--name", "a/b"], "snapshot name"),
+        (
+            vec!["snapshot", "create", "db", "--name", "a/b"],
+            "snapshot name",
+        ),
         (vec!["snapshot", "rm", "db"], "VOLUME@SNAPSHOT"),
         (vec!["snapshot", "rm", "db@nope"], "not found"),
         (vec!["mount", "db@nope", s2.to_str().unwrap()], "not found"),
@@ -219,7 +229,11 @@ fn clones_are_independent_both_ways() {
     d.cli_ok(&["gc"]);
     let mut want = ta.clone();
     want.insert("mine".into(), tree(&c)["mine"].clone());
-    assert_tree_eq(&tree(&c), &want, "clone after its source was removed and gc ran");
+    assert_tree_eq(
+        &tree(&c),
+        &want,
+        "clone after its source was removed and gc ran",
+    );
     assert_tree_eq(&tree(&e), &tb, "second clone after gc");
     let out = d.cli(&["fsck"]);
     assert!(out.success(), "{out}");
@@ -352,38 +366,71 @@ fn image_layers_import_with_whiteouts_and_export() {
         .file("opt/new", b"new")
         .write(&l2);
 
-    let id1 = d.cli_ok(&["layer", "import", l1.to_str().unwrap()]).stdout.trim().to_string();
-    let id2 = d.cli_ok(&["layer", "import", l2.to_str().unwrap()]).stdout.trim().to_string();
+    let id1 = d
+        .cli_ok(&["layer", "import", l1.to_str().unwrap()])
+        .stdout
+        .trim()
+        .to_string();
+    let id2 = d
+        .cli_ok(&["layer", "import", l2.to_str().unwrap()])
+        .stdout
+        .trim()
+        .to_string();
     assert_eq!(id1.len(), 64, "{id1}");
     assert_ne!(id1, id2);
     // Content addressed: the same tarball again is the same layer, stored once.
-    let again = d.cli_ok(&["layer", "import", l1.to_str().unwrap()]).stdout.trim().to_string();
+    let again = d
+        .cli_ok(&["layer", "import", l1.to_str().unwrap()])
+        .stdout
+        .trim()
+        .to_string();
     assert_eq!(again, id1);
     let layers = d.cli_ok(&["layer", "ls", "--json"]).json();
     assert_eq!(layers.as_array().unwrap().len(), 2, "{layers}");
 
-    d.cli_ok(&["volume", "create", "img", "--layers", &format!("{id1},{id2}")]);
+    d.cli_ok(&[
+        "volume",
+        "create",
+        "img",
+        "--layers",
+        &format!("{id1},{id2}"),
+    ]);
     let m = d.mount("img", false);
     let t = tree(&m);
     assert!(!t.contains_key("etc/a"), "whiteout ignored: {t:?}");
     assert_eq!(fs::read(m.join("etc/b")).unwrap(), b"b from l2");
     assert_eq!(fs::read(m.join("etc/c")).unwrap(), b"c from l2");
     assert_eq!(fs::read(m.join("opt/new")).unwrap(), b"new");
-    assert!(!m.join("opt/old1").exists() && !m.join("opt/sub").exists(), "opaque dir ignored: {t:?}");
+    assert!(
+        !m.join("opt/old1").exists() && !m.join("opt/sub").exists(),
+        "opaque dir ignored: {t:?}"
+    );
     assert_eq!(fs::read(m.join("bin/tool")).unwrap(), big);
-    assert_eq!(fs::read_link(m.join("bin/alias")).unwrap(), PathBuf::from("tool"));
+    assert_eq!(
+        fs::read_link(m.join("bin/alias")).unwrap(),
+        PathBuf::from("tool")
+    );
     let md = fs::metadata(m.join("bin/hard")).unwrap();
     assert_eq!(md.nlink(), 2);
     assert_eq!(md.ino(), fs::metadata(m.join("bin/tool")).unwrap().ino());
     assert_eq!(md.uid(), 1000);
-    assert!(!t.keys().any(|k| k.contains(".wh.")), "whiteout files visible: {t:?}");
+    assert!(
+        !t.keys().any(|k| k.contains(".wh.")),
+        "whiteout files visible: {t:?}"
+    );
     // The volume is writable and independent of the layers.
     fs::write(m.join("etc/b"), b"mine").unwrap();
     fs::remove_file(m.join("bin/tool")).unwrap();
     let info = d.inspect("img").unwrap();
     assert_eq!(info["image"], serde_json::json!([id1, id2]));
     // A second volume on the same image shares the base and is unaffected.
-    d.cli_ok(&["volume", "create", "img2", "-o", &format!("layers={id1},{id2}")]);
+    d.cli_ok(&[
+        "volume",
+        "create",
+        "img2",
+        "-o",
+        &format!("layers={id1},{id2}"),
+    ]);
     let m2 = d.mount("img2", false);
     assert_eq!(fs::read(m2.join("etc/b")).unwrap(), b"b from l2");
     assert_eq!(fs::read(m2.join("bin/hard")).unwrap(), big);
@@ -403,11 +450,18 @@ fn image_layers_import_with_whiteouts_and_export() {
         names.push(e.unwrap().path().unwrap().display().to_string());
     }
     for want in ["etc/.wh.a", "etc/c", "opt/.wh..wh..opq", "opt/new"] {
-        assert!(names.iter().any(|n| n == want), "{want} missing from export: {names:?}");
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from export: {names:?}"
+        );
     }
     let out1 = d.root.join("l1-export.tar");
     d.cli_ok(&["layer", "export", &id1, "-o", out1.to_str().unwrap()]);
-    let re = d.cli_ok(&["layer", "import", out1.to_str().unwrap()]).stdout.trim().to_string();
+    let re = d
+        .cli_ok(&["layer", "import", out1.to_str().unwrap()])
+        .stdout
+        .trim()
+        .to_string();
     assert_eq!(re, id1, "export + import changed the layer");
 
     // Bad input: not a tarball, a path escaping the layer, an unknown layer id.
@@ -428,11 +482,20 @@ fn image_layers_import_with_whiteouts_and_export() {
     }
     for (args, want) in [
         (vec!["layer", "import", junk.to_str().unwrap()], "tarball"),
-        (vec!["layer", "import", escape.to_str().unwrap()], "leaves the layer"),
+        (
+            vec!["layer", "import", escape.to_str().unwrap()],
+            "leaves the layer",
+        ),
         (vec!["layer", "import", "/nonexistent.tar"], "nonexistent"),
-        (vec!["layer", "export", &"0".repeat(64), "-o", "/tmp/x.tar"], "not found"),
+        (
+            vec!["layer", "export", &"0".repeat(64), "-o", "/tmp/x.tar"],
+            "not found",
+        ),
         (vec!["layer", "export", "xyz", "-o", "/tmp/x.tar"], "hex"),
-        (vec!["volume", "create", "bad", "--layers", &"1".repeat(64)], "not found"),
+        (
+            vec!["volume", "create", "bad", "--layers", &"1".repeat(64)],
+            "not found",
+        ),
     ] {
         let out = d.cli(&args);
         assert_eq!(out.code(), Some(1), "{args:?}: {out}");
@@ -480,7 +543,13 @@ fn gc_under_concurrent_writes_loses_nothing_and_returns_space() {
     for round in 0..6u64 {
         // Garbage: written, snapshotted, deleted, the snapshot removed.
         fsync_write(&g.join("junk"), &pseudo_random(2 * MIB, 77 + round));
-        d.cli_ok(&["snapshot", "create", "garbage", "--name", &format!("s{round}")]);
+        d.cli_ok(&[
+            "snapshot",
+            "create",
+            "garbage",
+            "--name",
+            &format!("s{round}"),
+        ]);
         fs::remove_file(g.join("junk")).unwrap();
         d.cli_ok(&["snapshot", "rm", &format!("garbage@s{round}")]);
         d.cli_ok(&["snapshot", "create", "busy", "--name", &format!("b{round}")]);
@@ -502,7 +571,12 @@ fn gc_under_concurrent_writes_loses_nothing_and_returns_space() {
     let m2 = d.mount("busy", false);
     for (p, data) in &written {
         let q = m2.join(p.file_name().unwrap());
-        assert_eq!(&fs::read(&q).unwrap(), data, "{} after remount", q.display());
+        assert_eq!(
+            &fs::read(&q).unwrap(),
+            data,
+            "{} after remount",
+            q.display()
+        );
     }
     let out = d.cli(&["fsck"]);
     assert!(out.success(), "fsck after gc: {out}");
@@ -519,7 +593,12 @@ fn gc_under_concurrent_writes_loses_nothing_and_returns_space() {
 
 fn dir_bytes(p: &Path) -> u64 {
     fs::read_dir(p)
-        .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0)
 }
 
@@ -541,7 +620,9 @@ fn fsck_finds_a_corrupt_chunk_and_a_dangling_reference() {
     {
         let store = volfs::store::Store::open(&d.data, &Default::default()).unwrap();
         let reg = volfs::volume::Registry::new(Arc::new(store));
-        let rec = reg.require(&volfs::ids::VolumeName::new("vol").unwrap()).unwrap();
+        let rec = reg
+            .require(&volfs::ids::VolumeName::new("vol").unwrap())
+            .unwrap();
         let e = &reg.store().engine;
         // The inode of "gone" disappears: its directory entry dangles.
         let mut b = volfs::db::Batch::new();
@@ -578,9 +659,15 @@ fn fsck_finds_a_corrupt_chunk_and_a_dangling_reference() {
     let corrupt = find("corrupt-chunk");
     let detail = corrupt["detail"].as_str().unwrap();
     assert!(detail.contains(&victim_chunk.to_hex()), "{detail}");
-    assert!(detail.contains("vol:/dir/victim"), "fsck does not name the file: {detail}");
+    assert!(
+        detail.contains("vol:/dir/victim"),
+        "fsck does not name the file: {detail}"
+    );
     let dangling = find("dangling-entry");
-    assert!(dangling["detail"].as_str().unwrap().contains("vol:/gone"), "{dangling}");
+    assert!(
+        dangling["detail"].as_str().unwrap().contains("vol:/gone"),
+        "{dangling}"
+    );
 
     // Repair: the dangling entry goes; the corrupt chunk a file uses cannot be fixed here.
     let out = d.cli(&["fsck", "--repair", "--json"]);
@@ -608,7 +695,11 @@ fn fsck_finds_a_corrupt_chunk_and_a_dangling_reference() {
     assert_eq!(kinds, vec!["corrupt-chunk"], "{r}");
     let m = d.mount("vol", false);
     assert!(!m.join("gone").exists());
-    assert_errno(fs::read(m.join("dir/victim")), libc::EIO, "reading the corrupt file");
+    assert_errno(
+        fs::read(m.join("dir/victim")),
+        libc::EIO,
+        "reading the corrupt file",
+    );
 }
 
 #[test]
@@ -627,7 +718,11 @@ fn deep_stacks_of_snapshots_stay_correct() {
     for round in 0..25u64 {
         for _ in 0..6 {
             let n = next() % 12;
-            let p = m.join(if n % 2 == 0 { format!("a/f{n}") } else { format!("f{n}") });
+            let p = m.join(if n % 2 == 0 {
+                format!("a/f{n}")
+            } else {
+                format!("f{n}")
+            });
             match next() % 5 {
                 0 => {
                     let _ = fs::remove_file(&p);
@@ -639,7 +734,8 @@ fn deep_stacks_of_snapshots_stay_correct() {
                 2 if p.exists() => {
                     let mut f = OpenOptions::new().write(true).open(&p).unwrap();
                     use std::os::unix::fs::FileExt;
-                    f.write_all_at(&pseudo_random(5000, next()), next() % 100_000).unwrap();
+                    f.write_all_at(&pseudo_random(5000, next()), next() % 100_000)
+                        .unwrap();
                 }
                 _ => fs::write(&p, pseudo_random((next() % 200_000) as usize, next())).unwrap(),
             }

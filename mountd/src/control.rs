@@ -226,7 +226,10 @@ async fn list_layers(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<api::LayerIn
 fn absolute(p: &str) -> volfs::Result<PathBuf> {
     let p = PathBuf::from(p);
     if !p.is_absolute() {
-        return Err(Error::Invalid(format!("{} is not an absolute path", p.display())));
+        return Err(Error::Invalid(format!(
+            "{} is not an absolute path",
+            p.display()
+        )));
     }
     Ok(p)
 }

@@ -174,7 +174,8 @@ fn run(mut cfg: config::Config) -> anyhow::Result<()> {
                     _ = tokio::time::sleep(Duration::from_secs(60)) => {}
                 }
                 let d = worker.clone();
-                let gc_due = gc_interval > 0 && last_gc.elapsed() >= Duration::from_secs(gc_interval);
+                let gc_due =
+                    gc_interval > 0 && last_gc.elapsed() >= Duration::from_secs(gc_interval);
                 if gc_due {
                     last_gc = Instant::now();
                 }

@@ -422,7 +422,7 @@ impl Mounts {
                 target.display()
             )));
         }
-        let primary = self.activate(&vol.clone().into())?;
+        let primary = self.activate(vol)?;
         let dev = self
             .active
             .lock()
@@ -583,7 +583,8 @@ impl Mounts {
             {
                 let _ = sys_umount(&target, libc::MNT_DETACH);
             }
-            let res = VolumeRef::parse(&m.volume).and_then(|v| self.mount(&v, &target, m.read_only));
+            let res =
+                VolumeRef::parse(&m.volume).and_then(|v| self.mount(&v, &target, m.read_only));
             if let Err(e) = res {
                 tracing::error!(volume = %m.volume, target = %m.target, "cannot restore mount: {e}");
             }
@@ -600,7 +601,7 @@ impl Mounts {
     /// Takes a reference on a volume for `id` (a Docker mount ID) and returns the path the
     /// caller may use. Idempotent per id; references survive restarts.
     pub fn hold(&self, vol: &VolumeName, id: &str) -> Result<PathBuf> {
-        let primary = self.activate(&vol.clone().into())?;
+        let primary = self.activate(&VolumeRef::from(vol.clone()))?;
         let mut k = Self::holder_prefix(vol.as_str());
         k.extend_from_slice(id.as_bytes());
         let mut b = Batch::new();

@@ -542,7 +542,9 @@ fn snapshot_ls(client: &Client, args: SnapshotLsArgs, out: &mut dyn Write) -> Re
                 s.name.clone(),
                 s.created.clone(),
                 human_bytes(s.bytes_used),
-                s.layer.as_deref().map_or("(sealing)".to_string(), |l| l[..16].to_string()),
+                s.layer
+                    .as_deref()
+                    .map_or("(sealing)".to_string(), |l| l[..16].to_string()),
             ]
         })
         .collect();
@@ -619,7 +621,8 @@ fn layer_export(client: &Client, args: LayerExportArgs, out: &mut dyn Write) -> 
     );
     if temp {
         let copied = res.map_err(anyhow::Error::from).and_then(|_| {
-            let mut f = std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+            let mut f = std::fs::File::open(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
             io::copy(&mut f, out)?;
             Ok(())
         });
@@ -654,7 +657,11 @@ fn layer_ls(client: &Client, args: JsonArgs, out: &mut dyn Write) -> Result<i32>
 }
 
 fn layer_rm(client: &Client, args: LayerRmArgs, out: &mut dyn Write) -> Result<i32> {
-    let ids = args.ids.iter().map(|i| layer_id(i)).collect::<Result<Vec<_>>>()?;
+    let ids = args
+        .ids
+        .iter()
+        .map(|i| layer_id(i))
+        .collect::<Result<Vec<_>>>()?;
     for id in ids {
         let _: serde_json::Value = client.delete(&format!("/v1/layers/{id}"))?;
         writeln!(out, "{id}")?;
@@ -673,7 +680,11 @@ fn df(client: &Client, args: JsonArgs, out: &mut dyn Write) -> Result<i32> {
     writeln!(out, "dedup ratio: {:.2}", r.dedup_ratio)?;
     writeln!(out, "packs:       {}", human_bytes(r.pack_bytes))?;
     writeln!(out, "index:       {}", human_bytes(r.index_bytes))?;
-    writeln!(out, "garbage:     {} (volfs gc frees it)", human_bytes(r.garbage))?;
+    writeln!(
+        out,
+        "garbage:     {} (volfs gc frees it)",
+        human_bytes(r.garbage)
+    )?;
     if !r.volumes.is_empty() {
         writeln!(out)?;
         let rows: Vec<Vec<String>> = r
@@ -689,7 +700,11 @@ fn df(client: &Client, args: JsonArgs, out: &mut dyn Write) -> Result<i32> {
                 ]
             })
             .collect();
-        write_table(out, &["VOLUME", "LOGICAL", "EXCLUSIVE", "SHARED", "SNAPSHOTS"], &rows)?;
+        write_table(
+            out,
+            &["VOLUME", "LOGICAL", "EXCLUSIVE", "SHARED", "SNAPSHOTS"],
+            &rows,
+        )?;
     }
     Ok(0)
 }
@@ -716,7 +731,12 @@ fn gc(client: &Client, args: JsonArgs, out: &mut dyn Write) -> Result<i32> {
 }
 
 fn fsck(client: &Client, args: FsckArgs, out: &mut dyn Write) -> Result<i32> {
-    let r: FsckReport = client.post("/v1/fsck", &FsckRequest { repair: args.repair })?;
+    let r: FsckReport = client.post(
+        "/v1/fsck",
+        &FsckRequest {
+            repair: args.repair,
+        },
+    )?;
     let open = r
         .problems
         .iter()
@@ -734,6 +754,15 @@ fn fsck(client: &Client, args: FsckArgs, out: &mut dyn Write) -> Result<i32> {
             r.chunks,
             human_bytes(r.bytes_verified)
         )?;
+        if r.garbage_chunks > 0 || r.garbage_trees > 0 {
+            writeln!(
+                out,
+                "garbage: {} chunk(s) ({}) and {} tree(s) unused; volfs gc frees them",
+                r.garbage_chunks,
+                human_bytes(r.garbage_bytes),
+                r.garbage_trees
+            )?;
+        }
         for p in &r.problems {
             writeln!(out, "{}: {} [{}]", p.kind, one_line(&p.detail), p.outcome)?;
         }
