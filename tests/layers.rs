@@ -528,7 +528,7 @@ fn gc_under_concurrent_writes_loses_nothing_and_returns_space() {
                 let p = m.join(format!("f{i}"));
                 fsync_write(&p, &data);
                 // Overwrite some, so that chunks die while gc runs.
-                if i % 3 == 0 && i > 0 {
+                if i.is_multiple_of(3) && i > 0 {
                     let q = m.join(format!("f{}", i - 1));
                     let data2 = pseudo_random(100_000, 5000 + i);
                     fsync_write(&q, &data2);
@@ -732,7 +732,7 @@ fn deep_stacks_of_snapshots_stay_correct() {
                     let _ = fs::rename(&p, &q);
                 }
                 2 if p.exists() => {
-                    let mut f = OpenOptions::new().write(true).open(&p).unwrap();
+                    let f = OpenOptions::new().write(true).open(&p).unwrap();
                     use std::os::unix::fs::FileExt;
                     f.write_all_at(&pseudo_random(5000, next()), next() % 100_000)
                         .unwrap();
