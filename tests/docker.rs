@@ -813,7 +813,7 @@ fn unknown_options_are_refused() {
         "{v} exists in the daemon after a refused create"
     );
 
-    // from= a volume that does not exist names it; from=VOL@SNAPSHOT is refused for now.
+    // from= a volume that does not exist names it, so does from= a missing snapshot.
     let missing = env.volume("missing");
     let from_missing = format!("from={missing}");
     let out = env.create(&v, &[from_missing.as_str()]);
@@ -827,8 +827,8 @@ fn unknown_options_are_refused() {
     );
     let out = env.create(&v, &["from=x@snap"]);
     assert!(
-        !out.success(),
-        "docker volume create --opt from=x@snap succeeded:\n{out}"
+        !out.success() && out.stderr.contains("not found"),
+        "docker volume create --opt from=x@snap (no such volume):\n{out}"
     );
     assert!(
         !env.daemon_volumes().contains(&v),
@@ -892,6 +892,28 @@ fn from_option_clones_a_volume() {
         out.split_whitespace().collect::<Vec<_>>(),
         vec!["changed", "no-g"],
         "{out}"
+    );
+
+    // from=VOL@SNAPSHOT: a snapshot taken while the container writes, then a clone of it.
+    env.d()
+        .cli_ok(&["snapshot", "create", &src, "--name", "snap1"]);
+    docker_ok(&["exec", &holder, "sh", "-c", "echo after-snapshot > /data/f"]);
+    let info = env.inspect(&src);
+    assert_eq!(info["Status"]["snapshots"], json!(["snap1"]), "{info}");
+    let dst2 = env.volume("dst2");
+    let from_snap = format!("from={src}@snap1");
+    env.create_ok(&dst2, &[from_snap.as_str()]);
+    let d2 = format!("{dst2}:/data");
+    let out = env.run_sh_ok(&["-v", &d2], "cat /data/f /data/g");
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        vec!["original", "source-later"],
+        "clone of {src}@snap1:\n{out}"
+    );
+    let out = env.create(&env.volume("dst3"), &[&format!("from={src}@nope")]);
+    assert!(
+        !out.success() && out.stderr.contains("nope"),
+        "from= a missing snapshot:\n{out}"
     );
 }
 
