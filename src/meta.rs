@@ -11,8 +11,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, LayerId, TreeId, VolumeId};
 
-/// The schema version of the whole index, stored under `meta/schema_version`.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema version of the whole index, stored under `meta/schema_version`. Upgrades run
+/// step by step at open (see `store::check_schema` and docs/FORMAT.md):
+/// - 1 -> 2 (layers): the `trees`, `layers` and `snapshots` column families are created;
+///   version 1 volume records are read as version 2 ([`VolumeRecord::decode`]). No rewrite.
+pub const SCHEMA_VERSION: u32 = 2;
 
 pub fn encode<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
     let mut v = vec![version];
