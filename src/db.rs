@@ -202,6 +202,9 @@ impl RocksEngine {
         opts.increase_parallelism(2);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
+        // RocksDB's own info logs: a few, small.
+        opts.set_keep_log_file_num(4);
+        opts.set_max_log_file_size(4 << 20);
         let mut block = rocksdb::BlockBasedOptions::default();
         let cache = rocksdb::Cache::new_lru_cache(64 << 20)?;
         block.set_block_cache(&cache);
@@ -225,22 +228,29 @@ impl RocksEngine {
             .ok_or_else(|| Error::Db(format!("column family {} missing", cf.name())))
     }
 
-    /// Compacts every column family, so that deleted keys give their space back (after gc).
+    /// Flushes the memtables and compacts every column family, so that deleted keys give
+    /// their space back (after gc).
     pub fn compact_all(&self) {
         for cf in Cf::ALL {
             if let Ok(h) = self.cf(cf) {
+                if let Err(e) = self.db.flush_cf(h) {
+                    tracing::warn!("flushing {}: {e}", cf.name());
+                }
                 self.db.compact_range_cf(h, None::<&[u8]>, None::<&[u8]>);
             }
         }
     }
 
-    /// Bytes of the index's files on disk.
+    /// Bytes of the index's files on disk (tables, write-ahead log, manifest).
     pub fn disk_bytes(&self) -> u64 {
-        self.db
-            .property_int_value("rocksdb.total-sst-files-size")
-            .ok()
-            .flatten()
-            .unwrap_or(0)
+        let Ok(rd) = std::fs::read_dir(self.db.path()) else {
+            return 0;
+        };
+        rd.flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
     }
 
     /// Pending compaction bytes, for status and metrics.
