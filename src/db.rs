@@ -202,9 +202,11 @@ impl RocksEngine {
         opts.increase_parallelism(2);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
-        // RocksDB's own info logs: a few, small.
-        opts.set_keep_log_file_num(4);
-        opts.set_max_log_file_size(4 << 20);
+        // RocksDB's own info log: warnings only, at most two small files (at info level it
+        // grows by megabytes under heavy writes).
+        opts.set_log_level(rocksdb::LogLevel::Warn);
+        opts.set_keep_log_file_num(2);
+        opts.set_max_log_file_size(1 << 20);
         let mut block = rocksdb::BlockBasedOptions::default();
         let cache = rocksdb::Cache::new_lru_cache(64 << 20)?;
         block.set_block_cache(&cache);
