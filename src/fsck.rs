@@ -282,20 +282,12 @@ pub fn check(
         .filter(|t| !live.contains(t))
         .copied()
         .collect();
+    let used = gc::mark(&*engine, &live)?;
     let mut leaked = (0u64, 0u64);
-    {
-        let mut used: HashSet<ChunkId> = HashSet::new();
-        for t in &live {
-            gc::for_each_extent(&*engine, *t, &mut |_, _, e| {
-                used.insert(e.chunk);
-                Ok(())
-            })?;
-        }
-        for (id, loc) in &index {
-            if !used.contains(id) {
-                leaked.0 += 1;
-                leaked.1 += loc.raw_len as u64;
-            }
+    for (id, loc) in &index {
+        if !used.contains(id) {
+            leaked.0 += 1;
+            leaked.1 += loc.raw_len as u64;
         }
     }
     rep.garbage_trees = dead.len() as u64;

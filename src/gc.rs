@@ -57,16 +57,30 @@ pub fn live_trees(store: &Store, registry: &Registry, extra: &[TreeId]) -> Resul
             live.extend(s.trees());
         }
     }
+    // Imported layers stay while `layers` lists them (until `layer rm`).
     for (t, rec) in layer::all_trees(engine)? {
-        if rec.kind == TreeKind::Import
-            && rec
-                .layer
-                .is_some_and(|id| layer::layer_tree(engine, &id).ok().flatten() == Some(t))
-        {
-            live.insert(t);
+        if let (TreeKind::Import, Some(id)) = (rec.kind, rec.layer) {
+            if layer::layer_tree(engine, &id)? == Some(t) {
+                live.insert(t);
+            }
         }
     }
     Ok(live)
+}
+
+/// The chunks the extents of `trees` point at.
+pub fn mark<'a>(
+    engine: &dyn Engine,
+    trees: impl IntoIterator<Item = &'a TreeId>,
+) -> Result<HashSet<ChunkId>> {
+    let mut marked = HashSet::new();
+    for t in trees {
+        for_each_extent(engine, *t, &mut |_, _, e| {
+            marked.insert(e.chunk);
+            Ok(())
+        })?;
+    }
+    Ok(marked)
 }
 
 /// Every tree that has keys or a record, found by skipping from tree prefix to tree prefix.
@@ -161,14 +175,7 @@ pub fn collect(store: &Store, registry: &Registry, extra_roots: &[TreeId]) -> Re
                 }
             }
             engine.write(b, true)?;
-            // Mark.
-            let mut marked: HashSet<ChunkId> = HashSet::new();
-            for t in &live {
-                for_each_extent(engine, *t, &mut |_, _, e| {
-                    marked.insert(e.chunk);
-                    Ok(())
-                })?;
-            }
+            let marked = mark(engine, &live)?;
             // Sweep the index.
             store.chunks.rotate();
             closed = store.chunks.packs()?;
@@ -284,19 +291,11 @@ pub fn df(store: &Store, registry: &Registry) -> Result<DfReport> {
     let engine = &*store.engine;
     let index = chunk_index(engine)?;
     let vols = registry.list()?;
+    // Every live tree's chunks, scanned once: volume and snapshot trees are among them.
     let mut tree_chunks: HashMap<TreeId, HashSet<ChunkId>> = HashMap::new();
-    let mut chunk_of = |t: TreeId| -> Result<HashSet<ChunkId>> {
-        if let Some(s) = tree_chunks.get(&t) {
-            return Ok(s.clone());
-        }
-        let mut s = HashSet::new();
-        for_each_extent(engine, t, &mut |_, _, e| {
-            s.insert(e.chunk);
-            Ok(())
-        })?;
-        tree_chunks.insert(t, s.clone());
-        Ok(s)
-    };
+    for t in live_trees(store, registry, &[])? {
+        tree_chunks.insert(t, mark(engine, [&t])?);
+    }
     // chunk -> indices of the volumes using it
     let mut owners: HashMap<ChunkId, Vec<usize>> = HashMap::new();
     let mut rep = DfReport::default();
@@ -309,12 +308,13 @@ pub fn df(store: &Store, registry: &Registry) -> Result<DfReport> {
             trees.extend(s.trees());
             rep.logical += s.used.max(0) as u64;
         }
-        let mut mine = HashSet::new();
-        for t in trees {
-            mine.extend(chunk_of(t)?);
-        }
+        let mine: HashSet<&ChunkId> = trees
+            .iter()
+            .filter_map(|t| tree_chunks.get(t))
+            .flatten()
+            .collect();
         for c in mine {
-            owners.entry(c).or_default().push(i);
+            owners.entry(*c).or_default().push(i);
         }
         rep.volumes.push(VolumeUsage {
             name: v.name.clone(),
@@ -335,13 +335,10 @@ pub fn df(store: &Store, registry: &Registry) -> Result<DfReport> {
         }
     }
     // Chunks used only by imported layers count as stored, not garbage.
-    let mut layer_only = HashSet::new();
-    for t in live_trees(store, registry, &[])? {
-        layer_only.extend(chunk_of(t)?);
-    }
+    let in_use: HashSet<&ChunkId> = tree_chunks.values().flatten().collect();
     for (c, l) in &index {
         if !owners.contains_key(c) {
-            if layer_only.contains(c) {
+            if in_use.contains(c) {
                 rep.stored += l.raw_len as u64;
             } else {
                 rep.garbage += l.raw_len as u64;

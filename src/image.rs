@@ -171,19 +171,24 @@ fn components(path: &[u8]) -> Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
-fn record_of(h: &tar::Header, kind: Kind) -> InodeRecord {
+/// The inode record of a tar entry; a header field that does not parse is an error naming it.
+fn record_of(h: &tar::Header, kind: Kind, path: &str) -> Result<InodeRecord> {
+    let field = |what: &str, v: std::io::Result<u64>| {
+        v.map_err(|e| Error::Invalid(format!("tarball entry {path:?}: bad {what}: {e}")))
+    };
     let mut rec = InodeRecord::new(
         kind,
-        h.mode().unwrap_or(0o644),
-        h.uid().unwrap_or(0) as u32,
-        h.gid().unwrap_or(0) as u32,
+        h.mode()
+            .map_err(|e| Error::Invalid(format!("tarball entry {path:?}: bad mode: {e}")))?,
+        field("uid", h.uid())? as u32,
+        field("gid", h.gid())? as u32,
     );
     let t = Ts {
-        secs: h.mtime().unwrap_or(0) as i64,
+        secs: field("mtime", h.mtime())? as i64,
         nsec: 0,
     };
     (rec.atime, rec.mtime, rec.ctime, rec.btime) = (t, t, t, t);
-    rec
+    Ok(rec)
 }
 
 /// A directory the tarball does not list (a parent of a listed path), or the root when it is
@@ -279,7 +284,7 @@ pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
                 }
             }
         }
-        let mut rec = record_of(&h, kind);
+        let mut rec = record_of(&h, kind, &shown(&raw_path))?;
         let mut item_extents = Vec::new();
         let mut link_to = None;
         match ty {
@@ -340,8 +345,16 @@ pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
                     rec.size = rec.target.len() as u64;
                 }
                 Kind::CharDev | Kind::BlockDev => {
-                    let major = h.device_major().ok().flatten().unwrap_or(0);
-                    let minor = h.device_minor().ok().flatten().unwrap_or(0);
+                    let dev = |v: std::io::Result<Option<u32>>| {
+                        v.map(|n| n.unwrap_or(0)).map_err(|e| {
+                            Error::Invalid(format!(
+                                "tarball entry {:?}: bad device number: {e}",
+                                shown(&raw_path)
+                            ))
+                        })
+                    };
+                    let major = dev(h.device_major())?;
+                    let minor = dev(h.device_minor())?;
                     rec.rdev = libc::makedev(major, minor) as u32;
                 }
                 _ => {}

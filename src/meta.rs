@@ -199,7 +199,7 @@ pub struct VolumeRecord {
 }
 
 /// Version 1 of the volume record (volfs 0.1): no lower trees.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct VolumeRecordV1 {
     id: VolumeId,
     name: String,
@@ -318,20 +318,9 @@ mod tests {
 
     #[test]
     fn version_1_volume_records_upgrade() {
-        #[derive(Serialize)]
-        struct V1 {
-            id: VolumeId,
-            name: String,
-            created: i64,
-            labels: BTreeMap<String, String>,
-            size: Option<u64>,
-            read_only: bool,
-            top: TreeId,
-            layers: Vec<LayerId>,
-        }
         let old = encode(
             1,
-            &V1 {
+            &VolumeRecordV1 {
                 id: VolumeId(3),
                 name: "db".into(),
                 created: 7,

@@ -97,29 +97,26 @@ impl Store {
     }
 }
 
+/// Checks the index's schema version, writing it into a new index and upgrading older ones
+/// step by step (see `meta::SCHEMA_VERSION`).
 fn check_schema(engine: &dyn Engine, data_dir: &Path) -> Result<()> {
+    let set_current = || {
+        let mut b = Batch::new();
+        b.put(
+            Cf::Meta,
+            b"schema_version".to_vec(),
+            SCHEMA_VERSION.to_le_bytes().to_vec(),
+        );
+        engine.write(b, true)
+    };
     match engine.get(Cf::Meta, b"schema_version")? {
-        None => {
-            let mut b = Batch::new();
-            b.put(
-                Cf::Meta,
-                b"schema_version".to_vec(),
-                SCHEMA_VERSION.to_le_bytes().to_vec(),
-            );
-            engine.write(b, true)
-        }
+        None => set_current(),
         Some(v) if v == SCHEMA_VERSION.to_le_bytes() => Ok(()),
         Some(v) if v == 1u32.to_le_bytes() => {
             // 1 -> 2: the new column families exist once the index is open; volume records
             // of version 1 are upgraded as they are read.
             tracing::info!(data_dir = %data_dir.display(), "upgrading the index from schema 1 to 2");
-            let mut b = Batch::new();
-            b.put(
-                Cf::Meta,
-                b"schema_version".to_vec(),
-                SCHEMA_VERSION.to_le_bytes().to_vec(),
-            );
-            engine.write(b, true)
+            set_current()
         }
         Some(v) => Err(Error::Invalid(format!(
             "data dir {} has schema version {:?}; this volfs reads version {SCHEMA_VERSION}",

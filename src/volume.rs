@@ -110,6 +110,14 @@ fn ino_hw(store: &Store, t: TreeId) -> Result<u64> {
     }
 }
 
+/// The inode high-water mark of a frozen tree, from its record. A missing record is an
+/// error: guessing could hand out inode numbers the tree already uses.
+fn frozen_ino_hw(store: &Store, t: TreeId) -> Result<u64> {
+    layer::get_tree(&*store.engine, t)?
+        .map(|r| r.ino_hw)
+        .ok_or_else(|| Error::Db(format!("frozen tree {} has no record", t.0)))
+}
+
 impl Registry {
     pub fn new(store: Arc<Store>) -> Self {
         Registry {
@@ -160,9 +168,7 @@ impl Registry {
             }
             Some((src, Some(snap))) => {
                 let (_, s) = self.snapshot(src, snap)?;
-                let hw = layer::get_tree(&*self.store.engine, s.tree)?
-                    .map(|t| t.ino_hw)
-                    .unwrap_or(ROOT_INO + 1);
+                let hw = frozen_ino_hw(&self.store, s.tree)?;
                 Some((s.trees(), hw, s.used))
             }
             None if !opts.layers.is_empty() => {
@@ -318,9 +324,7 @@ impl Registry {
         let _g = self.lock.lock();
         let (rec, snap) = self.snapshot(vol, name)?;
         let top = TreeId(self.store.next_id("tree")?);
-        let snap_hw = layer::get_tree(&*self.store.engine, snap.tree)?
-            .map(|t| t.ino_hw)
-            .unwrap_or(ROOT_INO + 1);
+        let snap_hw = frozen_ino_hw(&self.store, snap.tree)?;
         // Inode numbers are never reused: new ones start above everything handed out.
         let hw = ino_hw(&self.store, rec.top)?.max(snap_hw);
         let mut nrec = rec.clone();

@@ -128,19 +128,21 @@ pub fn volume_info(d: &Daemon, rec: &VolumeRecord) -> volfs::Result<VolumeInfo> 
     })
 }
 
-fn snapshot_info(d: &Daemon, vol: &str, s: &volfs::layer::SnapshotRecord) -> SnapshotInfo {
-    let layer = volfs::layer::get_tree(&*d.mounts.registry().store().engine, s.tree)
-        .ok()
-        .flatten()
+fn snapshot_info(
+    d: &Daemon,
+    vol: &str,
+    s: &volfs::layer::SnapshotRecord,
+) -> volfs::Result<SnapshotInfo> {
+    let layer = volfs::layer::get_tree(&*d.mounts.registry().store().engine, s.tree)?
         .and_then(|t| t.layer)
         .map(|l| l.to_hex());
-    SnapshotInfo {
+    Ok(SnapshotInfo {
         volume: vol.to_string(),
         name: s.name.clone(),
         created: api::rfc3339(s.created),
         bytes_used: s.used.max(0) as u64,
         layer,
-    }
+    })
 }
 
 /// A default snapshot name: the UTC time to the second.
@@ -155,12 +157,12 @@ async fn list_snapshots(
     Ok(Json(
         blocking(move || {
             let vol = VolumeName::new(&name)?;
-            Ok(d.mounts
+            d.mounts
                 .registry()
                 .snapshots(&vol)?
                 .iter()
                 .map(|s| snapshot_info(&d, &name, s))
-                .collect())
+                .collect()
         })
         .await?,
     ))
@@ -177,7 +179,7 @@ async fn create_snapshot(
             let snap = req.name.unwrap_or_else(default_snapshot_name);
             let s = d.mounts.snapshot(&vol, &snap)?;
             d.seal.notify_one();
-            Ok(snapshot_info(&d, &name, &s))
+            snapshot_info(&d, &name, &s)
         })
         .await?,
     ))

@@ -436,9 +436,23 @@ fn volume_inspect(client: &Client, args: InspectArgs, out: &mut dyn Write) -> Re
 
 fn volume_rm(client: &Client, args: RmArgs, out: &mut dyn Write) -> Result<i32> {
     let names = volume_names(&args.names)?;
+    let items = names
+        .iter()
+        .map(|n| {
+            (
+                format!("/v1/volumes/{n}?force={}", args.force),
+                n.to_string(),
+            )
+        })
+        .collect();
+    delete_each(client, items, out)
+}
+
+/// DELETEs each `(path, name)`, printing the name of each one removed. A refusal by the daemon
+/// is reported and the rest still go; all refusals make one error at the end.
+fn delete_each(client: &Client, items: Vec<(String, String)>, out: &mut dyn Write) -> Result<i32> {
     let mut failed = Vec::new();
-    for name in &names {
-        let path = format!("/v1/volumes/{name}?force={}", args.force);
+    for (path, name) in items {
         match client.delete::<serde_json::Value>(&path) {
             Ok(_) => writeln!(out, "{name}")?,
             Err(e @ ClientError::Api { .. }) => failed.push(e.to_string()),
@@ -542,9 +556,9 @@ fn snapshot_ls(client: &Client, args: SnapshotLsArgs, out: &mut dyn Write) -> Re
                 s.name.clone(),
                 s.created.clone(),
                 human_bytes(s.bytes_used),
-                s.layer
-                    .as_deref()
-                    .map_or("(sealing)".to_string(), |l| l[..16].to_string()),
+                s.layer.as_deref().map_or("(sealing)".to_string(), |l| {
+                    l.get(..16).unwrap_or(l).to_string()
+                }),
             ]
         })
         .collect();
@@ -558,18 +572,16 @@ fn snapshot_rm(client: &Client, args: SnapshotRmArgs, out: &mut dyn Write) -> Re
         .iter()
         .map(|t| snapshot_ref(t))
         .collect::<Result<Vec<_>>>()?;
-    let mut failed = Vec::new();
-    for (vol, snap) in refs {
-        match client.delete::<serde_json::Value>(&format!("/v1/volumes/{vol}/snapshots/{snap}")) {
-            Ok(_) => writeln!(out, "{vol}@{snap}")?,
-            Err(e @ ClientError::Api { .. }) => failed.push(e.to_string()),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    if !failed.is_empty() {
-        bail!("{}", failed.join("; "));
-    }
-    Ok(0)
+    let items = refs
+        .into_iter()
+        .map(|(vol, snap)| {
+            (
+                format!("/v1/volumes/{vol}/snapshots/{snap}"),
+                format!("{vol}@{snap}"),
+            )
+        })
+        .collect();
+    delete_each(client, items, out)
 }
 
 fn layer_id(s: &str) -> Result<LayerId> {
@@ -662,11 +674,11 @@ fn layer_rm(client: &Client, args: LayerRmArgs, out: &mut dyn Write) -> Result<i
         .iter()
         .map(|i| layer_id(i))
         .collect::<Result<Vec<_>>>()?;
-    for id in ids {
-        let _: serde_json::Value = client.delete(&format!("/v1/layers/{id}"))?;
-        writeln!(out, "{id}")?;
-    }
-    Ok(0)
+    let items = ids
+        .iter()
+        .map(|id| (format!("/v1/layers/{id}"), id.to_string()))
+        .collect();
+    delete_each(client, items, out)
 }
 
 fn df(client: &Client, args: JsonArgs, out: &mut dyn Write) -> Result<i32> {
