@@ -23,6 +23,7 @@
 //! | GET | /v1/df | | [`DfReport`] |
 //! | POST | /v1/gc | | [`GcReport`] |
 //! | POST | /v1/fsck | [`FsckRequest`] | [`FsckReport`] |
+//! | POST | /v1/cache/drop | | [`CacheDropped`] |
 //!
 //! Volume clones are `POST /v1/volumes` with the option `from=VOLUME[@SNAPSHOT]`; a mount
 //! request's volume may be `VOLUME@SNAPSHOT` (read-only).
@@ -229,4 +230,10 @@ mod tests {
         assert!(!labels_match(&l, &["env=prod".into()]));
         assert!(labels_match(&l, &[]));
     }
+}
+
+/// Answer to `POST /v1/cache/drop`: bytes the decoded-chunk cache held before it was emptied.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CacheDropped {
+    pub bytes: u64,
 }

@@ -177,7 +177,7 @@ pub fn collect(store: &Store, registry: &Registry, extra_roots: &[TreeId]) -> Re
             engine.write(b, true)?;
             let marked = mark(engine, &live)?;
             // Sweep the index.
-            store.chunks.rotate();
+            store.chunks.rotate()?;
             closed = store.chunks.packs()?;
             let mut b = Batch::new();
             for (id, loc) in chunk_index(engine)? {

@@ -61,6 +61,8 @@ impl<'a> TreeWriter<'a> {
 
     fn maybe_flush(&mut self) -> Result<()> {
         if self.b.ops.len() >= BATCH_OPS {
+            // The batch indexes chunks just put: their records must be in the OS first.
+            self.store.chunks.flush()?;
             self.store
                 .engine
                 .write(std::mem::take(&mut self.b), false)?;

@@ -1391,6 +1391,79 @@ fn posix_attributes_and_statfs() {
     assert!(s.f_namemax >= 255);
 }
 
+/// With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves dropping set-user-ID/set-group-ID to volfs:
+/// unprivileged writes and truncates drop them, chown always drops them, root's writes keep
+/// them. Checked with and without the writeback cache (a quota volume runs without it).
+#[test]
+fn privileges_dropped_on_write_truncate_and_chown() {
+    let d = Daemon::start();
+    for (name, opts) in [("kill-wb", &[][..]), ("kill-wt", &[("size", "10M")][..])] {
+        let m = d.volume_mounted(name, opts);
+        let f = m.join("f");
+        fs::write(&f, b"x").unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+        let set = |p: &Path, bits: u32| {
+            std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+            fs::set_permissions(p, fs::Permissions::from_mode(bits)).unwrap();
+            assert_eq!(mode(p), bits, "{name}: chmod");
+        };
+        let as_nobody = |script: &str| {
+            let out = run_with_timeout(
+                Command::new("setpriv")
+                    .args([
+                        "--reuid=65534",
+                        "--regid=65534",
+                        "--clear-groups",
+                        "sh",
+                        "-c",
+                    ])
+                    .arg(script)
+                    .arg("sh")
+                    .arg(&f),
+                Duration::from_secs(30),
+            );
+            assert!(out.success(), "{name}: {script}: {}", out.stderr);
+        };
+        set(&f, 0o6775);
+        as_nobody("printf more >> \"$1\"");
+        assert_eq!(mode(&f), 0o775, "{name}: unprivileged write");
+        assert_eq!(fs::read(&f).unwrap(), b"xmore", "{name}: the write itself");
+
+        set(&f, 0o6775);
+        as_nobody("truncate -s 1 \"$1\"");
+        assert_eq!(mode(&f), 0o775, "{name}: unprivileged truncate");
+
+        set(&f, 0o2664);
+        as_nobody("printf y >> \"$1\"");
+        assert_eq!(
+            mode(&f),
+            0o2664,
+            "{name}: set-group-ID without group exec is kept"
+        );
+
+        set(&f, 0o4755);
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&f)
+            .unwrap()
+            .write_all(b"root")
+            .unwrap();
+        assert_eq!(mode(&f), 0o4755, "{name}: root's write keeps set-user-ID");
+        std::os::unix::fs::chown(&f, Some(0), Some(0)).unwrap();
+        assert_eq!(mode(&f), 0o755, "{name}: chown drops set-user-ID");
+
+        let dir = m.join("dir");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o2775)).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+        assert_eq!(
+            mode(&dir),
+            0o2775,
+            "{name}: chown keeps a directory's set-group-ID"
+        );
+    }
+}
+
 // =============================================================================================
 // 4. One volume, two mountpoints
 // =============================================================================================

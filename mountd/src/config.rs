@@ -27,6 +27,10 @@ pub struct Config {
     pub attr_ttl_ms: u64,
     /// Kernel writeback cache. Env VOLFS_WRITEBACK_CACHE.
     pub writeback_cache: bool,
+    /// Percent of the kernel's dirty-page limit one volume connection may hold (1-100; the
+    /// kernel's FUSE default is 1% with a strict per-device limit, which stalls writers at
+    /// ~50 MiB of dirty data); 0 keeps the kernel default. Env VOLFS_FUSE_DIRTY_MAX_RATIO.
+    pub fuse_dirty_max_ratio: u32,
     /// Mount volume connections as type `fuse.volfs` (true) or plain `fuse` (false, which
     /// fstests requires). Env VOLFS_FUSE_SUBTYPE.
     pub fuse_subtype: bool,
@@ -51,6 +55,7 @@ impl Default for Config {
             fuse_threads: 4,
             attr_ttl_ms: 10_000,
             writeback_cache: true,
+            fuse_dirty_max_ratio: 50,
             fuse_subtype: true,
             log_format: "text".into(),
             plugin_socket: "/run/docker/plugins/volfs.sock".into(),
@@ -113,6 +118,15 @@ impl Config {
         }
         if let Some(v) = env("VOLFS_WRITEBACK_CACHE") {
             self.writeback_cache = parse("VOLFS_WRITEBACK_CACHE", v)?;
+        }
+        if let Some(v) = env("VOLFS_FUSE_DIRTY_MAX_RATIO") {
+            self.fuse_dirty_max_ratio = parse("VOLFS_FUSE_DIRTY_MAX_RATIO", v)?;
+        }
+        if self.fuse_dirty_max_ratio > 100 {
+            anyhow::bail!(
+                "fuse_dirty_max_ratio is {}: it is a percentage, 0 (kernel default) to 100",
+                self.fuse_dirty_max_ratio
+            );
         }
         if let Some(v) = env("VOLFS_FUSE_SUBTYPE") {
             self.fuse_subtype = parse("VOLFS_FUSE_SUBTYPE", v)?;

@@ -87,6 +87,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/df", get(df))
         .route("/v1/gc", post(gc))
         .route("/v1/fsck", post(fsck))
+        .route("/v1/cache/drop", post(drop_cache))
         .with_state(d)
 }
 
@@ -304,6 +305,11 @@ pub fn run_gc(d: &Daemon) -> volfs::Result<api::GcReport> {
 
 async fn gc(State(d): State<Arc<Daemon>>) -> ApiResult<api::GcReport> {
     Ok(Json(blocking(move || run_gc(&d)).await?))
+}
+
+async fn drop_cache(State(d): State<Arc<Daemon>>) -> ApiResult<api::CacheDropped> {
+    let bytes = d.mounts.registry().store().chunks.clear_cache();
+    Ok(Json(api::CacheDropped { bytes }))
 }
 
 async fn fsck(

@@ -33,6 +33,10 @@ pub struct FuseOptions {
     pub workers: usize,
     /// Filesystem type in /proc/mounts: `fuse.volfs`, or `fuse` when false.
     pub subtype: bool,
+    /// Share (percent) of the kernel's dirty-page limit one connection may hold, with the
+    /// FUSE-only strict limit lifted; `None` keeps the kernel's FUSE default (1%, strict),
+    /// under which writers stall at ~50 MiB of dirty data.
+    pub dirty_max_ratio: Option<u32>,
 }
 
 impl Default for FuseOptions {
@@ -42,6 +46,7 @@ impl Default for FuseOptions {
             writeback_cache: true,
             workers: 4,
             subtype: true,
+            dirty_max_ratio: Some(50),
         }
     }
 }
@@ -203,6 +208,9 @@ impl Filesystem for FuseFs {
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_CACHE_SYMLINKS
+            // We drop suid/sgid/capabilities on write, truncate and chown ourselves, so the
+            // kernel stops asking getxattr("security.capability") before every write.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2
             | InitFlags::FUSE_ASYNC_DIO;
         if self.opts.writeback_cache {
             want |= InitFlags::FUSE_WRITEBACK_CACHE;
@@ -241,7 +249,7 @@ impl Filesystem for FuseFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -265,6 +273,10 @@ impl Filesystem for FuseFs {
             atime: set_time(atime),
             mtime: set_time(mtime),
             ctime,
+            // With HANDLE_KILLPRIV_V2 the kernel leaves this to us: chown always drops the
+            // bits (as Linux does), truncate when the caller is not root (fuser does not pass
+            // FATTR_KILL_SUIDGID, so root stands in for CAP_FSETID).
+            kill_privs: uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0),
         };
         let a = try_reply!(self, "setattr", reply, self.fs.setattr(ino.0, &s));
         reply.attr(&self.opts.ttl, &fattr(&a))
@@ -424,12 +436,18 @@ impl Filesystem for FuseFs {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let n = try_reply!(self, "write", reply, self.fs.write(ino.0, offset, data));
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        let n = try_reply!(
+            self,
+            "write",
+            reply,
+            self.fs.write(ino.0, offset, data, kill)
+        );
         reply.written(n)
     }
 

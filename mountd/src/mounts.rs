@@ -251,6 +251,9 @@ impl Mounts {
         cfg.n_threads = Some(self.fuse.workers.max(1));
         cfg.clone_fd = true;
         let fuse_opts = self.fuse_options(rec.size.is_some());
+        let fuse_opts_dirty = fuse_opts
+            .dirty_max_ratio
+            .filter(|_| fuse_opts.writeback_cache);
         fs.set_kernel_times(fuse_opts.writeback_cache);
         let session = fuser::Session::from_fd(
             FuseFs::new(fs.clone(), fuse_opts),
@@ -277,6 +280,9 @@ impl Mounts {
                 )
             })?
             .dev();
+        if let Some(ratio) = fuse_opts_dirty {
+            set_dirty_limit(dev, ratio);
+        }
         tracing::info!(volume = %vol, primary = %primary.display(), "volume connection up");
         active.insert(
             vol.to_string(),
@@ -789,5 +795,23 @@ mod tests {
         assert!(!m.read_only);
         assert_eq!(m.dev, libc::makedev(0, 52));
         assert!(parse_mountinfo_line("garbage").is_none());
+    }
+}
+
+/// Lets one connection's backing device hold `ratio` percent of the kernel's dirty-page
+/// limit, like a local disk, instead of FUSE's strict 1% (writers of a volfs volume would
+/// otherwise stall at ~50 MiB of dirty pages, and random writes never coalesce). The daemon is
+/// root and trusted, which is what the FUSE default guards against. Best effort: an old
+/// kernel without these knobs keeps its default, with a log line.
+fn set_dirty_limit(dev: u64, ratio: u32) {
+    let bdi = PathBuf::from(format!(
+        "/sys/class/bdi/{}:{}",
+        libc::major(dev),
+        libc::minor(dev)
+    ));
+    for (knob, value) in [("strict_limit", 0), ("max_ratio", ratio)] {
+        if let Err(e) = std::fs::write(bdi.join(knob), format!("{value}\n")) {
+            tracing::warn!(bdi = %bdi.display(), "cannot set {knob} to {value}: {e}");
+        }
     }
 }

@@ -16,9 +16,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use volfs::api::{
-    self, CreateSnapshot, CreateVolume, DfReport, ExportLayer, FsckReport, FsckRequest, GcReport,
-    ImportLayer, ImportedLayer, LayerInfo, MountInfo, MountRequest, PruneReply, PruneRequest,
-    RollbackRequest, SnapshotInfo, Status, UnmountRequest, VolumeInfo, DEFAULT_SOCKET,
+    self, CacheDropped, CreateSnapshot, CreateVolume, DfReport, ExportLayer, FsckReport,
+    FsckRequest, GcReport, ImportLayer, ImportedLayer, LayerInfo, MountInfo, MountRequest,
+    PruneReply, PruneRequest, RollbackRequest, SnapshotInfo, Status, UnmountRequest, VolumeInfo,
+    DEFAULT_SOCKET,
 };
 use volfs::client::{Client, ClientError};
 use volfs::ids::{LayerId, VolumeName, VolumeRef};
@@ -68,11 +69,21 @@ enum Command {
     Gc(JsonArgs),
     /// Check every reference and every chunk's hash; exits 1 when problems remain.
     Fsck(FsckArgs),
+    /// Manage the daemon's caches (`volfs cache drop` empties the decoded-chunk cache, for
+    /// cold-cache measurements together with `echo 3 > /proc/sys/vm/drop_caches`).
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
     Completions { shell: clap_complete::Shell },
     /// Write man pages for volfs and its subcommands into a directory.
     #[command(hide = true)]
     Manpages { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Empty the daemon's decoded-chunk cache.
+    Drop,
 }
 
 #[derive(Debug, Subcommand)]
@@ -340,6 +351,11 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Layer(LayerCommand::Rm(a)) => layer_rm(&client, a, &mut out)?,
         Command::Df(a) => df(&client, a, &mut out)?,
         Command::Gc(a) => gc(&client, a, &mut out)?,
+        Command::Cache(CacheCommand::Drop) => {
+            let r: CacheDropped = client.post("/v1/cache/drop", &serde_json::json!({}))?;
+            writeln!(out, "dropped {} of cached chunks", human_bytes(r.bytes))?;
+            0
+        }
         Command::Fsck(a) => fsck(&client, a, &mut out)?,
         Command::Mount(a) => mount(&client, a)?,
         Command::Umount(a) => umount(&client, a)?,

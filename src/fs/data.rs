@@ -117,7 +117,9 @@ impl VolumeFs {
         Ok(buf)
     }
 
-    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<u32> {
+    /// Buffers `data` at `off`. `kill_privs`: the kernel asks us to drop set-user-ID,
+    /// set-group-ID and capabilities (an unprivileged writer; FUSE_WRITE_KILL_SUIDGID).
+    pub fn write(&self, ino: u64, off: u64, data: &[u8], kill_privs: bool) -> Result<u32> {
         let _w = self.writer()?;
         let end = off
             .checked_add(data.len() as u64)
@@ -131,6 +133,15 @@ impl VolumeFs {
         }
         if data.is_empty() {
             return Ok(0);
+        }
+        if kill_privs {
+            self.own(ino, &mut st)?;
+            let mut b = Batch::new();
+            if self.kill_privs_locked(ino, &mut st, &mut b)? {
+                st.rec.ctime = Ts::now();
+                self.persist_rec(&mut b, ino, &st.rec);
+                self.engine.write(b, false)?;
+            }
         }
         // Quota: bytes that land on holes or past the end are new allocation.
         if let Some(q) = self.quota {
@@ -221,19 +232,26 @@ impl VolumeFs {
                 let start = left.map(|(o, _)| o).unwrap_or(a);
                 let stop = right.map(|(o, e)| o + e.len as u64).unwrap_or(end);
                 let keep_tail = mode == Commit::KeepTail && left.is_none() && end >= size;
-                let mut region = Vec::with_capacity((stop - start) as usize);
-                if let Some((o, e)) = left {
-                    region.extend_from_slice(&extent_bytes(&chunks, &e, 0, (a - o) as u32)?);
-                }
-                region.extend_from_slice(&data);
-                if let Some((o, e)) = right {
-                    let from = (end - o) as u32;
-                    region.extend_from_slice(&extent_bytes(&chunks, &e, from, e.len - from)?);
-                }
+                let region = if left.is_none() && right.is_none() {
+                    data // the common case (appends, whole rewrites): no copy
+                } else {
+                    let mut region = Vec::with_capacity((stop - start) as usize);
+                    if let Some((o, e)) = left {
+                        region.extend_from_slice(&extent_bytes(&chunks, &e, 0, (a - o) as u32)?);
+                    }
+                    region.extend_from_slice(&data);
+                    if let Some((o, e)) = right {
+                        let from = (end - o) as u32;
+                        region.extend_from_slice(&extent_bytes(&chunks, &e, from, e.len - from)?);
+                    }
+                    region
+                };
                 let cuts = chunker::split(&region, !keep_tail);
                 let consumed: usize = cuts.iter().sum();
                 if consumed == 0 {
-                    keep.insert(a, data);
+                    // Only in keep-tail mode, which has no committed bytes at the edges: the
+                    // region is the buffered data itself.
+                    keep.insert(a, region);
                     continue;
                 }
                 let commit_end = start + consumed as u64;
@@ -294,8 +312,11 @@ impl VolumeFs {
         st.rec.alloc = (st.rec.alloc as i64 + delta).max(0) as u64;
         self.persist_rec(&mut b, ino, &st.rec);
         b.add(Cf::Counters, meta::used_key(self.id), delta);
+        // The batch indexes the chunks just put: their records go to the OS (or disk) first.
         if sync {
             self.store.chunks.sync()?;
+        } else {
+            self.store.chunks.flush()?;
         }
         self.engine.write(b, sync)?;
         self.used.fetch_add(delta, Ordering::Relaxed);

@@ -97,6 +97,9 @@ pub struct SetAttr {
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
     pub ctime: Option<SystemTime>,
+    /// Drop set-user-ID, set-group-ID and file capabilities (a truncate or chown by an
+    /// unprivileged caller; see `kill_privs_locked`). An explicit `mode` wins.
+    pub kill_privs: bool,
 }
 
 /// One directory entry as listed by `readdir`.
@@ -468,6 +471,9 @@ impl VolumeFs {
             }
             self.truncate_locked(ino, &mut st, size, &mut b)?;
             st.rec.mtime = now;
+        }
+        if s.kill_privs && st.rec.kind != Kind::Dir {
+            self.kill_privs_locked(ino, &mut st, &mut b)?;
         }
         if let Some(mode) = s.mode {
             st.rec.perm = mode & 0o7777;

@@ -1,7 +1,7 @@
 //! Extended attributes, stored per inode in the `xattrs` column family. POSIX ACL names are
 //! refused with EOPNOTSUPP (volfs does not implement ACLs); the kernel checks namespace
 //! permissions (trusted.*, user.* on special files) before calling.
-use super::VolumeFs;
+use super::{NodeState, VolumeFs};
 use crate::db::{Batch, Cf};
 use crate::error::{posix, Result};
 use crate::meta::{self, Ts};
@@ -98,4 +98,35 @@ impl VolumeFs {
         self.persist_rec(&mut b, ino, &st.rec);
         self.engine.write(b, false)
     }
+
+    /// What the kernel leaves to us with FUSE_HANDLE_KILLPRIV_V2: a write, truncate or chown
+    /// by an unprivileged caller drops set-user-ID, set-group-ID (when group-executable, as
+    /// Linux does) and the file capability xattr. Changes `st.rec` (the caller persists it)
+    /// and queues the xattr removal in `b`. Returns whether anything changed.
+    pub(super) fn kill_privs_locked(
+        &self,
+        ino: u64,
+        st: &mut NodeState,
+        b: &mut Batch,
+    ) -> Result<bool> {
+        let mut changed = false;
+        let p = st.rec.perm;
+        let mut np = p & !(libc::S_ISUID as u32);
+        if np & 0o010 != 0 {
+            np &= !(libc::S_ISGID as u32);
+        }
+        if np != p {
+            st.rec.perm = np;
+            changed = true;
+        }
+        let key = meta::xattr_key(st.tree, ino, CAPABILITY_XATTR);
+        if self.engine.get(Cf::Xattrs, &key)?.is_some() {
+            self.own(ino, st)?;
+            b.delete(Cf::Xattrs, meta::xattr_key(st.tree, ino, CAPABILITY_XATTR));
+            changed = true;
+        }
+        Ok(changed)
+    }
 }
+
+const CAPABILITY_XATTR: &[u8] = b"security.capability";
