@@ -111,9 +111,9 @@ impl VolumeFs {
     ) -> Result<bool> {
         let mut changed = false;
         let p = st.rec.perm;
-        let mut np = p & !(libc::S_ISUID as u32);
+        let mut np = p & !libc::S_ISUID;
         if np & 0o010 != 0 {
-            np &= !(libc::S_ISGID as u32);
+            np &= !libc::S_ISGID;
         }
         if np != p {
             st.rec.perm = np;
