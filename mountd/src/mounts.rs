@@ -781,23 +781,6 @@ impl Mounts {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_mountinfo_lines() {
-        let l = "36 35 0:52 / /mnt/my\\040data rw,nosuid,nodev,relatime shared:1 - fuse.volfs data1 rw,user_id=0";
-        let m = parse_mountinfo_line(l).unwrap();
-        assert_eq!(m.target, PathBuf::from("/mnt/my data"));
-        assert_eq!(m.fstype, "fuse.volfs");
-        assert_eq!(m.source, "data1");
-        assert!(!m.read_only);
-        assert_eq!(m.dev, libc::makedev(0, 52));
-        assert!(parse_mountinfo_line("garbage").is_none());
-    }
-}
-
 /// Lets one connection's backing device hold `ratio` percent of the kernel's dirty-page
 /// limit, like a local disk, instead of FUSE's strict 1% (writers of a volfs volume would
 /// otherwise stall at ~50 MiB of dirty pages, and random writes never coalesce). The daemon is
@@ -813,5 +796,22 @@ fn set_dirty_limit(dev: u64, ratio: u32) {
         if let Err(e) = std::fs::write(bdi.join(knob), format!("{value}\n")) {
             tracing::warn!(bdi = %bdi.display(), "cannot set {knob} to {value}: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mountinfo_lines() {
+        let l = "36 35 0:52 / /mnt/my\\040data rw,nosuid,nodev,relatime shared:1 - fuse.volfs data1 rw,user_id=0";
+        let m = parse_mountinfo_line(l).unwrap();
+        assert_eq!(m.target, PathBuf::from("/mnt/my data"));
+        assert_eq!(m.fstype, "fuse.volfs");
+        assert_eq!(m.source, "data1");
+        assert!(!m.read_only);
+        assert_eq!(m.dev, libc::makedev(0, 52));
+        assert!(parse_mountinfo_line("garbage").is_none());
     }
 }
