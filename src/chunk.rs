@@ -119,7 +119,7 @@ impl ChunkLoc {
 /// Block size of `O_DIRECT` writes (offsets, lengths and buffer addresses).
 const BLOCK: usize = 4096;
 /// Buffered records are written out once this many whole blocks are ready.
-const DIRECT_BATCH: usize = 1 << 20;
+const DIRECT_BATCH: usize = 8 << 20;
 
 /// A byte buffer whose start is `BLOCK`-aligned in memory, as `O_DIRECT` requires.
 struct AlignedBuf {
@@ -227,7 +227,7 @@ pub struct ChunkStore {
     readers: RwLock<HashMap<u32, Arc<File>>>,
     /// Packs written since the last [`ChunkStore::sync`].
     unsynced: Mutex<HashSet<u32>>,
-    cache: quick_cache::sync::Cache<ChunkId, Arc<[u8]>, ChunkWeighter>,
+    cache: quick_cache::sync::Cache<ChunkId, Arc<Vec<u8>>, ChunkWeighter>,
     pub stats: ChunkStats,
     /// Held shared by every writer from its first `put` (or its first read of extents it will
     /// copy) until the index batch that references the chunks is written
@@ -246,8 +246,8 @@ pub struct ChunkStats {
 
 #[derive(Clone)]
 struct ChunkWeighter;
-impl quick_cache::Weighter<ChunkId, Arc<[u8]>> for ChunkWeighter {
-    fn weight(&self, _k: &ChunkId, v: &Arc<[u8]>) -> u64 {
+impl quick_cache::Weighter<ChunkId, Arc<Vec<u8>>> for ChunkWeighter {
+    fn weight(&self, _k: &ChunkId, v: &Arc<Vec<u8>>) -> u64 {
         v.len() as u64 + 64
     }
 }
@@ -295,13 +295,18 @@ impl ChunkStore {
     /// Stores `data` unless a chunk with its id exists. Returns the id and, for a new chunk,
     /// the index entry the caller must add to its batch (see the module's durability contract).
     pub fn put(&self, data: &[u8]) -> Result<(ChunkId, Option<ChunkLoc>)> {
-        let id = ChunkId::of(data);
+        self.put_hashed(ChunkId::of(data), data)
+    }
+
+    /// [`ChunkStore::put`] for a chunk whose id the caller computed ([`ids_of`]).
+    pub fn put_hashed(&self, id: ChunkId, data: &[u8]) -> Result<(ChunkId, Option<ChunkLoc>)> {
+        debug_assert_eq!(id, ChunkId::of(data));
         if self.contains(&id)? {
             self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
             return Ok((id, None));
         }
         let loc = self.append(&id, data)?;
-        self.cache.insert(id, Arc::from(data));
+        self.cache.insert(id, Arc::new(data.to_vec()));
         self.stats.written.fetch_add(1, Ordering::Relaxed);
         Ok((id, Some(loc)))
     }
@@ -523,13 +528,13 @@ impl ChunkStore {
     }
 
     /// Reads and verifies a chunk.
-    pub fn get(&self, id: &ChunkId) -> Result<Arc<[u8]>> {
+    pub fn get(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
         if let Some(d) = self.cache.get(id) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(d);
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
-        let data: Arc<[u8]> = Arc::from(self.read_verified(id)?);
+        let data = Arc::new(self.read_verified(id)?);
         self.cache.insert(*id, data.clone());
         Ok(data)
     }
@@ -550,24 +555,26 @@ impl ChunkStore {
                     .map_err(|e| self.corrupt(id, format!("pack {:08x}: {e}", loc.pack)))?
             }
         };
-        let mut rec = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
-        f.read_exact_at(&mut rec, loc.offset).map_err(|e| {
+        // Header and payload in one system call, the payload straight into the buffer that
+        // is returned (and cached): no copies for uncompressed chunks.
+        let mut hdr = [0u8; RECORD_HEADER_LEN];
+        let mut payload = vec![0u8; loc.stored_len as usize];
+        read_exact_vectored_at(&f, &mut hdr, &mut payload, loc.offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 self.corrupt(id, format!("pack {:08x} is truncated", loc.pack))
             } else {
                 Error::io(format!("reading chunk {id} from pack {:08x}", loc.pack), e)
             }
         })?;
-        let (hdr, payload) = rec.split_at(RECORD_HEADER_LEN);
         if &hdr[0..4] != RECORD_MAGIC || hdr[4] != RECORD_VERSION || hdr[16..48] != id.0 {
             return Err(self.corrupt(id, "record header does not match".into()));
         }
         let raw_len = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
         let data = match Compression::from_code(hdr[5]) {
-            Some(Compression::None) => payload.to_vec(),
-            Some(Compression::Lz4) => lz4_flex::decompress(payload, raw_len)
+            Some(Compression::None) => payload,
+            Some(Compression::Lz4) => lz4_flex::decompress(&payload, raw_len)
                 .map_err(|e| self.corrupt(id, format!("lz4: {e}")))?,
-            Some(Compression::Zstd) => zstd::bulk::decompress(payload, raw_len)
+            Some(Compression::Zstd) => zstd::bulk::decompress(&payload, raw_len)
                 .map_err(|e| self.corrupt(id, format!("zstd: {e}")))?,
             None => return Err(self.corrupt(id, format!("unknown compression {}", hdr[5]))),
         };
@@ -606,6 +613,83 @@ impl ChunkStore {
             .map(|m| m.len())
             .sum()
     }
+}
+
+/// Ids of the consecutive chunks of `data` with lengths `cuts`, hashed on two threads when
+/// there is much to hash.
+pub fn ids_of(data: &[u8], cuts: &[usize]) -> Vec<ChunkId> {
+    let pieces: Vec<&[u8]> = cuts
+        .iter()
+        .scan(0usize, |pos, &n| {
+            let p = &data[*pos..*pos + n];
+            *pos += n;
+            Some(p)
+        })
+        .collect();
+    if data.len() < (4 << 20) || pieces.len() < 2 {
+        return pieces.into_iter().map(ChunkId::of).collect();
+    }
+    let (a, b) = pieces.split_at(pieces.len() / 2);
+    std::thread::scope(|s| {
+        let second = s.spawn(|| b.iter().map(|p| ChunkId::of(p)).collect::<Vec<_>>());
+        let mut ids: Vec<ChunkId> = a.iter().map(|p| ChunkId::of(p)).collect();
+        match second.join() {
+            Ok(rest) => ids.extend(rest),
+            Err(_) => ids.extend(b.iter().map(|p| ChunkId::of(p))),
+        }
+        ids
+    })
+}
+
+/// `pread` of `a` then `b` from `offset`, retried until both are full; EOF before that is
+/// `UnexpectedEof`.
+fn read_exact_vectored_at(
+    f: &File,
+    a: &mut [u8],
+    b: &mut [u8],
+    offset: u64,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let total = a.len() + b.len();
+    let mut done = 0usize;
+    while done < total {
+        let (pa, pb): (&mut [u8], &mut [u8]) = if done < a.len() {
+            (&mut a[done..], &mut b[..])
+        } else {
+            (&mut [], &mut b[done - a.len()..])
+        };
+        let iov = [
+            libc::iovec {
+                iov_base: pa.as_mut_ptr().cast(),
+                iov_len: pa.len(),
+            },
+            libc::iovec {
+                iov_base: pb.as_mut_ptr().cast(),
+                iov_len: pb.len(),
+            },
+        ];
+        // SAFETY: both iovecs point into live, exclusively borrowed buffers of the given
+        // lengths, and the kernel writes at most that many bytes into them.
+        let n = unsafe {
+            libc::preadv(
+                f.as_raw_fd(),
+                iov.as_ptr(),
+                2,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        match n {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => done += n as usize,
+        }
+    }
+    Ok(())
 }
 
 fn pack_id_of(name: &str) -> Option<u32> {

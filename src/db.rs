@@ -202,6 +202,7 @@ impl RocksEngine {
         opts.increase_parallelism(2);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
+        opts.set_db_write_buffer_size(64 << 20);
         // RocksDB's own info log: warnings only, at most two small files (at info level it
         // grows by megabytes under heavy writes).
         opts.set_log_level(rocksdb::LogLevel::Warn);
@@ -215,6 +216,13 @@ impl RocksEngine {
         let cfs = Cf::ALL.iter().map(|cf| {
             let mut o = rocksdb::Options::default();
             o.set_block_based_table_factory(&block);
+            // Small memtables: a point lookup in a skiplist of a few hundred thousand keys
+            // costs more than one in a cached table block with a bloom filter, and memtables
+            // are resident memory. The bloom filter lets absent keys (lookups that fall
+            // through a snapshot layer) skip the memtable search.
+            o.set_write_buffer_size(8 << 20);
+            o.set_memtable_whole_key_filtering(true);
+            o.set_memtable_prefix_bloom_ratio(0.05);
             if *cf == Cf::Counters {
                 o.set_merge_operator_associative("volfs_add_i64", add_merge);
             }

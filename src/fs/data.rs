@@ -263,10 +263,11 @@ impl VolumeFs {
                         b.delete(Cf::Extents, meta::extent_key(top, ino, o));
                     }
                 }
+                let ids = crate::chunk::ids_of(&region[..consumed], &cuts);
                 let mut pos = 0usize;
-                for n in cuts {
+                for (n, id) in cuts.into_iter().zip(ids) {
                     let piece = &region[pos..pos + n];
-                    let (id, loc) = chunks.put(piece)?;
+                    let (id, loc) = chunks.put_hashed(id, piece)?;
                     if let Some(loc) = loc {
                         ChunkStore::index(&mut b, &id, &loc);
                     }
