@@ -530,13 +530,20 @@ impl Filesystem for FuseFs {
         let entries = try_reply!(self, "readdirplus", reply, self.fs.readdir(fh.0, offset));
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let dot = e.name == b"." || e.name == b"..";
-            // "." and ".." carry no lookup reference.
+            // "." and ".." carry no lookup reference; every other entry takes one, which the
+            // kernel holds for each entry it accepts (one node lock per entry).
             let attr = if dot {
                 self.fs.getattr(ino.0)
             } else {
-                self.fs.getattr(e.ino)
+                self.fs.entry_attr(e.ino)
             };
-            let Ok(a) = attr else { continue };
+            let a = match attr {
+                Ok(a) => a,
+                Err(err) => {
+                    tracing::debug!("readdirplus entry vanished: {err}");
+                    continue;
+                }
+            };
             if reply.add(
                 INodeNo(e.ino),
                 (i + 1) as u64,
@@ -545,13 +552,11 @@ impl Filesystem for FuseFs {
                 &fattr(&a),
                 Generation(0),
             ) {
-                break;
-            }
-            if !dot {
-                // The kernel holds a reference for each entry it accepted.
-                if let Err(e) = self.fs.entry_attr(e.ino) {
-                    tracing::debug!("readdirplus entry vanished: {e}");
+                // The buffer is full: this entry was not sent, so give its reference back.
+                if !dot {
+                    self.fs.forget(e.ino, 1);
                 }
+                break;
             }
         }
         reply.ok()
