@@ -2507,6 +2507,42 @@ fn streaming_appends_with_concurrent_reads_and_overwrites() {
     assert_bytes_eq(&fs::read(&p).unwrap(), &data, "after kill -9 and a restart");
 }
 
+/// One commit can hold several ranges inside one old chunk: the first range rewrites the whole
+/// chunk, the next one reads its edge back from that new chunk before the commit's batch has
+/// indexed it. With a tiny chunk cache the new chunk is already evicted, so the commit must
+/// find it by itself (this failed with EIO "missing from the chunk index").
+#[test]
+fn one_commit_with_ranges_inside_one_chunk() {
+    let d = Daemon::start_with_env(&[("VOLFS_CHUNK_CACHE_MB", "1")]);
+    let m = d.volume_mounted("edges", &[]);
+    let p = m.join("f");
+    let size = 32 * MIB as usize;
+    let mut data = pseudo_random(size, 40);
+    fs::write(&p, &data).unwrap();
+    File::open(&p).unwrap().sync_all().unwrap();
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    // Pairs of 4 KiB pages a few pages apart, all over the file, one fsync for all of them.
+    for i in 0..256usize {
+        for (k, page) in [1usize, 3].into_iter().enumerate() {
+            let off = i * 128 * 1024 + page * 4096;
+            let patch = pseudo_random(4096, 1000 + (i * 2 + k) as u64);
+            f.write_all_at(&patch, off as u64).unwrap();
+            data[off..off + 4096].copy_from_slice(&patch);
+        }
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    assert_bytes_eq(
+        &read_direct(&p).unwrap(),
+        &data,
+        "after the paired rewrites",
+    );
+    assert!(
+        !d.log().contains("missing from the chunk index"),
+        "the daemon logged a missing chunk"
+    );
+}
+
 #[test]
 fn identical_data_and_copies_are_stored_once() {
     let d = Daemon::start();

@@ -11,7 +11,7 @@
 //!
 //! Durability contract: after `fsync` returns, every byte written before it is in a pack file
 //! that was fdatasync'ed, and the batch that references it was written with a synced WAL.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -20,6 +20,7 @@ use crate::chunk::ChunkStore;
 use crate::chunker;
 use crate::db::{Batch, Cf};
 use crate::error::{posix, Error, Result};
+use crate::ids::ChunkId;
 use crate::meta::{self, Extent, Kind, Ts};
 
 /// A file buffering more than this commits its complete chunks.
@@ -213,6 +214,10 @@ impl VolumeFs {
         let mut keep: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut b = Batch::new();
         let mut delta: i64 = 0;
+        // Chunks stored by this commit are not in the index until its batch is written, and
+        // the read cache may already have dropped them: a later range whose edge falls in one
+        // of them (two ranges inside one old extent) reads it from here.
+        let mut fresh: HashMap<ChunkId, (Arc<Vec<u8>>, usize)> = HashMap::new();
         let result = (|| -> Result<()> {
             for (a, data) in dirty {
                 let end = a + data.len() as u64;
@@ -235,14 +240,23 @@ impl VolumeFs {
                 let region = if left.is_none() && right.is_none() {
                     data // the common case (appends, whole rewrites): no copy
                 } else {
+                    let edge = |e: &Extent, from: u32, len: u32| -> Result<Vec<u8>> {
+                        match fresh.get(&e.chunk) {
+                            Some((buf, pos)) => {
+                                let s = pos + (e.chunk_off + from) as usize;
+                                Ok(buf[s..s + len as usize].to_vec())
+                            }
+                            None => extent_bytes(&chunks, e, from, len),
+                        }
+                    };
                     let mut region = Vec::with_capacity((stop - start) as usize);
                     if let Some((o, e)) = left {
-                        region.extend_from_slice(&extent_bytes(&chunks, &e, 0, (a - o) as u32)?);
+                        region.extend_from_slice(&edge(&e, 0, (a - o) as u32)?);
                     }
                     region.extend_from_slice(&data);
                     if let Some((o, e)) = right {
                         let from = (end - o) as u32;
-                        region.extend_from_slice(&extent_bytes(&chunks, &e, from, e.len - from)?);
+                        region.extend_from_slice(&edge(&e, from, e.len - from)?);
                     }
                     region
                 };
@@ -255,6 +269,7 @@ impl VolumeFs {
                     continue;
                 }
                 let commit_end = start + consumed as u64;
+                let region = Arc::new(region);
                 // Remove the old extents the committed part replaces.
                 let old: Vec<u64> = ext.range(start..commit_end).map(|(o, _)| *o).collect();
                 for o in old {
@@ -283,6 +298,7 @@ impl VolumeFs {
                         meta::encode(meta::EXTENT_VERSION, &e),
                     );
                     ext.insert(o, e);
+                    fresh.insert(id, (region.clone(), pos));
                     delta += n as i64;
                     pos += n;
                 }
