@@ -309,6 +309,7 @@ async fn gc(State(d): State<Arc<Daemon>>) -> ApiResult<api::GcReport> {
 
 async fn drop_cache(State(d): State<Arc<Daemon>>) -> ApiResult<api::CacheDropped> {
     let bytes = d.mounts.registry().store().chunks.clear_cache();
+    crate::release_free_memory();
     Ok(Json(api::CacheDropped { bytes }))
 }
 
