@@ -209,10 +209,14 @@ impl RocksEngine {
         opts.set_keep_log_file_num(2);
         opts.set_max_log_file_size(1 << 20);
         let mut block = rocksdb::BlockBasedOptions::default();
-        let cache = rocksdb::Cache::new_lru_cache(64 << 20)?;
+        // Filled only as the index is read: an idle daemon does not pay for it. Index and
+        // filter blocks live in the cache, and level-0 ones stay pinned:
+        // otherwise every lookup in a large volume reloads the filters of each level-0 file.
+        let cache = rocksdb::Cache::new_lru_cache(256 << 20)?;
         block.set_block_cache(&cache);
         block.set_bloom_filter(10.0, false);
         block.set_cache_index_and_filter_blocks(true);
+        block.set_pin_l0_filter_and_index_blocks_in_cache(true);
         let cfs = Cf::ALL.iter().map(|cf| {
             let mut o = rocksdb::Options::default();
             o.set_block_based_table_factory(&block);
