@@ -153,6 +153,10 @@ impl AlignedBuf {
             self.len += p.len();
         }
     }
+    /// Forgets everything after the first `len` bytes.
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
     /// Drops the first `n` bytes (a multiple of `BLOCK`), keeping the rest at the start.
     fn consume(&mut self, n: usize) {
         let s = self.start;
@@ -205,16 +209,19 @@ impl PackWriter {
     }
 
     /// Puts every buffered byte into the OS: whole blocks direct, the rest through the page
-    /// cache (written again, whole, when its block fills).
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.write_blocks()?;
-        if self.len > self.os_len {
-            let from = (self.os_len - self.base) as usize;
-            self.file
-                .write_all_at(&self.buf.bytes()[from..], self.os_len)?;
-            self.os_len = self.len;
-        }
-        Ok(())
+    /// cache (written again, whole, when its block fills). On failure nothing is dropped:
+    /// writes are positional, so the next flush simply writes the same bytes again.
+    fn flush(&mut self) -> Result<()> {
+        let r = self.write_blocks().and_then(|()| {
+            if self.len > self.os_len {
+                let from = (self.os_len - self.base) as usize;
+                self.file
+                    .write_all_at(&self.buf.bytes()[from..], self.os_len)?;
+                self.os_len = self.len;
+            }
+            Ok(())
+        });
+        r.map_err(|e| Error::io(format!("writing pack {:08x}", self.id), e))
     }
 }
 
@@ -327,8 +334,7 @@ impl ChunkStore {
     pub fn rotate(&self) -> Result<()> {
         let mut guard = self.writer.lock();
         if let Some(w) = guard.as_mut() {
-            w.flush()
-                .map_err(|e| Error::io(format!("writing pack {:08x}", w.id), e))?;
+            w.flush()?;
         }
         *guard = None;
         Ok(())
@@ -409,9 +415,10 @@ impl ChunkStore {
 
         let mut guard = self.writer.lock();
         if guard.as_ref().is_none_or(|w| w.len >= PACK_TARGET_SIZE) {
-            if let Some(mut old) = guard.take() {
-                old.flush()
-                    .map_err(|e| Error::io(format!("writing pack {:08x}", old.id), e))?;
+            // A full pack is closed only once its records are in the OS: other writers may
+            // still have to flush records of it before they index them.
+            if let Some(old) = guard.as_mut() {
+                old.flush()?;
             }
             *guard = Some(self.new_pack()?);
         }
@@ -419,14 +426,15 @@ impl ChunkStore {
             .as_mut()
             .ok_or_else(|| Error::Db("no pack writer".into()))?;
         let offset = w.len;
+        let buffered = w.buf.len;
         w.buf.extend(&[&hdr, &payload]);
         w.len += (RECORD_HEADER_LEN + payload.len()) as u64;
         if w.buf.len >= DIRECT_BATCH {
             if let Err(e) = w.write_blocks() {
-                // Part of a block may be on disk; start a fresh pack so that offsets stay
-                // right. Records of the old pack not yet in the OS are lost, but nothing
-                // indexes them yet (callers flush before they index).
-                *guard = None;
+                // Undo this record (its caller fails and never indexes it); the records
+                // before it stay buffered for the next flush, which rewrites the same offsets.
+                w.buf.truncate(buffered);
+                w.len = offset;
                 return Err(Error::io(format!("appending chunk {id} to pack"), e));
             }
         }
@@ -481,11 +489,10 @@ impl ChunkStore {
 
     /// Puts every record appended so far into the OS (survives `kill -9`, not power loss).
     pub fn flush(&self) -> Result<()> {
-        if let Some(w) = self.writer.lock().as_mut() {
-            w.flush()
-                .map_err(|e| Error::io(format!("writing pack {:08x}", w.id), e))?;
+        match self.writer.lock().as_mut() {
+            Some(w) => w.flush(),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Makes every record appended so far durable (fdatasync of each pack written to).
@@ -626,7 +633,7 @@ pub fn ids_of(data: &[u8], cuts: &[usize]) -> Vec<ChunkId> {
             Some(p)
         })
         .collect();
-    if data.len() < (4 << 20) || pieces.len() < 2 {
+    if data.len() < crate::chunker::PARALLEL_MIN || pieces.len() < 2 {
         return pieces.into_iter().map(ChunkId::of).collect();
     }
     let (a, b) = pieces.split_at(pieces.len() / 2);

@@ -9,8 +9,9 @@ pub const MIN_CHUNK: u32 = 16 * 1024;
 pub const AVG_CHUNK: u32 = 64 * 1024;
 pub const MAX_CHUNK: u32 = 256 * 1024;
 
-/// Buffers at least this long are cut on two threads.
-const PARALLEL_MIN: usize = 4 << 20;
+/// Buffers at least this long are cut (and their chunks hashed, `chunk::ids_of`) on two
+/// threads.
+pub const PARALLEL_MIN: usize = 4 << 20;
 
 /// Lengths of the chunks `data` splits into. When `is_end` is false the data continues past
 /// the buffer, so the last piece (cut only by the buffer's end) is left out: its length is
