@@ -224,7 +224,7 @@ need_mb=$((need_mb + 2048))
 log "work dir $WORK; starting volfs-mountd"
 NO_COLOR=1 VOLFS_COMPRESSION=none VOLFS_GC_INTERVAL_SECS=0 \
   "$WORK/bin/volfs-mountd" --config "$WORK/volfs.toml" --data-dir "$DATA" --socket "$SOCK" \
-  --run-dir "$WORK/run" --plugin-socket "" >"$WORK/mountd.log" 2>&1 &
+  --run-dir "$WORK/run" --plugin-socket "" --metrics-listen "" >"$WORK/mountd.log" 2>&1 &
 DAEMON_PID=$!
 for ((i = 0; ; i++)); do
   # status exits 1 when it has warnings (a nearly full disk, say): any answer will do here.

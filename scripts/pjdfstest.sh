@@ -19,7 +19,7 @@ trap cleanup EXIT
 getent group tests >/dev/null || groupadd tests
 id tests >/dev/null 2>&1 || useradd -g tests -M -N -s /usr/sbin/nologin tests
 mkdir -p "$tmp/data" "$tmp/run" "$tmp/mnt"
-RUST_LOG=warn "$bin/volfs-mountd" --data-dir "$tmp/data" --run-dir "$tmp/run" --socket "$tmp/run/volfs.sock" 2>"$tmp/daemon.log" &
+RUST_LOG=warn "$bin/volfs-mountd" --data-dir "$tmp/data" --run-dir "$tmp/run" --socket "$tmp/run/volfs.sock" --plugin-socket "" --metrics-listen "" 2>"$tmp/daemon.log" &
 daemon=$!
 for _ in $(seq 100); do [ -S "$tmp/run/volfs.sock" ] && break; sleep 0.1; done
 export VOLFS_SOCKET=$tmp/run/volfs.sock

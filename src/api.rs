@@ -23,7 +23,8 @@
 //! | GET | /v1/df | | [`DfReport`] |
 //! | POST | /v1/gc | | [`GcReport`] |
 //! | POST | /v1/fsck | [`FsckRequest`] | [`FsckReport`] |
-//! | POST | /v1/cache/drop | | [`CacheDropped`] |
+//! | POST | /v1/scrub | | [`ScrubReport`] |
+//! | POST | /v1/cache/drop | [`CacheDrop`] (optional) | [`CacheDropped`] |
 //!
 //! Volume clones are `POST /v1/volumes` with the option `from=VOLUME[@SNAPSHOT]`; a mount
 //! request's volume may be `VOLUME@SNAPSHOT` (read-only).
@@ -33,9 +34,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::fsck::ScrubReport;
 pub use crate::fsck::{FsckReport, Problem};
 pub use crate::gc::{DfReport, GcReport, VolumeUsage};
 pub use crate::image::LayerInfo;
+pub use crate::progress::ProgressView;
 
 pub const DEFAULT_SOCKET: &str = "/run/volfs/volfs.sock";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/volfs";
@@ -175,8 +178,42 @@ pub struct Status {
     pub volumes: Vec<VolumeInfo>,
     pub stored_bytes: u64,
     pub logical_bytes: u64,
+    /// Distinct chunks known to fail verification (a clean scrub or fsck resets it).
     pub corrupt_chunks: u64,
+    /// `logical_bytes / stored_bytes` (1 when nothing is stored).
+    #[serde(default)]
+    pub dedup_ratio: f64,
+    /// gc, scrub, fsck: running now (with progress) and how each last ended.
+    #[serde(default)]
+    pub background: Vec<BackgroundTask>,
+    /// Things that need attention; `volfs status` exits non-zero when there are any.
     pub warnings: Vec<String>,
+}
+
+/// One kind of background or maintenance work in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackgroundTask {
+    /// `gc`, `scrub` or `fsck`.
+    pub task: String,
+    pub running: bool,
+    /// RFC 3339, UTC: when the current run started.
+    pub started: Option<String>,
+    pub progress: Option<ProgressView>,
+    /// How often it runs by itself, in seconds; 0: only on request.
+    pub interval_secs: u64,
+    pub last_finished: Option<String>,
+    pub last_millis: Option<u64>,
+    /// What the last run did (`freed 12 MiB`) or why it failed (`failed: ...`).
+    pub last_outcome: Option<String>,
+    pub last_ok: Option<bool>,
+}
+
+/// Body of `POST /v1/cache/drop` (optional).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct CacheDrop {
+    /// Also invalidate the kernel's page and attribute cache of every mounted volume.
+    #[serde(default)]
+    pub kernel: bool,
 }
 
 /// Does a label map match `k=v` / `k` filters?
@@ -232,8 +269,11 @@ mod tests {
     }
 }
 
-/// Answer to `POST /v1/cache/drop`: bytes the decoded-chunk cache held before it was emptied.
+/// Answer to `POST /v1/cache/drop`: bytes the decoded-chunk cache held before it was emptied,
+/// and how many inodes' kernel caches were invalidated (with `kernel`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CacheDropped {
     pub bytes: u64,
+    #[serde(default)]
+    pub kernel_inodes: u64,
 }

@@ -242,13 +242,29 @@ pub struct ChunkStore {
     gc_gate: RwLock<()>,
 }
 
+/// Counters since the store opened (for /metrics and status; not persisted).
 #[derive(Default)]
 pub struct ChunkStats {
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
+    /// Reads that failed verification (the same chunk read twice counts twice).
     pub corrupt: AtomicU64,
     pub written: AtomicU64,
     pub deduplicated: AtomicU64,
+    /// The distinct chunks known to fail verification: added by every failed read, replaced
+    /// by what each complete scrub finds (so a repaired store reads healthy again).
+    known_corrupt: parking_lot::Mutex<std::collections::BTreeSet<ChunkId>>,
+}
+
+impl ChunkStats {
+    pub fn known_corrupt(&self) -> Vec<ChunkId> {
+        self.known_corrupt.lock().iter().copied().collect()
+    }
+
+    /// A complete scrub found exactly these.
+    pub fn set_known_corrupt(&self, ids: impl IntoIterator<Item = ChunkId>) {
+        *self.known_corrupt.lock() = ids.into_iter().collect();
+    }
 }
 
 #[derive(Clone)]
@@ -593,6 +609,7 @@ impl ChunkStore {
 
     fn corrupt(&self, id: &ChunkId, why: String) -> Error {
         self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+        self.stats.known_corrupt.lock().insert(*id);
         tracing::error!(chunk = %id, "corrupt chunk: {why}");
         Error::Corrupt { id: *id, why }
     }
@@ -600,6 +617,11 @@ impl ChunkStore {
     /// Evicts a chunk from the read cache (tests and scrub use it to force a disk read).
     pub fn evict(&self, id: &ChunkId) {
         self.cache.remove(id);
+    }
+
+    /// Bytes the decoded-chunk cache holds now.
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache.weight()
     }
 
     /// Empties the decoded-chunk cache; returns the bytes it held.

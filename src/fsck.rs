@@ -22,6 +22,7 @@ use crate::gc;
 use crate::ids::{ChunkId, TreeId};
 use crate::layer::{self, Stack};
 use crate::meta::{self, Kind};
+use crate::progress::Progress;
 use crate::store::Store;
 use crate::volume::{Registry, ROOT_INO};
 
@@ -192,6 +193,7 @@ pub fn check(
     registry: &Registry,
     repair: bool,
     mounted: &HashSet<String>,
+    progress: &Progress,
 ) -> Result<FsckReport> {
     let engine = store.engine.clone();
     let index = gc::chunk_index(&*engine)?;
@@ -206,7 +208,10 @@ pub fn check(
     };
     let mut rep = FsckReport::default();
     let trees = layer::all_trees(&*engine)?;
-    for v in registry.list()? {
+    let volumes = registry.list()?;
+    progress.phase("namespaces", volumes.len() as u64);
+    for v in volumes {
+        progress.add(1);
         rep.volumes += 1;
         let writable = !mounted.contains(&v.name);
         let mut stacks = vec![(v.name.clone(), v.top, v.lower.clone(), writable)];
@@ -243,11 +248,15 @@ pub fn check(
     }
     // Scrub: every chunk in the index, from disk.
     let mut corrupt_unused = Vec::new();
+    let mut corrupt_found = Vec::new();
+    progress.phase("scrub", index.len() as u64);
     for (id, loc) in &index {
+        progress.add(1);
         rep.chunks += 1;
         match store.chunks.read_verified(id) {
             Ok(d) => rep.bytes_verified += d.len() as u64,
             Err(e) => {
+                corrupt_found.push(*id);
                 let user = w.users.get(id).cloned();
                 let outcome = match (&user, repair) {
                     (_, false) => "-",
@@ -272,6 +281,11 @@ pub fn check(
             }
         }
     }
+    store.chunks.stats.set_known_corrupt(
+        corrupt_found
+            .into_iter()
+            .filter(|id| !corrupt_unused.contains(id)),
+    );
     for id in corrupt_unused {
         w.fix.delete(Cf::Chunks, id.0.to_vec());
     }
@@ -297,9 +311,60 @@ pub fn check(
         engine.write(std::mem::take(&mut w.fix), true)?;
     }
     if run_gc {
-        gc::collect(store, registry, &[])?;
+        gc::collect(store, registry, &[], progress)?;
     }
     rep.inodes = w.inodes;
     rep.problems = w.problems;
+    Ok(rep)
+}
+
+/// What a scrub found.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ScrubReport {
+    pub chunks: u64,
+    pub bytes_verified: u64,
+    /// Chunks that failed verification (the log says why for each).
+    pub corrupt: Vec<String>,
+    pub millis: u64,
+}
+
+/// Reads every chunk in the index from disk and verifies it against its hash, at most
+/// `max_bytes_per_sec` (0: no limit), so that a background scrub leaves the disk to the
+/// volumes. Unlike [`check`] it walks no namespace and repairs nothing; what it finds
+/// becomes the store's set of known corrupt chunks (status and /metrics report it).
+pub fn scrub(store: &Store, progress: &Progress, max_bytes_per_sec: u64) -> Result<ScrubReport> {
+    let started = std::time::Instant::now();
+    let index = gc::chunk_index(&*store.engine)?;
+    let mut rep = ScrubReport::default();
+    let mut found = Vec::new();
+    progress.phase("scrub", index.len() as u64);
+    for id in index.keys() {
+        progress.add(1);
+        rep.chunks += 1;
+        match store.chunks.read_verified(id) {
+            Ok(d) => rep.bytes_verified += d.len() as u64,
+            // gc freed it since the index was read: not damage.
+            Err(_) if store.chunks.location(id)?.is_none() => {}
+            Err(crate::Error::Corrupt { .. }) => found.push(*id),
+            Err(e) => return Err(e),
+        }
+        if max_bytes_per_sec > 0 {
+            let due = std::time::Duration::from_secs_f64(
+                rep.bytes_verified as f64 / max_bytes_per_sec as f64,
+            );
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    rep.corrupt = found.iter().map(|id| id.to_string()).collect();
+    store.chunks.stats.set_known_corrupt(found);
+    rep.millis = started.elapsed().as_millis() as u64;
+    tracing::info!(
+        chunks = rep.chunks,
+        bytes = rep.bytes_verified,
+        corrupt = rep.corrupt.len(),
+        "scrub done"
+    );
     Ok(rep)
 }

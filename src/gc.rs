@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::ids::{ChunkId, TreeId};
 use crate::layer::{self, TreeKind};
 use crate::meta::{self, Extent};
+use crate::progress::Progress;
 use crate::store::Store;
 use crate::volume::Registry;
 
@@ -142,8 +143,14 @@ fn disk_bytes(store: &Store) -> u64 {
 }
 
 /// Frees dead trees and chunks and compacts packs. One collection runs at a time.
-pub fn collect(store: &Store, registry: &Registry, extra_roots: &[TreeId]) -> Result<GcReport> {
+pub fn collect(
+    store: &Store,
+    registry: &Registry,
+    extra_roots: &[TreeId],
+    progress: &Progress,
+) -> Result<GcReport> {
     let _one = GC.lock();
+    progress.phase("mark", 0);
     let started = Instant::now();
     let engine = &*store.engine;
     let mut rep = GcReport {
@@ -180,7 +187,10 @@ pub fn collect(store: &Store, registry: &Registry, extra_roots: &[TreeId]) -> Re
             store.chunks.rotate()?;
             closed = store.chunks.packs()?;
             let mut b = Batch::new();
-            for (id, loc) in chunk_index(engine)? {
+            let index = chunk_index(engine)?;
+            progress.phase("sweep", index.len() as u64);
+            for (id, loc) in index {
+                progress.add(1);
                 let p = packs.entry(loc.pack).or_default();
                 if marked.contains(&id) {
                     p.0.push((id, loc));
@@ -201,7 +211,9 @@ pub fn collect(store: &Store, registry: &Registry, extra_roots: &[TreeId]) -> Re
     }
     let closed: HashSet<u32> = closed.into_iter().map(|(p, _)| p).collect();
     // Compact.
+    progress.phase("compact", packs.len() as u64);
     for (pack, (live, dead)) in packs {
+        progress.add(1);
         if !closed.contains(&pack) {
             continue;
         }
@@ -223,6 +235,7 @@ pub fn collect(store: &Store, registry: &Registry, extra_roots: &[TreeId]) -> Re
         }
         rep.packs_compacted += 1;
     }
+    progress.phase("index compaction", 0);
     store.rocks.compact_all();
     rep.disk_after = disk_bytes(store);
     rep.millis = started.elapsed().as_millis() as u64;

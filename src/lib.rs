@@ -28,6 +28,7 @@ pub mod ids;
 pub mod image;
 pub mod layer;
 pub mod meta;
+pub mod progress;
 pub mod store;
 pub mod volume;
 

@@ -46,7 +46,7 @@ mount --make-shared /mnt/volfs-xfstests
 mkdir -p /mnt/volfs-xfstests/test /mnt/volfs-xfstests/scratch
 export VOLFS_SOCKET=$tmp/run/volfs.sock VOLFS_FUSE_SUBTYPE=false
 unshare --mount --propagation unchanged -- \
-  "$bin/volfs-mountd" --data-dir "$tmp/data" --run-dir "$tmp/run" --plugin-socket "" 2>"$tmp/daemon.log" &
+  "$bin/volfs-mountd" --data-dir "$tmp/data" --run-dir "$tmp/run" --plugin-socket "" --metrics-listen "" 2>"$tmp/daemon.log" &
 daemon=$!
 for _ in $(seq 100); do [ -S "$VOLFS_SOCKET" ] && break; sleep 0.1; done
 [ -S "$VOLFS_SOCKET" ] || { echo "volfs-mountd did not start:" >&2; cat "$tmp/daemon.log" >&2; exit 1; }

@@ -21,13 +21,18 @@ use volfs::meta::VolumeRecord;
 use volfs::volume::CreateOptions;
 use volfs::Error;
 
+use crate::metrics::Metrics;
 use crate::mounts::Mounts;
+use crate::work::Work;
 
 pub struct Daemon {
     pub mounts: Arc<Mounts>,
     pub started: Instant,
     /// Wakes the background worker to seal new snapshot layers.
     pub seal: Arc<tokio::sync::Notify>,
+    pub metrics: Arc<Metrics>,
+    /// gc, scrub, fsck: what runs now and how each last ended.
+    pub work: Work,
 }
 
 pub struct ApiError(Error);
@@ -38,19 +43,62 @@ impl From<Error> for ApiError {
     }
 }
 
+/// The message of an error answer, for [`log_errors`].
+#[derive(Clone)]
+struct ErrorMessage(String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        tracing::warn!("control API: {}", self.0);
-        (
-            status,
-            Json(api::ErrorBody {
-                error: self.0.to_string(),
-            }),
-        )
-            .into_response()
+        let msg = self.0.to_string();
+        let mut r = (status, Json(api::ErrorBody { error: msg.clone() })).into_response();
+        r.extensions_mut().insert(ErrorMessage(msg));
+        r
     }
+}
+
+/// Logs every error answer with the operation (method and path) and the volume it concerns,
+/// so that what a user sees from the CLI or Docker is also in the daemon's log.
+pub async fn log_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    // The volume may be in the body (`{"name": ...}`, `{"volume": ...}`): keep a copy of a
+    // small JSON body to name it.
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let named = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| {
+            ["volume", "name"]
+                .iter()
+                .find_map(|k| v.get(k).and_then(|x| x.as_str()).map(str::to_string))
+        });
+    let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+    let r = next.run(req).await;
+    if let Some(ErrorMessage(msg)) = r.extensions().get::<ErrorMessage>() {
+        let volume = volume_of_path(&path)
+            .map(str::to_string)
+            .or(named)
+            .unwrap_or_else(|| "-".into());
+        let volume = volume.as_str();
+        let op = format!("{method} {path}");
+        if r.status().is_server_error() {
+            tracing::error!(volume, op, status = r.status().as_u16(), "{msg}");
+        } else {
+            tracing::warn!(volume, op, status = r.status().as_u16(), "{msg}");
+        }
+    }
+    r
+}
+
+/// The volume a control or plugin path names (`/v1/volumes/{name}/...`).
+fn volume_of_path(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v1/volumes/")?;
+    let name = rest.split('/').next()?;
+    (!name.is_empty() && name != "prune").then_some(name)
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -87,7 +135,9 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/df", get(df))
         .route("/v1/gc", post(gc))
         .route("/v1/fsck", post(fsck))
+        .route("/v1/scrub", post(scrub))
         .route("/v1/cache/drop", post(drop_cache))
+        .layer(axum::middleware::from_fn(log_errors))
         .with_state(d)
 }
 
@@ -299,18 +349,73 @@ async fn df(State(d): State<Arc<Daemon>>) -> ApiResult<api::DfReport> {
 /// Runs gc, keeping the trees that open snapshot views read.
 pub fn run_gc(d: &Daemon) -> volfs::Result<api::GcReport> {
     let r = d.mounts.registry();
-    volfs::layer::seal_pending(r.store())?;
-    volfs::gc::collect(r.store(), r, &d.mounts.active_trees())
+    let rep = d.work.run(
+        "gc",
+        |p| {
+            volfs::layer::seal_pending(r.store())?;
+            volfs::gc::collect(r.store(), r, &d.mounts.active_trees(), p)
+        },
+        |g| {
+            format!(
+                "freed {} chunks ({} bytes), {} bytes on disk given back",
+                g.chunks_freed,
+                g.bytes_freed,
+                g.disk_before.saturating_sub(g.disk_after)
+            )
+        },
+    )?;
+    d.metrics.gc_freed(&rep);
+    Ok(rep)
+}
+
+/// Verifies every chunk (`max_bytes_per_sec` 0: as fast as the disk goes).
+pub fn run_scrub(d: &Daemon, max_bytes_per_sec: u64) -> volfs::Result<api::ScrubReport> {
+    let store = d.mounts.registry().store().clone();
+    let rep = d.work.run(
+        "scrub",
+        |p| volfs::fsck::scrub(&store, p, max_bytes_per_sec),
+        |s| {
+            format!(
+                "verified {} chunks ({} bytes), {} corrupt",
+                s.chunks,
+                s.bytes_verified,
+                s.corrupt.len()
+            )
+        },
+    )?;
+    d.metrics.scrubbed(rep.bytes_verified);
+    Ok(rep)
+}
+
+async fn scrub(State(d): State<Arc<Daemon>>) -> ApiResult<api::ScrubReport> {
+    Ok(Json(blocking(move || run_scrub(&d, 0)).await?))
 }
 
 async fn gc(State(d): State<Arc<Daemon>>) -> ApiResult<api::GcReport> {
     Ok(Json(blocking(move || run_gc(&d)).await?))
 }
 
-async fn drop_cache(State(d): State<Arc<Daemon>>) -> ApiResult<api::CacheDropped> {
-    let bytes = d.mounts.registry().store().chunks.clear_cache();
-    crate::release_free_memory();
-    Ok(Json(api::CacheDropped { bytes }))
+async fn drop_cache(
+    State(d): State<Arc<Daemon>>,
+    req: Option<Json<api::CacheDrop>>,
+) -> ApiResult<api::CacheDropped> {
+    let kernel = req.is_some_and(|r| r.kernel);
+    Ok(Json(
+        blocking(move || {
+            let bytes = d.mounts.registry().store().chunks.clear_cache();
+            let kernel_inodes = if kernel {
+                d.mounts.invalidate_kernel_caches()
+            } else {
+                0
+            };
+            crate::release_free_memory();
+            Ok(api::CacheDropped {
+                bytes,
+                kernel_inodes,
+            })
+        })
+        .await?,
+    ))
 }
 
 async fn fsck(
@@ -320,7 +425,13 @@ async fn fsck(
     Ok(Json(
         blocking(move || {
             let r = d.mounts.registry();
-            volfs::fsck::check(r.store(), r, req.repair, &d.mounts.active_volumes())
+            let rep = d.work.run(
+                "fsck",
+                |p| volfs::fsck::check(r.store(), r, req.repair, &d.mounts.active_volumes(), p),
+                |f| format!("{} problems", f.problems.len()),
+            )?;
+            d.metrics.scrubbed(rep.bytes_verified);
+            Ok(rep)
         })
         .await?,
     ))
@@ -360,54 +471,102 @@ pub fn remove_volume(d: &Daemon, name: &str, force: bool) -> volfs::Result<()> {
         )));
     }
     d.mounts.detach_volume(name.as_str())?;
-    d.mounts.registry().remove(&name)
+    d.mounts.registry().remove(&name)?;
+    d.metrics.forget_volume(name.as_str());
+    Ok(())
+}
+
+/// The daemon's state as status and /metrics show it.
+pub struct DaemonState {
+    pub status: Status,
+    pub store: Arc<volfs::store::Store>,
+    pub engine: volfs::db::EngineStats,
+    pub chunk_cache_bytes: u64,
+}
+
+/// Share of a quota or a disk above which status warns.
+const FULL_WARNING: f64 = 0.9;
+
+/// Reads everything status and /metrics report (index reads: call off the async threads).
+pub fn state(d: &Daemon) -> volfs::Result<DaemonState> {
+    let store = d.mounts.registry().store().clone();
+    let (total, free) = volfs::fs::disk_space(&store.data_dir);
+    let vols = d.mounts.registry().list()?;
+    let volumes = vols
+        .iter()
+        .map(|r| volume_info(d, r))
+        .collect::<volfs::Result<Vec<_>>>()?;
+    let logical: u64 = volumes.iter().map(|v| v.bytes_used).sum();
+    let stored = store.chunks.disk_bytes();
+    let corrupt = store.chunks.stats.known_corrupt();
+    let background = d.work.view();
+    let mut warnings = Vec::new();
+    if total > 0 && (free as f64) < (1.0 - FULL_WARNING) * total as f64 {
+        warnings.push(format!(
+            "data dir {} is over 90% full ({free} bytes free of {total})",
+            store.data_dir.display()
+        ));
+    }
+    if !corrupt.is_empty() {
+        let shown: Vec<String> = corrupt.iter().take(5).map(|c| c.to_string()).collect();
+        warnings.push(format!(
+            "{} chunk(s) fail verification: {}{} (volfs fsck names the files that use them)",
+            corrupt.len(),
+            shown.join(", "),
+            if corrupt.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        ));
+    }
+    for v in &volumes {
+        if let Some(size) = v.size {
+            if size > 0 && v.bytes_used as f64 > FULL_WARNING * size as f64 {
+                warnings.push(format!(
+                    "volume {} uses {} of its {} byte quota (over 90%)",
+                    v.name, v.bytes_used, size
+                ));
+            }
+        }
+    }
+    for t in &background {
+        if t.last_ok == Some(false) {
+            warnings.push(format!(
+                "last {} run {}",
+                t.task,
+                t.last_outcome.as_deref().unwrap_or("failed")
+            ));
+        }
+    }
+    Ok(DaemonState {
+        status: Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_secs: d.started.elapsed().as_secs(),
+            data_dir: store.data_dir.display().to_string(),
+            data_dir_free_bytes: free,
+            data_dir_total_bytes: total,
+            volumes,
+            stored_bytes: stored,
+            logical_bytes: logical,
+            corrupt_chunks: corrupt.len() as u64,
+            dedup_ratio: if stored == 0 {
+                1.0
+            } else {
+                logical as f64 / stored as f64
+            },
+            background,
+            warnings,
+        },
+        engine: store.engine.stats(),
+        chunk_cache_bytes: store.chunks.cache_bytes(),
+        store,
+    })
 }
 
 async fn status(State(d): State<Arc<Daemon>>) -> ApiResult<Status> {
-    let d2 = d.clone();
-    Ok(Json(
-        blocking(move || {
-            let store = d2.mounts.registry().store().clone();
-            let (total, free) = volfs::fs::disk_space(&store.data_dir);
-            let vols = d2.mounts.registry().list()?;
-            let volumes = vols
-                .iter()
-                .map(|r| volume_info(&d2, r))
-                .collect::<volfs::Result<Vec<_>>>()?;
-            let logical: u64 = volumes.iter().map(|v| v.bytes_used).sum();
-            let corrupt = store
-                .chunks
-                .stats
-                .corrupt
-                .load(std::sync::atomic::Ordering::Relaxed);
-            let mut warnings = Vec::new();
-            if total > 0 && free * 10 < total {
-                warnings.push(format!(
-                    "data dir {} is over 90% full ({free} bytes free)",
-                    store.data_dir.display()
-                ));
-            }
-            if corrupt > 0 {
-                warnings.push(format!(
-                    "{corrupt} chunk reads failed verification since start (the daemon log names each chunk)"
-                ));
-            }
-            Ok(Status {
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                pid: std::process::id(),
-                uptime_secs: d2.started.elapsed().as_secs(),
-                data_dir: store.data_dir.display().to_string(),
-                data_dir_free_bytes: free,
-                data_dir_total_bytes: total,
-                volumes,
-                stored_bytes: store.chunks.disk_bytes(),
-                logical_bytes: logical,
-                corrupt_chunks: corrupt,
-                warnings,
-            })
-        })
-        .await?,
-    ))
+    Ok(Json(blocking(move || Ok(state(&d)?.status)).await?))
 }
 
 async fn list_volumes(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<VolumeInfo>> {

@@ -23,6 +23,8 @@ use volfs::fs::{Attr, Caller, NewNode, SetAttr, SetTime, VolumeFs, Whence, Xattr
 use volfs::meta::Kind;
 use volfs::Error;
 
+use crate::metrics::{Op, VolumeMetrics};
+
 /// Kernel-side caching and threading choices for one FUSE connection.
 #[derive(Clone, Debug)]
 pub struct FuseOptions {
@@ -100,18 +102,22 @@ pub struct FuseFs {
     fs: Arc<VolumeFs>,
     opts: FuseOptions,
     pool: Pool,
+    m: Arc<VolumeMetrics>,
 }
 
 impl FuseFs {
-    pub fn new(fs: Arc<VolumeFs>, opts: FuseOptions) -> Self {
+    pub fn new(fs: Arc<VolumeFs>, opts: FuseOptions, m: Arc<VolumeMetrics>) -> Self {
         let pool = Pool::new(opts.workers, fs.name.as_str());
-        FuseFs { fs, opts, pool }
+        FuseFs { fs, opts, pool, m }
     }
 }
 
-/// The one mapping from volfs errors to errno. Internal failures are logged with the volume.
-pub fn errno(fs: &VolumeFs, op: &str, e: &Error) -> Errno {
+/// The one mapping from volfs errors to errno. Every error is counted by volume, operation
+/// and errno; failures of the daemon or the disk (EIO, ENOSPC) are logged with the volume and
+/// operation, the everyday ones (ENOENT, EEXIST, ...) only at debug level.
+pub fn errno(fs: &VolumeFs, m: &VolumeMetrics, op: &'static str, e: &Error) -> Errno {
     let n = e.errno();
+    m.error(op, n);
     if n == libc::EIO || n == libc::ENOSPC {
         tracing::warn!(volume = %fs.name, op, "{e}");
     } else {
@@ -181,23 +187,29 @@ macro_rules! try_reply {
     ($self:ident, $op:literal, $reply:ident, $e:expr) => {
         match $e {
             Ok(v) => v,
-            Err(e) => return $reply.error(errno(&$self.fs, $op, &e)),
+            Err(e) => return $reply.error(errno(&$self.fs, &$self.m, $op, &e)),
         }
     };
 }
 
 impl FuseFs {
-    fn entry(&self, reply: ReplyEntry, r: volfs::Result<Attr>, op: &str) {
+    fn entry(&self, reply: ReplyEntry, r: volfs::Result<Attr>, op: &'static str) {
         match r {
             Ok(a) => reply.entry(&self.opts.ttl, &fattr(&a), Generation(0)),
-            Err(e) => reply.error(errno(&self.fs, op, &e)),
+            Err(e) => reply.error(errno(&self.fs, &self.m, op, &e)),
         }
     }
 
-    fn empty(fs: &VolumeFs, reply: ReplyEmpty, r: volfs::Result<()>, op: &str) {
+    fn empty(
+        fs: &VolumeFs,
+        m: &VolumeMetrics,
+        reply: ReplyEmpty,
+        r: volfs::Result<()>,
+        op: &'static str,
+    ) {
         match r {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(fs, op, &e)),
+            Err(e) => reply.error(errno(fs, m, op, &e)),
         }
     }
 }
@@ -235,14 +247,17 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _t = self.m.time(Op::Lookup);
         self.entry(reply, self.fs.lookup(parent.0, name.as_bytes()), "lookup")
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let _t = self.m.time(Op::Forget);
         self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _t = self.m.time(Op::Getattr);
         let a = try_reply!(self, "getattr", reply, self.fs.getattr(ino.0));
         reply.attr(&self.opts.ttl, &fattr(&a))
     }
@@ -265,6 +280,7 @@ impl Filesystem for FuseFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _t = self.m.time(Op::Setattr);
         let s = SetAttr {
             mode,
             uid,
@@ -283,6 +299,7 @@ impl Filesystem for FuseFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _t = self.m.time(Op::Readlink);
         let t = try_reply!(self, "readlink", reply, self.fs.readlink(ino.0));
         reply.data(&t)
     }
@@ -297,6 +314,7 @@ impl Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _t = self.m.time(Op::Mknod);
         let Some(kind) = Kind::from_mode(mode) else {
             return reply.error(Errno::EINVAL);
         };
@@ -322,6 +340,7 @@ impl Filesystem for FuseFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _t = self.m.time(Op::Mkdir);
         let new = new_node(Kind::Dir, mode, umask, 0);
         self.entry(
             reply,
@@ -333,8 +352,10 @@ impl Filesystem for FuseFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _t = self.m.time(Op::Unlink);
         Self::empty(
             &self.fs,
+            &self.m,
             reply,
             self.fs.unlink(parent.0, name.as_bytes()),
             "unlink",
@@ -342,8 +363,10 @@ impl Filesystem for FuseFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _t = self.m.time(Op::Rmdir);
         Self::empty(
             &self.fs,
+            &self.m,
             reply,
             self.fs.rmdir(parent.0, name.as_bytes()),
             "rmdir",
@@ -358,6 +381,7 @@ impl Filesystem for FuseFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _t = self.m.time(Op::Symlink);
         let new = NewNode {
             kind: Kind::Symlink,
             perm: 0o777,
@@ -383,6 +407,7 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _t = self.m.time(Op::Rename);
         let r = self.fs.rename(
             parent.0,
             name.as_bytes(),
@@ -390,7 +415,7 @@ impl Filesystem for FuseFs {
             newname.as_bytes(),
             flags.bits(),
         );
-        Self::empty(&self.fs, reply, r, "rename")
+        Self::empty(&self.fs, &self.m, reply, r, "rename")
     }
 
     fn link(
@@ -401,6 +426,7 @@ impl Filesystem for FuseFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _t = self.m.time(Op::Link);
         self.entry(
             reply,
             self.fs.link(ino.0, newparent.0, newname.as_bytes()),
@@ -409,6 +435,7 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _t = self.m.time(Op::Open);
         let fh = try_reply!(self, "open", reply, self.fs.open(ino.0, flags.0));
         // The page cache stays valid across opens: every change goes through this connection.
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
@@ -425,7 +452,9 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _t = self.m.time(Op::Read);
         let d = try_reply!(self, "read", reply, self.fs.read(ino.0, offset, size));
+        self.m.read_bytes.inc_by(d.len() as u64);
         reply.data(&d)
     }
 
@@ -441,6 +470,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _t = self.m.time(Op::Write);
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         let n = try_reply!(
             self,
@@ -448,6 +478,7 @@ impl Filesystem for FuseFs {
             reply,
             self.fs.write(ino.0, offset, data, kill)
         );
+        self.m.written_bytes.inc_by(u64::from(n));
         reply.written(n)
     }
 
@@ -459,9 +490,12 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let fs = self.fs.clone();
-        self.pool
-            .run(move || Self::empty(&fs, reply, fs.flush(ino.0), "flush"));
+        let t = self.m.time(Op::Flush);
+        let (fs, m) = (self.fs.clone(), self.m.clone());
+        self.pool.run(move || {
+            let _t = t;
+            Self::empty(&fs, &m, reply, fs.flush(ino.0), "flush");
+        });
     }
 
     fn release(
@@ -474,9 +508,12 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let fs = self.fs.clone();
-        self.pool
-            .run(move || Self::empty(&fs, reply, fs.release(fh.0), "release"));
+        let t = self.m.time(Op::Release);
+        let (fs, m) = (self.fs.clone(), self.m.clone());
+        self.pool.run(move || {
+            let _t = t;
+            Self::empty(&fs, &m, reply, fs.release(fh.0), "release");
+        });
     }
 
     fn fsync(
@@ -487,12 +524,16 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let fs = self.fs.clone();
-        self.pool
-            .run(move || Self::empty(&fs, reply, fs.fsync(ino.0), "fsync"));
+        let t = self.m.time(Op::Fsync);
+        let (fs, m) = (self.fs.clone(), self.m.clone());
+        self.pool.run(move || {
+            let _t = t;
+            Self::empty(&fs, &m, reply, fs.fsync(ino.0), "fsync");
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _t = self.m.time(Op::Opendir);
         let fh = try_reply!(self, "opendir", reply, self.fs.opendir(ino.0));
         reply.opened(FileHandle(fh), FopenFlags::empty())
     }
@@ -505,6 +546,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _t = self.m.time(Op::Readdir);
         let entries = try_reply!(self, "readdir", reply, self.fs.readdir(fh.0, offset));
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(
@@ -527,6 +569,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _t = self.m.time(Op::Readdirplus);
         let entries = try_reply!(self, "readdirplus", reply, self.fs.readdir(fh.0, offset));
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let dot = e.name == b"." || e.name == b"..";
@@ -570,6 +613,7 @@ impl Filesystem for FuseFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _t = self.m.time(Op::Releasedir);
         self.fs.releasedir(fh.0);
         reply.ok()
     }
@@ -582,12 +626,16 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let fs = self.fs.clone();
-        self.pool
-            .run(move || Self::empty(&fs, reply, fs.fsync(ino.0), "fsyncdir"));
+        let t = self.m.time(Op::Fsyncdir);
+        let (fs, m) = (self.fs.clone(), self.m.clone());
+        self.pool.run(move || {
+            let _t = t;
+            Self::empty(&fs, &m, reply, fs.fsync(ino.0), "fsyncdir");
+        });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _t = self.m.time(Op::Statfs);
         let s = try_reply!(self, "statfs", reply, self.fs.statfs());
         reply.statfs(
             s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
@@ -604,8 +652,10 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _t = self.m.time(Op::Setxattr);
         Self::empty(
             &self.fs,
+            &self.m,
             reply,
             self.fs.setxattr(ino.0, name.as_bytes(), value, flags),
             "setxattr",
@@ -613,6 +663,7 @@ impl Filesystem for FuseFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _t = self.m.time(Op::Getxattr);
         match try_reply!(
             self,
             "getxattr",
@@ -625,6 +676,7 @@ impl Filesystem for FuseFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _t = self.m.time(Op::Listxattr);
         match try_reply!(self, "listxattr", reply, self.fs.listxattr(ino.0, size)) {
             XattrReply::Size(n) => reply.size(n),
             XattrReply::Data(d) => reply.data(&d),
@@ -632,8 +684,10 @@ impl Filesystem for FuseFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _t = self.m.time(Op::Removexattr);
         Self::empty(
             &self.fs,
+            &self.m,
             reply,
             self.fs.removexattr(ino.0, name.as_bytes()),
             "removexattr",
@@ -641,9 +695,11 @@ impl Filesystem for FuseFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _t = self.m.time(Op::Access);
         // Permission checks are the kernel's (default_permissions); only existence is ours.
         Self::empty(
             &self.fs,
+            &self.m,
             reply,
             self.fs.getattr(ino.0).map(|_| ()),
             "access",
@@ -660,6 +716,7 @@ impl Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _t = self.m.time(Op::Create);
         let new = new_node(Kind::File, mode, umask, 0);
         let (a, fh) = try_reply!(
             self,
@@ -687,8 +744,10 @@ impl Filesystem for FuseFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _t = self.m.time(Op::Fallocate);
         Self::empty(
             &self.fs,
+            &self.m,
             reply,
             self.fs.fallocate(ino.0, offset, length, mode),
             "fallocate",
@@ -704,6 +763,7 @@ impl Filesystem for FuseFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _t = self.m.time(Op::Lseek);
         let w = match whence {
             libc::SEEK_DATA => Whence::Data,
             libc::SEEK_HOLE => Whence::Hole,
@@ -729,13 +789,19 @@ impl Filesystem for FuseFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let fs = self.fs.clone();
+        let t = self.m.time(Op::CopyFileRange);
+        let (fs, m) = (self.fs.clone(), self.m.clone());
         self.pool.run(move || {
+            let _t = t;
             // A reply carries at most u32::MAX bytes; the kernel loops for the rest.
             let len = len.min(1 << 30);
             match fs.copy_file_range(ino_in.0, offset_in, ino_out.0, offset_out, len) {
-                Ok(n) => reply.written(n as u32),
-                Err(e) => reply.error(errno(&fs, "copy_file_range", &e)),
+                Ok(n) => {
+                    m.read_bytes.inc_by(n);
+                    m.written_bytes.inc_by(n);
+                    reply.written(n as u32)
+                }
+                Err(e) => reply.error(errno(&fs, &m, "copy_file_range", &e)),
             }
         });
     }

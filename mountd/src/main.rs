@@ -3,8 +3,10 @@
 mod config;
 mod control;
 mod fuse;
+mod metrics;
 mod mounts;
 mod plugin;
+mod work;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -36,67 +38,173 @@ struct Args {
     /// Runtime dir for volume connections (overrides config and VOLFS_RUN_DIR).
     #[arg(long)]
     run_dir: Option<PathBuf>,
-    /// Log format: text or json.
+    /// Log format: text, json or journald (overrides config and VOLFS_LOG_FORMAT).
     #[arg(long)]
     log_format: Option<String>,
+    /// Log filter in RUST_LOG syntax, e.g. `debug` or `volfs=debug,info` (RUST_LOG wins).
+    #[arg(long)]
+    log_level: Option<String>,
     /// Docker volume plugin socket ("" disables the plugin).
     #[arg(long)]
     plugin_socket: Option<String>,
+    /// Prometheus endpoint address, IP:PORT ("" disables it).
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Sets any config key, e.g. `--set chunk_cache_mb=512` (repeatable; wins over the file
+    /// and the environment).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl Args {
+    /// The command-line overrides as (flag, key, value).
+    fn overrides(&self) -> anyhow::Result<Vec<(String, String, String)>> {
+        let mut out = Vec::new();
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        for (flag, key, v) in [
+            ("--data-dir", "data_dir", path(&self.data_dir)),
+            ("--socket", "socket", path(&self.socket)),
+            ("--run-dir", "run_dir", path(&self.run_dir)),
+            ("--log-format", "log_format", self.log_format.clone()),
+            ("--log-level", "log_level", self.log_level.clone()),
+            (
+                "--plugin-socket",
+                "plugin_socket",
+                self.plugin_socket.clone(),
+            ),
+            (
+                "--metrics-listen",
+                "metrics_listen",
+                self.metrics_listen.clone(),
+            ),
+        ] {
+            if let Some(v) = v {
+                out.push((flag.to_string(), key.to_string(), v));
+            }
+        }
+        for kv in &self.set {
+            let Some((k, v)) = kv.split_once('=') else {
+                anyhow::bail!("--set {kv:?}: expected KEY=VALUE");
+            };
+            out.push((format!("--set {k}"), k.trim().to_string(), v.to_string()));
+        }
+        Ok(out)
+    }
 }
 
 fn main() {
     tune_malloc();
     let args = Args::parse();
-    let cfg = match config::Config::load(args.config.as_deref()) {
-        Ok(c) => c,
+    let loaded = args
+        .overrides()
+        .and_then(|o| config::Config::load(args.config.as_deref(), &o));
+    let loaded = match loaded {
+        Ok(l) => l,
         Err(e) => {
             eprintln!("volfs-mountd: {e:#}");
             std::process::exit(1);
         }
     };
-    let mut cfg = cfg;
-    if let Some(d) = args.data_dir {
-        cfg.data_dir = d;
-    }
-    if let Some(s) = args.socket {
-        cfg.socket = s;
-    }
-    if let Some(r) = args.run_dir {
-        cfg.run_dir = r;
-    }
-    if let Some(f) = args.log_format {
-        cfg.log_format = f;
-    }
-    if let Some(p) = args.plugin_socket {
-        cfg.plugin_socket = p;
-    }
-    if let Err(e) = init_logging(&cfg.log_format) {
+    let auto_format = loaded.sources.get("log_format") == Some(&config::Source::Default);
+    if let Err(e) = init_logging(&loaded.config, auto_format) {
         eprintln!("volfs-mountd: {e:#}");
         std::process::exit(1);
     }
-    if let Err(e) = run(cfg) {
+    for var in config::Config::unknown_env() {
+        tracing::warn!("environment variable {var} names no config key; ignored");
+    }
+    if let Err(e) = run(loaded) {
         tracing::error!("{e:#}");
         eprintln!("volfs-mountd: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn init_logging(format: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Is stderr connected to the systemd journal? (JOURNAL_STREAM holds its device:inode.)
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(meta) = std::fs::File::from(fd).metadata() else {
+        return false;
+    };
+    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
+}
+
+/// Logs through `tracing` to stderr: text, JSON, or journald-style text (a `<N>` syslog
+/// priority prefix per line and no timestamps, which the journal adds). RUST_LOG, when set,
+/// replaces the configured filter.
+fn init_logging(cfg: &config::Config, auto_format: bool) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => tracing_subscriber::EnvFilter::try_new(&f)
+            .map_err(|e| anyhow::anyhow!("RUST_LOG={f:?} is not a log filter: {e}"))?,
+        _ => tracing_subscriber::EnvFilter::try_new(&cfg.log_level)?,
+    };
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    let format = if auto_format && stderr_is_journal() {
+        "journald"
+    } else {
+        cfg.log_format.as_str()
+    };
     match format {
         "json" => b.json().init(),
-        // Under systemd the journal adds its own timestamps.
-        "text" if std::env::var_os("JOURNAL_STREAM").is_some() => {
-            b.without_time().with_ansi(false).init()
+        "journald" => b.event_format(JournaldFormat::default()).init(),
+        "text" => {
+            use std::io::IsTerminal;
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            b.with_ansi(colour).init()
         }
-        "text" => b.init(),
-        other => anyhow::bail!("unknown log format {other:?} (expected text or json)"),
+        other => anyhow::bail!("unknown log format {other:?} (expected text, json or journald)"),
     }
     Ok(())
+}
+
+/// Text lines with the syslog priority prefix journald reads (`<3>` error ... `<7>` debug)
+/// and without timestamps or colours.
+struct JournaldFormat {
+    inner: tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Full, ()>,
+}
+
+impl Default for JournaldFormat {
+    fn default() -> Self {
+        JournaldFormat {
+            inner: tracing_subscriber::fmt::format()
+                .without_time()
+                .with_ansi(false),
+        }
+    }
+}
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JournaldFormat
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.inner.format_event(ctx, writer, event)
+    }
 }
 
 /// Makes a configured path absolute (relative to the working directory), so that paths the
@@ -109,7 +217,8 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     })
 }
 
-fn run(mut cfg: config::Config) -> anyhow::Result<()> {
+fn run(loaded: config::Loaded) -> anyhow::Result<()> {
+    let mut cfg = loaded.config;
     cfg.data_dir = absolute(&cfg.data_dir)?;
     cfg.run_dir = absolute(&cfg.run_dir)?;
     cfg.socket = absolute(&cfg.socket)?;
@@ -127,6 +236,23 @@ fn run(mut cfg: config::Config) -> anyhow::Result<()> {
         },
     )?);
     let registry = Arc::new(Registry::new(store.clone()));
+    let metrics = Arc::new(metrics::Metrics::new());
+    let metrics_listener = match cfg.metrics_listen.as_str() {
+        "" => None,
+        addr => {
+            let l = std::net::TcpListener::bind(addr).with_context(|| {
+                format!(
+                    "cannot listen for metrics on {addr} (config key metrics_listen, from {})",
+                    loaded
+                        .sources
+                        .get("metrics_listen")
+                        .unwrap_or(&config::Source::Default)
+                )
+            })?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+    };
     let fuse_opts = fuse::FuseOptions {
         ttl: Duration::from_millis(cfg.attr_ttl_ms),
         writeback_cache: cfg.writeback_cache,
@@ -134,7 +260,7 @@ fn run(mut cfg: config::Config) -> anyhow::Result<()> {
         subtype: cfg.fuse_subtype,
         dirty_max_ratio: (cfg.fuse_dirty_max_ratio > 0).then_some(cfg.fuse_dirty_max_ratio),
     };
-    let mounts = mounts::Mounts::new(registry, &cfg.run_dir, fuse_opts)?;
+    let mounts = mounts::Mounts::new(registry, &cfg.run_dir, fuse_opts, metrics.clone())?;
     let listener = bind_socket(&cfg.socket)?;
     let plugin_listener = match cfg.plugin_socket.as_str() {
         "" => None,
@@ -144,8 +270,20 @@ fn run(mut cfg: config::Config) -> anyhow::Result<()> {
         mounts: mounts.clone(),
         started: Instant::now(),
         seal: Arc::new(tokio::sync::Notify::new()),
+        work: work::Work::new(
+            metrics.clone(),
+            &[
+                ("gc", cfg.gc_interval_secs),
+                ("scrub", cfg.scrub_interval_secs),
+                ("fsck", 0),
+            ],
+        ),
+        metrics: metrics.clone(),
     });
+    metrics.attach(&daemon);
     let gc_interval = cfg.gc_interval_secs;
+    let scrub_interval = cfg.scrub_interval_secs;
+    let scrub_rate = cfg.scrub_max_mb_per_sec << 20;
     tracing::info!(data_dir = %cfg.data_dir.display(), socket = %cfg.socket.display(), "volfs-mountd {} starting", env!("CARGO_PKG_VERSION"));
     mounts.restore()?;
 
@@ -188,7 +326,7 @@ fn run(mut cfg: config::Config) -> anyhow::Result<()> {
                     }
                     if gc_due {
                         if let Err(e) = control::run_gc(&d) {
-                            tracing::warn!("background gc: {e}");
+                            tracing::warn!(op = "gc", "background gc: {e}");
                         }
                     }
                     release_free_memory();
@@ -196,6 +334,28 @@ fn run(mut cfg: config::Config) -> anyhow::Result<()> {
                 .await;
             }
         });
+        // The background scrub: its own loop, so that hours of reading never hold up
+        // sealing or gc.
+        if scrub_interval > 0 {
+            let d = daemon.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(scrub_interval)).await;
+                    let d = d.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if let Err(e) = control::run_scrub(&d, scrub_rate) {
+                            tracing::warn!(op = "scrub", "background scrub: {e}");
+                        }
+                    })
+                    .await;
+                }
+            });
+        }
+        if let Some(l) = metrics_listener {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tracing::info!(addr = %l.local_addr()?, "metrics endpoint: GET /metrics");
+            tokio::spawn(metrics::serve(l, metrics.clone()));
+        }
         if let Some(l) = plugin_listener {
             let l = tokio::net::UnixListener::from_std(l)?;
             let app = plugin::router(daemon.clone());

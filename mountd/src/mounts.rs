@@ -30,12 +30,14 @@ use volfs::volume::Registry;
 use volfs::{Error, Result};
 
 use crate::fuse::{FuseFs, FuseOptions};
+use crate::metrics::{Metrics, VolumeMetrics};
 
 /// How long an unused primary stays mounted.
 const IDLE_GRACE: Duration = Duration::from_secs(30);
 
 struct Active {
     fs: Arc<VolumeFs>,
+    metrics: Arc<VolumeMetrics>,
     primary: PathBuf,
     dev: u64,
     last_used: Instant,
@@ -46,6 +48,7 @@ pub struct Mounts {
     registry: Arc<Registry>,
     run_dir: PathBuf,
     fuse: FuseOptions,
+    metrics: Arc<Metrics>,
     active: Mutex<HashMap<String, Active>>,
 }
 
@@ -156,7 +159,12 @@ fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
 }
 
 impl Mounts {
-    pub fn new(registry: Arc<Registry>, run_dir: &Path, fuse: FuseOptions) -> Result<Arc<Mounts>> {
+    pub fn new(
+        registry: Arc<Registry>,
+        run_dir: &Path,
+        fuse: FuseOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Mounts>> {
         let mnt = run_dir.join("mnt");
         std::fs::create_dir_all(&mnt)
             .map_err(|e| Error::io(format!("creating {}", mnt.display()), e))?;
@@ -164,6 +172,7 @@ impl Mounts {
             registry,
             run_dir: run_dir.to_path_buf(),
             fuse,
+            metrics,
             active: Mutex::new(HashMap::new()),
         }))
     }
@@ -255,8 +264,9 @@ impl Mounts {
             .dirty_max_ratio
             .filter(|_| fuse_opts.writeback_cache);
         fs.set_kernel_times(fuse_opts.writeback_cache);
+        let vm = self.metrics.volume(vol.as_str());
         let session = fuser::Session::from_fd(
-            FuseFs::new(fs.clone(), fuse_opts),
+            FuseFs::new(fs.clone(), fuse_opts, vm.clone()),
             dev_fuse,
             fuser::SessionACL::All,
             cfg,
@@ -286,6 +296,7 @@ impl Mounts {
             vol.to_string(),
             Active {
                 fs,
+                metrics: vm,
                 primary: primary.clone(),
                 dev,
                 last_used: Instant::now(),
@@ -642,6 +653,43 @@ impl Mounts {
             return Ok(None);
         }
         Ok(self.active.lock().get(vol).map(|a| a.primary.clone()))
+    }
+
+    /// Tells the kernel to drop its cached pages and attributes of every inode it holds on
+    /// every active connection (dirty pages are written back first, through the daemon).
+    /// Returns the number of inodes invalidated.
+    pub fn invalidate_kernel_caches(&self) -> u64 {
+        let targets: Vec<(String, Arc<VolumeFs>, Arc<VolumeMetrics>, fuser::Notifier)> = self
+            .active
+            .lock()
+            .iter()
+            .map(|(name, a)| {
+                (
+                    name.clone(),
+                    a.fs.clone(),
+                    a.metrics.clone(),
+                    a.session.notifier(),
+                )
+            })
+            .collect();
+        let mut n = 0;
+        for (name, fs, m, notifier) in targets {
+            for ino in fs.known_inodes() {
+                // Offset 0 and length 0: every page of the inode, and its attributes.
+                match notifier.inval_inode(fuser::INodeNo(ino), 0, 0) {
+                    Ok(()) => {
+                        m.invalidations.inc();
+                        n += 1;
+                    }
+                    // The kernel forgot the inode meanwhile: nothing cached to drop.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => {
+                        tracing::warn!(volume = %name, op = "cache drop", ino, "invalidating the kernel cache: {e}");
+                    }
+                }
+            }
+        }
+        n
     }
 
     /// Unmounts a volume everywhere (for `volume rm --force`) and closes its connection.

@@ -53,13 +53,25 @@ pub fn router(d: Arc<Daemon>) -> Router {
     Router::new()
         .route("/Plugin.Activate", post(activate))
         .route("/VolumeDriver.Capabilities", post(capabilities))
-        .route("/VolumeDriver.Create", post(|s, b| call(s, b, create)))
-        .route("/VolumeDriver.Remove", post(|s, b| call(s, b, remove)))
-        .route("/VolumeDriver.Mount", post(|s, b| call(s, b, mount)))
-        .route("/VolumeDriver.Unmount", post(|s, b| call(s, b, unmount)))
-        .route("/VolumeDriver.Path", post(|s, b| call(s, b, path)))
-        .route("/VolumeDriver.Get", post(|s, b| call(s, b, get)))
-        .route("/VolumeDriver.List", post(|s, b| call(s, b, list)))
+        .route(
+            "/VolumeDriver.Create",
+            post(|s, b| call(s, b, "Create", create)),
+        )
+        .route(
+            "/VolumeDriver.Remove",
+            post(|s, b| call(s, b, "Remove", remove)),
+        )
+        .route(
+            "/VolumeDriver.Mount",
+            post(|s, b| call(s, b, "Mount", mount)),
+        )
+        .route(
+            "/VolumeDriver.Unmount",
+            post(|s, b| call(s, b, "Unmount", unmount)),
+        )
+        .route("/VolumeDriver.Path", post(|s, b| call(s, b, "Path", path)))
+        .route("/VolumeDriver.Get", post(|s, b| call(s, b, "Get", get)))
+        .route("/VolumeDriver.List", post(|s, b| call(s, b, "List", list)))
         .with_state(d)
 }
 
@@ -85,20 +97,28 @@ async fn capabilities() -> Response {
 async fn call(
     State(d): State<Arc<Daemon>>,
     body: Bytes,
+    op: &'static str,
     f: fn(&Daemon, Req) -> volfs::Result<Value>,
 ) -> Response {
+    let op = format!("docker VolumeDriver.{op}");
     let req: Req = if body.iter().all(|b| b.is_ascii_whitespace()) {
         Req::default()
     } else {
         match serde_json::from_slice(&body) {
             Ok(r) => r,
             Err(e) => {
+                tracing::warn!(op, "malformed request: {e}");
                 return reply(
                     StatusCode::BAD_REQUEST,
                     json!({"Err": format!("malformed request: {e}")}),
-                )
+                );
             }
         }
+    };
+    let volume = if req.name.is_empty() {
+        "-".to_string()
+    } else {
+        req.name.clone()
     };
     let work = tokio::task::spawn_blocking(move || f(&d, req));
     match tokio::time::timeout(DEADLINE, work).await {
@@ -106,21 +126,24 @@ async fn call(
         Ok(Ok(Err(e))) => {
             // Docker asks Get for names it does not know before every Create: not a warning.
             if matches!(e, Error::NotFound(_)) {
-                tracing::debug!("docker plugin: {e}");
+                tracing::debug!(volume, op, "{e}");
             } else {
-                tracing::warn!("docker plugin: {e}");
+                tracing::warn!(volume, op, "{e}");
             }
             reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 json!({"Err": e.to_string()}),
             )
         }
-        Ok(Err(e)) => reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"Err": format!("internal error: {e}")}),
-        ),
+        Ok(Err(e)) => {
+            tracing::error!(volume, op, "internal error: {e}");
+            reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"Err": format!("internal error: {e}")}),
+            )
+        }
         Err(_) => {
-            tracing::error!("docker plugin: request took longer than {DEADLINE:?}");
+            tracing::error!(volume, op, "request took longer than {DEADLINE:?}");
             reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 json!({"Err": format!("volfs did not answer within {DEADLINE:?}")}),

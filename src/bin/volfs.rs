@@ -16,10 +16,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use volfs::api::{
-    self, CacheDropped, CreateSnapshot, CreateVolume, DfReport, ExportLayer, FsckReport,
+    self, CacheDrop, CacheDropped, CreateSnapshot, CreateVolume, DfReport, ExportLayer, FsckReport,
     FsckRequest, GcReport, ImportLayer, ImportedLayer, LayerInfo, MountInfo, MountRequest,
-    PruneReply, PruneRequest, RollbackRequest, SnapshotInfo, Status, UnmountRequest, VolumeInfo,
-    DEFAULT_SOCKET,
+    PruneReply, PruneRequest, RollbackRequest, ScrubReport, SnapshotInfo, Status, UnmountRequest,
+    VolumeInfo, DEFAULT_SOCKET,
 };
 use volfs::client::{Client, ClientError};
 use volfs::ids::{LayerId, VolumeName, VolumeRef};
@@ -69,6 +69,9 @@ enum Command {
     Gc(JsonArgs),
     /// Check every reference and every chunk's hash; exits 1 when problems remain.
     Fsck(FsckArgs),
+    /// Read back every chunk and verify its hash (what the background scrub does, now and at
+    /// full speed); exits 1 when a chunk fails.
+    Scrub(JsonArgs),
     /// Manage the daemon's caches (`volfs cache drop` empties the decoded-chunk cache, for
     /// cold-cache measurements together with `echo 3 > /proc/sys/vm/drop_caches`).
     #[command(subcommand)]
@@ -83,7 +86,15 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum CacheCommand {
     /// Empty the daemon's decoded-chunk cache.
-    Drop,
+    Drop(CacheDropArgs),
+}
+
+#[derive(Debug, Args)]
+struct CacheDropArgs {
+    /// Also drop the kernel's cached pages and attributes of every mounted volume (dirty
+    /// pages are written back first).
+    #[arg(long)]
+    kernel: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -351,11 +362,20 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Layer(LayerCommand::Rm(a)) => layer_rm(&client, a, &mut out)?,
         Command::Df(a) => df(&client, a, &mut out)?,
         Command::Gc(a) => gc(&client, a, &mut out)?,
-        Command::Cache(CacheCommand::Drop) => {
-            let r: CacheDropped = client.post("/v1/cache/drop", &serde_json::json!({}))?;
-            writeln!(out, "dropped {} of cached chunks", human_bytes(r.bytes))?;
+        Command::Cache(CacheCommand::Drop(a)) => {
+            let r: CacheDropped = client.post("/v1/cache/drop", &CacheDrop { kernel: a.kernel })?;
+            write!(out, "dropped {} of cached chunks", human_bytes(r.bytes))?;
+            if a.kernel {
+                write!(
+                    out,
+                    "; kernel caches of {} inode(s) invalidated",
+                    r.kernel_inodes
+                )?;
+            }
+            writeln!(out)?;
             0
         }
+        Command::Scrub(a) => scrub(&client, a, &mut out)?,
         Command::Fsck(a) => fsck(&client, a, &mut out)?,
         Command::Mount(a) => mount(&client, a)?,
         Command::Umount(a) => umount(&client, a)?,
@@ -801,6 +821,28 @@ fn fsck(client: &Client, args: FsckArgs, out: &mut dyn Write) -> Result<i32> {
     Ok(if open > 0 { 1 } else { 0 })
 }
 
+fn scrub(client: &Client, args: JsonArgs, out: &mut dyn Write) -> Result<i32> {
+    let r: ScrubReport = client.post("/v1/scrub", &serde_json::json!({}))?;
+    if args.json {
+        write_json(out, &r)?;
+    } else {
+        writeln!(
+            out,
+            "verified {} chunk(s) ({}) in {} ms",
+            r.chunks,
+            human_bytes(r.bytes_verified),
+            r.millis
+        )?;
+        for c in &r.corrupt {
+            writeln!(
+                out,
+                "corrupt: chunk {c} (volfs fsck names the files that use it)"
+            )?;
+        }
+    }
+    Ok(if r.corrupt.is_empty() { 0 } else { 1 })
+}
+
 fn mount(client: &Client, args: MountArgs) -> Result<i32> {
     let volume = VolumeRef::parse(&args.volume).map_err(invalid)?;
     let target = existing_dir(&args.dir)?;
@@ -842,7 +884,22 @@ fn write_status(out: &mut dyn Write, st: &Status) -> io::Result<()> {
     )?;
     writeln!(out, "stored:         {}", human_bytes(st.stored_bytes))?;
     writeln!(out, "logical:        {}", human_bytes(st.logical_bytes))?;
+    writeln!(out, "dedup ratio:    {:.2}", st.dedup_ratio)?;
     writeln!(out, "corrupt chunks: {}", st.corrupt_chunks)?;
+    for t in &st.background {
+        let now = match (&t.progress, t.running) {
+            (Some(p), true) => format!("running: {}", p.describe()),
+            _ if t.interval_secs > 0 => {
+                format!("every {}", human_duration(t.interval_secs))
+            }
+            _ => "on request".to_string(),
+        };
+        let last = match (&t.last_finished, &t.last_outcome) {
+            (Some(when), Some(what)) => format!("; last {when}: {}", one_line(what)),
+            _ => "; not run since start".to_string(),
+        };
+        writeln!(out, "{:<15} {now}{last}", format!("{}:", t.task))?;
+    }
     writeln!(out, "volumes:        {}", st.volumes.len())?;
     if !st.volumes.is_empty() {
         writeln!(out)?;
@@ -853,12 +910,21 @@ fn write_status(out: &mut dyn Write, st: &Status) -> io::Result<()> {
                 vec![
                     v.name.clone(),
                     human_bytes(v.bytes_used),
-                    v.mountpoints.len().to_string(),
+                    v.size.map(human_bytes).unwrap_or_else(|| "-".into()),
                     v.open_handles.to_string(),
+                    if v.mountpoints.is_empty() {
+                        "-".to_string()
+                    } else {
+                        printable(&v.mountpoints.join(", "))
+                    },
                 ]
             })
             .collect();
-        write_table(out, &["NAME", "USED", "MOUNTS", "OPEN HANDLES"], &rows)?;
+        write_table(
+            out,
+            &["NAME", "USED", "QUOTA", "OPEN HANDLES", "MOUNTPOINTS"],
+            &rows,
+        )?;
     }
     for w in &st.warnings {
         writeln!(out, "warning: {}", one_line(w))?;

@@ -643,6 +643,11 @@ impl VolumeFs {
         })
     }
 
+    /// The inodes the kernel holds references to (looked up and not yet forgotten).
+    pub fn known_inodes(&self) -> Vec<u64> {
+        self.nodes.iter().map(|e| *e.key()).collect()
+    }
+
     /// Commits every file's buffered data (used before shutdown and snapshots).
     pub fn flush_all(&self) -> Result<()> {
         let _w = self.gate();

@@ -32,7 +32,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -524,6 +524,8 @@ impl Daemon {
         c.current_dir(&self.root);
         c.env("RUST_LOG", "info").env("NO_COLOR", "1");
         c.env("VOLFS_PLUGIN_SOCKET", run.join("plugin.sock"));
+        // Any free port (the log says which): many daemons run at once.
+        c.env("VOLFS_METRICS_LISTEN", "127.0.0.1:0");
         // A configuration matrix for CI: VOLFS_TEST_DAEMON_ENV="VOLFS_WRITEBACK_CACHE=false,VOLFS_COMPRESSION=zstd"
         // applies to every daemon the tests start.
         if let Ok(extra) = std::env::var("VOLFS_TEST_DAEMON_ENV") {
@@ -653,6 +655,26 @@ impl Daemon {
         kill(child.id(), libc::SIGKILL);
         let _ = child.wait();
         *self.watchdog.pid.lock().unwrap() = None;
+    }
+
+    /// Where the running daemon serves /metrics (from its log: tests bind port 0).
+    pub fn metrics_addr(&self) -> String {
+        let log = self.log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("metrics endpoint"))
+            .unwrap_or_else(|| panic!("the daemon log names no metrics endpoint:\n{log}"));
+        line.split("addr=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no addr= in {line:?}"))
+            .to_string()
+    }
+
+    /// GET /metrics: the OpenMetrics text.
+    pub fn metrics(&self) -> String {
+        http_get(&self.metrics_addr(), "/metrics")
     }
 
     /// The daemon's stderr so far (all runs), without colour codes.
@@ -975,4 +997,99 @@ pub fn unix_http_post(socket: &Path, path: &str, body: &[u8]) -> io::Result<(u16
         rest = out;
     }
     Ok((status, rest))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------------------
+
+/// A plain HTTP/1.1 GET; returns the body of a 200 answer (panics otherwise).
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::net::TcpStream;
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)
+        .unwrap_or_else(|e| panic!("reading GET {path} from {addr}: {e}"));
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let Some((len, rest)) = body.split_once("\r\n") else {
+            return out;
+        };
+        let n = usize::from_str_radix(len.trim(), 16).expect("chunk length");
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+}
+
+/// The value of one sample (`name{k="v",...}`), or None if absent. `labels` must all match;
+/// other labels may be present.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if n != name {
+            return None;
+        }
+        let all = labels
+            .iter()
+            .all(|(k, v)| rest.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+        if !all {
+            return None;
+        }
+        value.parse().ok()
+    })
+}
+
+/// Checks the text with the reference OpenMetrics parser (Debian's python3-prometheus-client,
+/// which scripts/deps.sh installs): every family must parse. Returns the family count.
+pub fn check_openmetrics(text: &str) -> usize {
+    let script = "import sys\n\
+from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+fams = list(text_string_to_metric_families(sys.stdin.read()))\n\
+print(len(fams))\n";
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running /usr/bin/python3 (scripts/deps.sh installs python3-prometheus-client)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused the /metrics text: {}\n--- text ---\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
