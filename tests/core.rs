@@ -2079,10 +2079,24 @@ fn corrupt_chunk_reads_as_eio_never_wrong_bytes() {
         "volfs status exits 0 after a corrupt chunk was read:\n{out}"
     );
     assert!(
-        (out.stdout.clone() + &out.stderr).contains("corrupt")
-            || (out.stdout.clone() + &out.stderr).contains("verification"),
-        "volfs status does not mention the corruption:\n{out}"
+        out.stdout.contains(&chunk) && out.stdout.contains("fail verification"),
+        "volfs status does not name the corrupt chunk {chunk}:\n{out}"
     );
+    let t = d.metrics();
+    assert_eq!(metric(&t, "volfs_corrupt_chunks", &[]), Some(1.0), "{t}");
+    assert!(metric(&t, "volfs_corrupt_chunk_reads_total", &[]).unwrap_or(0.0) >= 1.0);
+    // A scrub finds it too, names it and exits 1.
+    let out = d.cli(&["scrub"]);
+    assert_eq!(out.code(), Some(1), "volfs scrub with a corrupt chunk:\n{out}");
+    assert!(out.stdout.contains(&chunk), "{out}");
+    // Once nothing uses it and gc freed it, a clean scrub clears the warning.
+    fs::remove_file(m.join("rand")).unwrap();
+    d.cli_ok(&["gc"]);
+    let out = d.cli(&["scrub"]);
+    assert!(out.success(), "scrub after the file was removed:\n{out}");
+    let out = d.cli(&["status"]);
+    assert!(out.success(), "status after a clean scrub:\n{out}");
+    assert_eq!(metric(&d.metrics(), "volfs_corrupt_chunks", &[]), Some(0.0));
 }
 
 // =============================================================================================

@@ -183,6 +183,37 @@ fn metrics_move_during_a_workload_and_parse_as_openmetrics() {
         "{gc}"
     );
 
+    // The dashboard and the docs use only metrics that exist, and the docs list every one.
+    let scraped: std::collections::BTreeSet<String> = t
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    let exists = |name: &str| {
+        let base = ["_bucket", "_count", "_sum", "_total", "_info"]
+            .iter()
+            .find_map(|suf| name.strip_suffix(suf))
+            .unwrap_or(name);
+        scraped.contains(base) || scraped.contains(name)
+    };
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for doc in ["packaging/grafana/volfs.json", "docs/OPERATIONS.md"] {
+        let text = fs::read_to_string(repo.join(doc)).unwrap();
+        let names = metric_names(&text);
+        assert!(names.len() > 10, "{doc}: {names:?}");
+        for n in &names {
+            assert!(exists(n), "{doc} uses {n}, which /metrics does not have");
+        }
+    }
+    let documented = metric_names(&fs::read_to_string(repo.join("docs/OPERATIONS.md")).unwrap());
+    for family in &scraped {
+        assert!(
+            documented.iter().any(|n| n.starts_with(family.as_str())),
+            "/metrics has {family}, which docs/OPERATIONS.md does not describe"
+        );
+    }
+
     // A removed volume's series go with it.
     d.cli_ok(&["volume", "rm", "capped"]);
     let t = d.metrics();
@@ -190,6 +221,25 @@ fn metrics_move_during_a_workload_and_parse_as_openmetrics() {
         metric(&t, "volfs_volume_quota_bytes", &[("volume", "capped")]),
         None
     );
+}
+
+/// Every `volfs_...` name in a text.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("volfs_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = tail[..end].trim_end_matches('_');
+        // Metric names have a part after the prefix; `volfs_mountd` is the crate.
+        if name.len() > 6 && !name.starts_with("volfs_mountd") {
+            out.insert(name.to_string());
+        }
+        rest = &tail[end..];
+    }
+    out
 }
 
 /// A tmpfs mounted for a test, unmounted when dropped (also when the test fails).

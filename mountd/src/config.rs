@@ -97,7 +97,8 @@ impl Default for Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     Default,
-    File(PathBuf),
+    /// The file, and the line of the key when known.
+    File(PathBuf, Option<usize>),
     Env(String),
     Flag(String),
 }
@@ -106,7 +107,8 @@ impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Source::Default => write!(f, "the built-in default"),
-            Source::File(p) => write!(f, "config file {}", p.display()),
+            Source::File(p, None) => write!(f, "config file {}", p.display()),
+            Source::File(p, Some(l)) => write!(f, "config file {}, line {l}", p.display()),
             Source::Env(v) => write!(f, "environment variable {v}"),
             Source::Flag(s) => write!(f, "command-line flag {s}"),
         }
@@ -139,6 +141,17 @@ fn typed(key: &str, raw: &str, default: &toml::Value) -> toml::Value {
         .unwrap_or_else(|| toml::Value::String(raw.to_string()))
 }
 
+/// The line (from 1) where `key = ...` is set in a config text.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
 /// Checks one key's value alone, so that an error names the source it came from.
 fn check_one(key: &str, value: &toml::Value, source: &Source) -> anyhow::Result<()> {
     let mut t = toml::Table::new();
@@ -156,7 +169,10 @@ impl Config {
         match key {
             "compression" => volfs::chunk::Compression::parse(&self.compression)
                 .map(|_| ())
-                .map_err(|e| e.to_string()),
+                .map_err(|e| match e {
+                    volfs::Error::Invalid(m) => m,
+                    e => e.to_string(),
+                }),
             "fuse_threads" if !(1..=64).contains(&self.fuse_threads) => Err(format!(
                 "{} FUSE threads: expected 1 to 64",
                 self.fuse_threads
@@ -222,17 +238,19 @@ impl Config {
             .collect();
         match std::fs::read_to_string(&path) {
             Ok(text) => {
-                // Whole-file parse first: its errors carry the line and the key.
-                toml::from_str::<Config>(&text).map_err(|e| {
+                // Syntax errors: toml's message, with line and column, on one line.
+                let file: toml::Table = toml::from_str(&text).map_err(|e| {
                     anyhow::anyhow!(
                         "invalid config {}: {}",
                         path.display(),
-                        e.to_string().trim()
+                        e.to_string()
+                            .split_whitespace()
+                            .collect::<Vec<_>>()
+                            .join(" ")
                     )
                 })?;
-                let file: toml::Table = toml::from_str(&text)?;
                 for (k, v) in file {
-                    let src = Source::File(path.clone());
+                    let src = Source::File(path.clone(), line_of(&text, &k));
                     check_one(&k, &v, &src)?;
                     sources.insert(k.clone(), src);
                     table.insert(k, v);
@@ -313,9 +331,15 @@ mod tests {
 
     #[test]
     fn wrong_type_and_bad_value_name_key_and_source() {
-        let (_d, p) = file("chunk_cache_mb = \"lots\"\n");
+        let (_d, p) = file("# cache\nchunk_cache_mb = \"lots\"\n");
         let e = Config::load(Some(&p), &[]).unwrap_err().to_string();
-        assert!(e.contains("chunk_cache_mb") && e.contains("line 1"), "{e}");
+        assert!(
+            e.contains("chunk_cache_mb") && e.contains("line 2") && e.contains("expected u64"),
+            "{e}"
+        );
+        let (_d, p) = file("chunk_cache_mb = [\n");
+        let e = Config::load(Some(&p), &[]).unwrap_err().to_string();
+        assert!(e.contains("line 1") && !e.contains('\n'), "{e}");
         let (_d, p) = file("compression = \"lz5\"\n");
         let e = Config::load(Some(&p), &[]).unwrap_err().to_string();
         assert!(
@@ -338,7 +362,10 @@ mod tests {
         assert_eq!(l.config.chunk_cache_mb, 32);
         assert_eq!(l.config.fuse_threads, 2);
         assert_eq!(l.sources["chunk_cache_mb"], Source::Flag("--set".into()));
-        assert!(matches!(l.sources["fuse_threads"], Source::File(_)));
+        assert!(matches!(
+            l.sources["fuse_threads"],
+            Source::File(_, Some(2))
+        ));
         assert_eq!(l.sources["attr_ttl_ms"], Source::Default);
         let e = Config::load(
             Some(&p),

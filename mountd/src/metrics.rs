@@ -97,6 +97,10 @@ pub struct Metrics {
     daemon: Arc<OnceLock<Weak<Daemon>>>,
     fuse_latency: Family<OpLabels, Histogram, fn() -> Histogram>,
     fuse_errors: Family<ErrorLabels, Counter>,
+    /// The (op, errno) error series each volume has, to drop them with the volume.
+    error_labels: parking_lot::Mutex<
+        std::collections::HashMap<String, std::collections::HashSet<(&'static str, i32)>>,
+    >,
     read_bytes: Family<VolumeLabel, Counter>,
     written_bytes: Family<VolumeLabel, Counter>,
     invalidations: Family<VolumeLabel, Counter>,
@@ -184,6 +188,7 @@ impl Metrics {
             daemon,
             fuse_latency,
             fuse_errors,
+            error_labels: Default::default(),
             read_bytes,
             written_bytes,
             invalidations,
@@ -212,6 +217,7 @@ impl Metrics {
             read_bytes: self.read_bytes.get_or_create(&label).clone(),
             written_bytes: self.written_bytes.get_or_create(&label).clone(),
             invalidations: self.invalidations.get_or_create(&label).clone(),
+            errors: Default::default(),
             metrics: self.clone(),
         })
     }
@@ -230,6 +236,13 @@ impl Metrics {
         self.read_bytes.remove(&label);
         self.written_bytes.remove(&label);
         self.invalidations.remove(&label);
+        for (op, errno) in self.error_labels.lock().remove(volume).unwrap_or_default() {
+            self.fuse_errors.remove(&ErrorLabels {
+                volume: volume.to_string(),
+                op,
+                errno: errno_name(errno),
+            });
+        }
     }
 
     /// Counts a finished background or maintenance run.
@@ -269,6 +282,9 @@ pub struct VolumeMetrics {
     pub read_bytes: Counter,
     pub written_bytes: Counter,
     pub invalidations: Counter,
+    /// (op, errno) -> its counter in the family, so that a counted error (ENOENT lookups can
+    /// be frequent) costs a read lock and a hash, no allocation.
+    errors: parking_lot::RwLock<std::collections::HashMap<(&'static str, i32), Counter>>,
     metrics: Arc<Metrics>,
 }
 
@@ -293,14 +309,27 @@ impl VolumeMetrics {
 
     /// Counts a request answered with `errno`.
     pub fn error(&self, op: &'static str, errno: i32) {
-        self.metrics
+        if let Some(c) = self.errors.read().get(&(op, errno)) {
+            c.inc();
+            return;
+        }
+        let c = self
+            .metrics
             .fuse_errors
             .get_or_create(&ErrorLabels {
                 volume: self.volume.clone(),
                 op,
                 errno: errno_name(errno),
             })
-            .inc();
+            .clone();
+        c.inc();
+        self.errors.write().insert((op, errno), c);
+        self.metrics
+            .error_labels
+            .lock()
+            .entry(self.volume.clone())
+            .or_default()
+            .insert((op, errno));
     }
 }
 
