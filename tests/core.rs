@@ -2087,7 +2087,11 @@ fn corrupt_chunk_reads_as_eio_never_wrong_bytes() {
     assert!(metric(&t, "volfs_corrupt_chunk_reads_total", &[]).unwrap_or(0.0) >= 1.0);
     // A scrub finds it too, names it and exits 1.
     let out = d.cli(&["scrub"]);
-    assert_eq!(out.code(), Some(1), "volfs scrub with a corrupt chunk:\n{out}");
+    assert_eq!(
+        out.code(),
+        Some(1),
+        "volfs scrub with a corrupt chunk:\n{out}"
+    );
     assert!(out.stdout.contains(&chunk), "{out}");
     // Once nothing uses it and gc freed it, a clean scrub clears the warning.
     fs::remove_file(m.join("rand")).unwrap();
