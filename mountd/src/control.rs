@@ -58,6 +58,9 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Control API requests are small JSON documents.
+const MAX_BODY: usize = 1 << 20;
+
 /// Logs every error answer with the operation (method and path) and the volume it concerns,
 /// so that what a user sees from the CLI or Docker is also in the daemon's log.
 pub async fn log_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
@@ -66,9 +69,16 @@ pub async fn log_errors(req: axum::extract::Request, next: axum::middleware::Nex
     // The volume may be in the body (`{"name": ...}`, `{"volume": ...}`): keep a copy of a
     // small JSON body to name it.
     let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .unwrap_or_default();
+    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(op = %format!("{method} {path}"), "request body refused: {e}");
+            return ApiError(Error::Invalid(format!(
+                "request body unreadable or over {MAX_BODY} bytes: {e}"
+            )))
+            .into_response();
+        }
+    };
     let named = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .and_then(|v| {
