@@ -92,6 +92,17 @@ fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 
+/// Registers a metric and returns the handle to count into.
+fn registered<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 pub struct Metrics {
     registry: Registry,
     daemon: Arc<OnceLock<Weak<Daemon>>>,
@@ -126,53 +137,53 @@ impl Metrics {
             "FUSE requests answered, by volume and operation, and how long the daemon took",
             fuse_latency.clone(),
         );
-        let fuse_errors = Family::default();
-        registry.register(
+        let fuse_errors = registered(
+            &mut registry,
             "fuse_errors",
             "FUSE requests answered with an error, by volume, operation and errno",
-            fuse_errors.clone(),
+            Family::default(),
         );
-        let read_bytes = Family::default();
-        registry.register(
+        let read_bytes = registered(
+            &mut registry,
             "volume_read_bytes",
             "Bytes read from a volume through FUSE",
-            read_bytes.clone(),
+            Family::default(),
         );
-        let written_bytes = Family::default();
-        registry.register(
+        let written_bytes = registered(
+            &mut registry,
             "volume_written_bytes",
             "Bytes written to a volume through FUSE",
-            written_bytes.clone(),
+            Family::default(),
         );
-        let invalidations = Family::default();
-        registry.register(
+        let invalidations = registered(
+            &mut registry,
             "kernel_cache_invalidations",
             "Inodes whose kernel page and attribute cache the daemon invalidated",
-            invalidations.clone(),
+            Family::default(),
         );
-        let runs = Family::default();
-        registry.register(
+        let runs = registered(
+            &mut registry,
             "background_runs",
             "Background and maintenance runs (gc, scrub, fsck) by outcome",
-            runs.clone(),
+            Family::default(),
         );
-        let gc_chunk_bytes_freed = Counter::default();
-        registry.register(
+        let gc_chunk_bytes_freed = registered(
+            &mut registry,
             "gc_chunk_bytes_freed",
             "Uncompressed bytes of the chunks gc freed",
-            gc_chunk_bytes_freed.clone(),
+            Counter::default(),
         );
-        let gc_disk_bytes_reclaimed = Counter::default();
-        registry.register(
+        let gc_disk_bytes_reclaimed = registered(
+            &mut registry,
             "gc_disk_bytes_reclaimed",
             "Pack and index bytes on disk that gc gave back",
-            gc_disk_bytes_reclaimed.clone(),
+            Counter::default(),
         );
-        let scrub_bytes = Counter::default();
-        registry.register(
+        let scrub_bytes = registered(
+            &mut registry,
             "scrub_verified_bytes",
             "Chunk bytes read back and verified against their hash by scrub and fsck",
-            scrub_bytes.clone(),
+            Counter::default(),
         );
         registry.register(
             "build",

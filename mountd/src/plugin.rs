@@ -49,30 +49,28 @@ struct VolumeEntry {
     status: Option<Value>,
 }
 
+type Handler = fn(&Daemon, Req) -> volfs::Result<Value>;
+
 pub fn router(d: Arc<Daemon>) -> Router {
-    Router::new()
+    let ops: [(&'static str, Handler); 7] = [
+        ("Create", create),
+        ("Remove", remove),
+        ("Mount", mount),
+        ("Unmount", unmount),
+        ("Path", path),
+        ("Get", get),
+        ("List", list),
+    ];
+    let mut r = Router::new()
         .route("/Plugin.Activate", post(activate))
-        .route("/VolumeDriver.Capabilities", post(capabilities))
-        .route(
-            "/VolumeDriver.Create",
-            post(|s, b| call(s, b, "Create", create)),
-        )
-        .route(
-            "/VolumeDriver.Remove",
-            post(|s, b| call(s, b, "Remove", remove)),
-        )
-        .route(
-            "/VolumeDriver.Mount",
-            post(|s, b| call(s, b, "Mount", mount)),
-        )
-        .route(
-            "/VolumeDriver.Unmount",
-            post(|s, b| call(s, b, "Unmount", unmount)),
-        )
-        .route("/VolumeDriver.Path", post(|s, b| call(s, b, "Path", path)))
-        .route("/VolumeDriver.Get", post(|s, b| call(s, b, "Get", get)))
-        .route("/VolumeDriver.List", post(|s, b| call(s, b, "List", list)))
-        .with_state(d)
+        .route("/VolumeDriver.Capabilities", post(capabilities));
+    for (name, f) in ops {
+        r = r.route(
+            &format!("/VolumeDriver.{name}"),
+            post(move |s, b| call(s, b, name, f)),
+        );
+    }
+    r.with_state(d)
 }
 
 fn reply(status: StatusCode, v: Value) -> Response {
@@ -94,12 +92,7 @@ async fn capabilities() -> Response {
 
 /// Parses the request, runs `f` on the blocking pool within the deadline, and turns errors
 /// into `{"Err": ...}`.
-async fn call(
-    State(d): State<Arc<Daemon>>,
-    body: Bytes,
-    op: &'static str,
-    f: fn(&Daemon, Req) -> volfs::Result<Value>,
-) -> Response {
+async fn call(State(d): State<Arc<Daemon>>, body: Bytes, op: &'static str, f: Handler) -> Response {
     let op = format!("docker VolumeDriver.{op}");
     let req: Req = if body.iter().all(|b| b.is_ascii_whitespace()) {
         Req::default()
