@@ -27,5 +27,6 @@ deb=$(ls -t "$CARGO_TARGET_DIR"/debian/volfs_*.deb | head -1)
 dpkg -i "$deb" >/dev/null
 /usr/bin/volfs --version
 test -x /sbin/mount.volfs
+test -f /usr/share/doc/volfs/grafana/volfs.json
 dpkg -r volfs >/dev/null
 echo "deb: $(basename "$deb") installs and runs"
