@@ -170,7 +170,15 @@ pub struct UnmountRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
+    /// The daemon as started (the supervisor, when it runs as two processes; systemd's
+    /// main PID).
     pub pid: u32,
+    /// The process that serves FUSE and this API (equal to `pid` without a supervisor).
+    #[serde(default)]
+    pub server_pid: u32,
+    /// Times a crashed server process was replaced since the daemon started.
+    #[serde(default)]
+    pub server_restarts: u64,
     pub uptime_secs: u64,
     pub data_dir: String,
     pub data_dir_free_bytes: u64,

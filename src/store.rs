@@ -22,6 +22,9 @@ use crate::meta::SCHEMA_VERSION;
 pub struct StoreOptions {
     pub compression: Compression,
     pub chunk_cache_bytes: u64,
+    /// The pid the lock file names (default: this process): a daemon that runs as a
+    /// supervisor and a server names the supervisor, the process users know.
+    pub owner_pid: Option<u32>,
 }
 
 impl Default for StoreOptions {
@@ -29,6 +32,7 @@ impl Default for StoreOptions {
         StoreOptions {
             compression: Compression::None,
             chunk_cache_bytes: 256 << 20,
+            owner_pid: None,
         }
     }
 }
@@ -47,7 +51,7 @@ impl Store {
     pub fn open(data_dir: &Path, opts: &StoreOptions) -> Result<Store> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| Error::io(format!("cannot create data dir {}", data_dir.display()), e))?;
-        let lock = lock_data_dir(data_dir)?;
+        let lock = lock_data_dir(data_dir, opts.owner_pid.unwrap_or_else(std::process::id))?;
         let rocks = Arc::new(RocksEngine::open(&data_dir.join("index")).map_err(|e| {
             Error::Db(format!(
                 "opening metadata index in {}: {e}",
@@ -126,7 +130,7 @@ fn check_schema(engine: &dyn Engine, data_dir: &Path) -> Result<()> {
     }
 }
 
-fn lock_data_dir(data_dir: &Path) -> Result<File> {
+fn lock_data_dir(data_dir: &Path, owner: u32) -> Result<File> {
     let path = data_dir.join("volfs.lock");
     let mut f = OpenOptions::new()
         .read(true)
@@ -135,8 +139,17 @@ fn lock_data_dir(data_dir: &Path) -> Result<File> {
         .truncate(false)
         .open(&path)
         .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-    // SAFETY: flock on a valid, owned fd.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    // A daemon that was just killed may take a moment to exit (its server process dies after
+    // its supervisor): wait up to 2 s for the lock before calling the data dir busy.
+    let mut rc = -1;
+    for _ in 0..20 {
+        // SAFETY: flock on a valid, owned fd.
+        rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EWOULDBLOCK) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
@@ -155,6 +168,6 @@ fn lock_data_dir(data_dir: &Path) -> Result<File> {
         .map_err(|e| Error::io("truncating lock file", e))?;
     f.rewind()
         .map_err(|e| Error::io("rewinding lock file", e))?;
-    writeln!(f, "{}", std::process::id()).map_err(|e| Error::io("writing lock file", e))?;
+    writeln!(f, "{owner}").map_err(|e| Error::io("writing lock file", e))?;
     Ok(f)
 }

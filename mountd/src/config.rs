@@ -67,6 +67,9 @@ pub struct Config {
     /// Read rate of the background scrub in MiB/s, so that it leaves the disk to the
     /// volumes; 0: no limit.
     pub scrub_max_mb_per_sec: u64,
+    /// Run as a supervisor and a server process, so that a crash of the server keeps every
+    /// mount and open file (see docs/ARCHITECTURE.md, "Surviving a crash of the daemon").
+    pub supervise: bool,
 }
 
 impl Default for Config {
@@ -89,6 +92,7 @@ impl Default for Config {
             gc_interval_secs: 3600,
             scrub_interval_secs: 7 * 24 * 3600,
             scrub_max_mb_per_sec: 64,
+            supervise: true,
         }
     }
 }

@@ -552,7 +552,13 @@ pub fn state(d: &Daemon) -> volfs::Result<DaemonState> {
     Ok(DaemonState {
         status: Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            pid: std::process::id(),
+            pid: if d.mounts.supervised() {
+                std::os::unix::process::parent_id()
+            } else {
+                std::process::id()
+            },
+            server_pid: std::process::id(),
+            server_restarts: crate::handover::restarts(),
             uptime_secs: d.started.elapsed().as_secs(),
             data_dir: store.data_dir.display().to_string(),
             data_dir_free_bytes: free,

@@ -501,7 +501,7 @@ impl Filesystem for FuseFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -512,7 +512,7 @@ impl Filesystem for FuseFs {
         let (fs, m) = (self.fs.clone(), self.m.clone());
         self.pool.run(move || {
             let _t = t;
-            Self::empty(&fs, &m, reply, fs.release(fh.0), "release");
+            Self::empty(&fs, &m, reply, fs.release(fh.0, ino.0), "release");
         });
     }
 
@@ -541,13 +541,13 @@ impl Filesystem for FuseFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         let _t = self.m.time(Op::Readdir);
-        let entries = try_reply!(self, "readdir", reply, self.fs.readdir(fh.0, offset));
+        let entries = try_reply!(self, "readdir", reply, self.fs.readdir(fh.0, ino.0, offset));
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(
                 INodeNo(e.ino),
@@ -570,7 +570,7 @@ impl Filesystem for FuseFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let _t = self.m.time(Op::Readdirplus);
-        let entries = try_reply!(self, "readdirplus", reply, self.fs.readdir(fh.0, offset));
+        let entries = try_reply!(self, "readdirplus", reply, self.fs.readdir(fh.0, ino.0, offset));
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let dot = e.name == b"." || e.name == b"..";
             // "." and ".." carry no lookup reference; every other entry takes one, which the
@@ -805,4 +805,59 @@ impl Filesystem for FuseFs {
             }
         });
     }
+}
+
+/// A session on a connection that is already initialized: the process before this one did
+/// the INIT handshake, and the kernel will not send INIT again. fuser only starts a session
+/// with a handshake, so it gets one: a synthetic INIT (ABI 7.40, every capability offered, so
+/// that `init` computes the same flags as the first time) on a socket, whose answer goes
+/// nowhere; then the real connection fd takes the socket's place under the same number.
+/// The kernel keeps what it negotiated the first time.
+pub fn adopt_session(
+    fs: FuseFs,
+    conn: std::os::fd::OwnedFd,
+    cfg: fuser::Config,
+) -> io::Result<fuser::Session<FuseFs>> {
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    const FUSE_INIT: u32 = 26;
+    let mut pair = [0i32; 2];
+    // SAFETY: socketpair fills two fds.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh fds, owned from here on.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    // fuse_in_header (40 bytes) + fuse_init_in (64 bytes).
+    let mut msg = Vec::with_capacity(104);
+    msg.extend_from_slice(&104u32.to_ne_bytes()); // len
+    msg.extend_from_slice(&FUSE_INIT.to_ne_bytes()); // opcode
+    msg.extend_from_slice(&1u64.to_ne_bytes()); // unique
+    msg.extend_from_slice(&0u64.to_ne_bytes()); // nodeid
+    msg.extend_from_slice(&[0u8; 16]); // uid, gid, pid, padding
+    msg.extend_from_slice(&7u32.to_ne_bytes()); // major
+    msg.extend_from_slice(&40u32.to_ne_bytes()); // minor
+    msg.extend_from_slice(&(1u32 << 20).to_ne_bytes()); // max_readahead
+    msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // flags
+    msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // flags2
+    msg.extend_from_slice(&[0u8; 44]); // unused
+    // SAFETY: writes a live buffer to a fd we own.
+    if unsafe { libc::write(ours.as_raw_fd(), msg.as_ptr().cast(), msg.len()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let session = fuser::Session::from_fd(fs, theirs, fuser::SessionACL::All, cfg)?;
+    // The session's fd number now names the real connection.
+    let slot = session.as_fd().as_raw_fd();
+    // SAFETY: dup3 onto a fd the session owns; it atomically replaces the socket.
+    if unsafe { libc::dup3(conn.as_raw_fd(), slot, libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(session)
 }

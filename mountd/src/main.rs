@@ -3,6 +3,7 @@
 mod config;
 mod control;
 mod fuse;
+mod handover;
 mod metrics;
 mod mounts;
 mod plugin;
@@ -110,8 +111,14 @@ fn main() {
         eprintln!("volfs-mountd: {e:#}");
         std::process::exit(1);
     }
-    for var in config::Config::unknown_env() {
-        tracing::warn!("environment variable {var} names no config key; ignored");
+    let supervised = std::env::var_os(handover::SUPERVISED_ENV).is_some();
+    if !supervised {
+        for var in config::Config::unknown_env() {
+            tracing::warn!("environment variable {var} names no config key; ignored");
+        }
+    }
+    if loaded.config.supervise && !supervised {
+        std::process::exit(handover::supervise());
     }
     if let Err(e) = run(loaded) {
         tracing::error!("{e:#}");
@@ -233,6 +240,8 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
         &StoreOptions {
             compression,
             chunk_cache_bytes: cfg.chunk_cache_mb << 20,
+            owner_pid: std::env::var_os(handover::SUPERVISED_ENV)
+                .map(|_| std::os::unix::process::parent_id()),
         },
     )?);
     let registry = Arc::new(Registry::new(store.clone()));
@@ -260,7 +269,14 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
         subtype: cfg.fuse_subtype,
         dirty_max_ratio: (cfg.fuse_dirty_max_ratio > 0).then_some(cfg.fuse_dirty_max_ratio),
     };
-    let mounts = mounts::Mounts::new(registry, &cfg.run_dir, fuse_opts, metrics.clone())?;
+    let link = handover::Link::from_env();
+    let mounts = mounts::Mounts::new(
+        registry,
+        &cfg.run_dir,
+        fuse_opts,
+        metrics.clone(),
+        link,
+    )?;
     let listener = bind_socket(&cfg.socket)?;
     let plugin_listener = match cfg.plugin_socket.as_str() {
         "" => None,
@@ -285,6 +301,7 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
     let scrub_interval = cfg.scrub_interval_secs;
     let scrub_rate = cfg.scrub_max_mb_per_sec << 20;
     tracing::info!(data_dir = %cfg.data_dir.display(), socket = %cfg.socket.display(), "volfs-mountd {} starting", env!("CARGO_PKG_VERSION"));
+    mounts.adopt(handover::inherited());
     mounts.restore()?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -366,6 +383,7 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
             });
         }
         notify_systemd("READY=1");
+        mounts.ready();
         let app = control::router(daemon);
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())

@@ -30,6 +30,7 @@ use volfs::volume::Registry;
 use volfs::{Error, Result};
 
 use crate::fuse::{FuseFs, FuseOptions};
+use crate::handover::Link;
 use crate::metrics::{Metrics, VolumeMetrics};
 
 /// How long an unused primary stays mounted.
@@ -49,6 +50,8 @@ pub struct Mounts {
     run_dir: PathBuf,
     fuse: FuseOptions,
     metrics: Arc<Metrics>,
+    /// The supervisor, which keeps a copy of every connection fd (see `handover`).
+    link: Option<Link>,
     active: Mutex<HashMap<String, Active>>,
 }
 
@@ -164,6 +167,7 @@ impl Mounts {
         run_dir: &Path,
         fuse: FuseOptions,
         metrics: Arc<Metrics>,
+        link: Option<Link>,
     ) -> Result<Arc<Mounts>> {
         let mnt = run_dir.join("mnt");
         std::fs::create_dir_all(&mnt)
@@ -173,8 +177,21 @@ impl Mounts {
             run_dir: run_dir.to_path_buf(),
             fuse,
             metrics,
+            link,
             active: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Does this process run under a supervisor?
+    pub fn supervised(&self) -> bool {
+        self.link.is_some()
+    }
+
+    /// Tells the supervisor (if any) that this server serves requests.
+    pub fn ready(&self) {
+        if let Some(l) = &self.link {
+            l.ready();
+        }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -258,7 +275,19 @@ impl Mounts {
         let mut cfg = fuser::Config::default();
         cfg.acl = fuser::SessionACL::All;
         cfg.n_threads = Some(self.fuse.workers.max(1));
-        cfg.clone_fd = true;
+        // Under a supervisor every thread reads the one fd the supervisor also holds: requests
+        // a dead server had read then stay queued on it (a cloned fd would take them down
+        // with ECONNABORTED when the process dies).
+        cfg.clone_fd = self.link.is_none();
+        if let Some(link) = &self.link {
+            if let Err(e) = link.add(vol.as_str(), dev_fuse.as_raw_fd()) {
+                let _ = sys_umount(&primary, libc::MNT_DETACH);
+                return Err(Error::io(
+                    format!("handing volume {vol}'s connection to the supervisor"),
+                    e,
+                ));
+            }
+        }
         let fuse_opts = self.fuse_options(rec.size.is_some());
         let fuse_opts_dirty = fuse_opts
             .dirty_max_ratio
@@ -572,6 +601,89 @@ impl Mounts {
             .collect()
     }
 
+    /// Takes over the connections a dead server process left to the supervisor (see
+    /// `handover`): the volume is loaded without freeing orphans (the kernel may hold them
+    /// open), a session starts on the already-initialized connection, and the requests the
+    /// dead process read but never answered are queued again. The mountpoints never changed.
+    /// A connection that cannot be taken over is aborted, so that its mounts fail instead of
+    /// hanging.
+    pub fn adopt(&self, conns: Vec<(String, OwnedFd)>) {
+        for (vol, fd) in conns {
+            let t0 = Instant::now();
+            match self.adopt_one(&vol, fd) {
+                Ok(()) => tracing::info!(
+                    volume = %vol,
+                    millis = t0.elapsed().as_millis() as u64,
+                    "took over the live connection of a previous server process"
+                ),
+                Err(e) => {
+                    tracing::error!(volume = %vol, "cannot take over the connection; its mounts end: {e}");
+                    if let Some(m) = mountinfo().iter().find(|m| {
+                        VolumeRef::parse(&vol).is_ok_and(|v| m.target == self.primary_path(&v))
+                    }) {
+                        let ctl = format!("/sys/fs/fuse/connections/{}/abort", libc::minor(m.dev));
+                        let _ = std::fs::write(ctl, "1");
+                    }
+                    if let Some(link) = &self.link {
+                        link.remove(&vol);
+                    }
+                }
+            }
+        }
+    }
+
+    fn adopt_one(&self, vol: &str, fd: OwnedFd) -> Result<()> {
+        let vref = VolumeRef::parse(vol)?;
+        let mut rec = self.registry.require(&vref.volume)?;
+        let store = self.registry.store().clone();
+        let fs = match &vref.snapshot {
+            None => VolumeFs::load_adopted(store, &rec)?,
+            Some(snap) => {
+                let (_, s) = self.registry.snapshot(&vref.volume, snap)?;
+                rec.read_only = true;
+                rec.size = None;
+                VolumeFs::load_snapshot(store, &rec, &s)?
+            }
+        };
+        let primary = self.primary_path(&vref);
+        // From mountinfo, not stat: a stat would wait for this very connection.
+        let dev = mountinfo()
+            .iter()
+            .find(|m| m.target == primary)
+            .map(|m| m.dev)
+            .ok_or_else(|| Error::NotFound(format!("connection of {vol} at {}", primary.display())))?;
+        let fuse_opts = self.fuse_options(rec.size.is_some());
+        fs.set_kernel_times(fuse_opts.writeback_cache);
+        let mut cfg = fuser::Config::default();
+        cfg.acl = fuser::SessionACL::All;
+        cfg.n_threads = Some(self.fuse.workers.max(1));
+        cfg.clone_fd = false;
+        let vm = self.metrics.volume(vol);
+        let session = crate::fuse::adopt_session(FuseFs::new(fs.clone(), fuse_opts, vm.clone()), fd, cfg)
+            .map_err(|e| Error::io(format!("starting a session on {vol}'s connection"), e))?;
+        {
+            use std::os::fd::AsFd;
+            if let Err(e) = crate::handover::resend(session.as_fd().as_raw_fd()) {
+                tracing::warn!(volume = %vol, "FUSE_NOTIFY_RESEND (Linux 6.9+) refused: {e}; requests the dead server had read stay unanswered");
+            }
+        }
+        let session = session
+            .spawn()
+            .map_err(|e| Error::io(format!("starting FUSE threads for {vol}"), e))?;
+        self.active.lock().insert(
+            vol.to_string(),
+            Active {
+                fs,
+                metrics: vm,
+                primary,
+                dev,
+                last_used: Instant::now(),
+                session,
+            },
+        );
+        Ok(())
+    }
+
     /// Makes the recorded mounts again (after a restart), and brings up the connections of
     /// volumes Docker holds. Failures are logged, not fatal.
     pub fn restore(&self) -> Result<()> {
@@ -589,8 +701,16 @@ impl Mounts {
                 tracing::error!(volume = %v, "cannot restore volume held by Docker: {e}");
             }
         }
+        let live: Vec<u64> = self.active.lock().values().map(|a| a.dev).collect();
         for m in self.recorded()? {
             let target = PathBuf::from(&m.target);
+            // Still mounted on a connection taken over from a previous server: nothing to do.
+            if mountinfo()
+                .iter()
+                .any(|e| e.target == target && live.contains(&e.dev))
+            {
+                continue;
+            }
             // A mount left by a daemon that died answers ENOTCONN: detach it first.
             if mountinfo()
                 .iter()
@@ -738,6 +858,9 @@ impl Mounts {
         let Some(a) = self.active.lock().remove(vol) else {
             return Ok(());
         };
+        if let Some(link) = &self.link {
+            link.remove(vol);
+        }
         let flushed = a.fs.shutdown();
         let _ = sys_umount(&a.primary, libc::MNT_DETACH);
         if abort {

@@ -873,7 +873,15 @@ fn status(client: &Client, args: StatusArgs, out: &mut dyn Write) -> Result<i32>
 
 fn write_status(out: &mut dyn Write, st: &Status) -> io::Result<()> {
     writeln!(out, "version:        {}", st.version)?;
-    writeln!(out, "pid:            {}", st.pid)?;
+    if st.server_pid != 0 && st.server_pid != st.pid {
+        writeln!(
+            out,
+            "pid:            {} (server {}, replaced {} time(s) after a crash)",
+            st.pid, st.server_pid, st.server_restarts
+        )?;
+    } else {
+        writeln!(out, "pid:            {}", st.pid)?;
+    }
     writeln!(out, "uptime:         {}", human_duration(st.uptime_secs))?;
     writeln!(
         out,

@@ -174,6 +174,11 @@ pub struct VolumeFs {
     dirty_total: AtomicU64,
     pub stats: VolumeStats,
     shut: AtomicBool,
+    /// Taken over from a previous daemon process whose kernel connection lives on: the kernel
+    /// may hold handles and open files this process never saw. Unlinked files are then never
+    /// freed at once (they stay orphans until the volume is next loaded afresh), and unknown
+    /// handles are rebuilt from the inode the kernel names.
+    adopted: bool,
     /// The kernel maintains mtime/ctime of written files (writeback cache mode).
     kernel_times: AtomicBool,
 }
@@ -183,7 +188,14 @@ impl VolumeFs {
     /// the daemon last stopped.
     pub fn load(store: Arc<Store>, rec: &VolumeRecord) -> Result<Arc<VolumeFs>> {
         let stack = Stack::load(&*store.engine, rec.top, &rec.lower)?;
-        Self::open_stack(store, rec, stack, rec.read_only, &rec.name)
+        Self::open_stack(store, rec, stack, rec.read_only, &rec.name, false)
+    }
+
+    /// Opens a volume whose kernel connection outlived the daemon process that served it
+    /// (see `adopted`): orphans are kept, since the kernel may still have them open.
+    pub fn load_adopted(store: Arc<Store>, rec: &VolumeRecord) -> Result<Arc<VolumeFs>> {
+        let stack = Stack::load(&*store.engine, rec.top, &rec.lower)?;
+        Self::open_stack(store, rec, stack, rec.read_only, &rec.name, true)
     }
 
     /// Opens a read-only view of a snapshot of volume `rec`.
@@ -193,7 +205,7 @@ impl VolumeFs {
         snap: &SnapshotRecord,
     ) -> Result<Arc<VolumeFs>> {
         let stack = Stack::load(&*store.engine, snap.tree, &snap.lower)?;
-        Self::open_stack(store, rec, stack, true, &rec.name)
+        Self::open_stack(store, rec, stack, true, &rec.name, false)
     }
 
     fn open_stack(
@@ -202,6 +214,7 @@ impl VolumeFs {
         stack: Stack,
         read_only: bool,
         name: &str,
+        adopted: bool,
     ) -> Result<Arc<VolumeFs>> {
         let engine = store.engine.clone();
         let hw = match engine.get(Cf::Meta, &meta::ino_hw_key(stack.top))? {
@@ -227,14 +240,24 @@ impl VolumeFs {
             nodes: DashMap::new(),
             ns: Mutex::new(()),
             handles: DashMap::new(),
-            next_fh: AtomicU64::new(1),
+            // Handle numbers start at the clock in nanoseconds, so that a process that takes
+            // over a live connection never hands out a number the kernel still holds from the
+            // process before it (which counted up from its own start time).
+            next_fh: AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+                    .max(1),
+            ),
             ino_alloc: Mutex::new((hw, hw)),
             dirty_total: AtomicU64::new(0),
             stats: VolumeStats::default(),
             shut: AtomicBool::new(false),
+            adopted,
             kernel_times: AtomicBool::new(false),
         });
-        if !read_only {
+        if !read_only && !adopted {
             fs.clean_orphans()?;
         }
         Ok(fs)
@@ -437,6 +460,11 @@ impl VolumeFs {
         self.maybe_evict(ino, &mut st);
     }
 
+    /// No open file refers to the inode (never certain on an adopted connection).
+    fn unused(&self, st: &NodeState) -> bool {
+        st.opens == 0 && !self.adopted
+    }
+
     fn maybe_evict(&self, ino: u64, st: &mut NodeState) {
         if st.lookups == 0
             && st.opens == 0
@@ -525,16 +553,21 @@ impl VolumeFs {
         Ok(fh)
     }
 
-    /// Closes a handle: commits buffered data, and frees an unlinked inode on its last close.
-    pub fn release(&self, fh: u64) -> Result<()> {
-        let Some((_, Handle::File { ino })) = self.handles.remove(&fh) else {
-            return posix(libc::EBADF);
+    /// Closes a handle of inode `ino`: commits buffered data, and frees an unlinked inode on
+    /// its last close. A handle this process never issued is one the kernel opened with the
+    /// process before (see `adopted`).
+    pub fn release(&self, fh: u64, ino: u64) -> Result<()> {
+        let ino = match self.handles.remove(&fh) {
+            Some((_, Handle::File { ino })) => ino,
+            Some((_, Handle::Dir { .. })) => return posix(libc::EBADF),
+            None if self.adopted => ino,
+            None => return posix(libc::EBADF),
         };
         let _w = self.gate();
         let mut st = self.lock(ino)?;
         st.opens = st.opens.saturating_sub(1);
         let res = self.commit(ino, &mut st, data::Commit::All, false);
-        if st.opens == 0 && st.rec.nlink == 0 {
+        if self.unused(&st) && st.rec.nlink == 0 {
             self.purge(ino, &mut st)?;
         }
         self.maybe_evict(ino, &mut st);

@@ -176,7 +176,7 @@ impl VolumeFs {
         st.rec.nlink = st.rec.nlink.saturating_sub(1);
         st.rec.ctime = now;
         if st.rec.nlink == 0 {
-            if st.opens == 0 {
+            if self.unused(st) {
                 self.purge_into(b, ino, st)?;
             } else {
                 self.own(ino, st)?;
@@ -192,7 +192,7 @@ impl VolumeFs {
 
     /// Bookkeeping after a batch that purged `ino` was written.
     fn after_drop(&self, st: &mut NodeState) {
-        if st.rec.nlink == 0 && st.opens == 0 {
+        if st.rec.nlink == 0 && self.unused(st) {
             self.used.fetch_sub(st.rec.alloc as i64, Ordering::Relaxed);
             st.rec.alloc = 0;
             self.drop_dirty(st);
@@ -411,10 +411,12 @@ impl VolumeFs {
 
     /// Entries from position `offset` on. A listing is taken at opendir and again whenever a
     /// reader starts over at offset 0 (rewinddir).
-    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
+    /// A handle this process never issued (see `adopted`) gets a fresh listing of `dir`.
+    pub fn readdir(&self, fh: u64, dir: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
         let ino = match self.handles.get(&fh).as_deref() {
-            Some(Handle::Dir { ino, entries }) if offset != 0 => return Ok(entries.clone()),
+            Some(Handle::Dir { entries, .. }) if offset != 0 => return Ok(entries.clone()),
             Some(Handle::Dir { ino, .. }) => *ino,
+            None if self.adopted => dir,
             _ => return posix(libc::EBADF),
         };
         let entries = Arc::new(self.list_dir(ino)?);

@@ -1,0 +1,225 @@
+//! Mounts that survive a crash of the daemon (issue 8): the process that serves FUSE is
+//! killed with `kill -9` while files are open, written, fsync'ed and locked; its supervisor
+//! hands the live `/dev/fuse` connections to a new server process, which answers the requests
+//! that waited. Nothing sees an error, nothing acknowledged is lost, locks and positions hold.
+//!
+//! Real daemons and FUSE mounts (see tests/common); run as root with a usable /dev/fuse.
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Kills the server process (not the supervisor) with SIGKILL and waits until a new one
+/// answers. Returns how long the API was unavailable.
+fn kill_server(d: &Daemon) -> Duration {
+    let st = d.status();
+    let old = st["server_pid"].as_u64().expect("server_pid in status") as i32;
+    assert_ne!(old as u32, d.pid(), "the daemon runs without a supervisor");
+    let t0 = Instant::now();
+    // SAFETY: signalling a process of ours.
+    assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
+    let client = d.client().with_timeout(Duration::from_secs(5));
+    loop {
+        if let Ok(v) = client.get::<serde_json::Value>("/v1/status") {
+            if v["server_pid"].as_u64().is_some_and(|p| p as i32 != old) {
+                return t0.elapsed();
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no new server within 20 s of killing {old}; log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn records(text: &str) -> Vec<u64> {
+    text.lines()
+        .map(|l| {
+            l.strip_prefix("record ")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("not a record line: {l:?}"))
+        })
+        .collect()
+}
+
+#[test]
+fn appending_writer_never_sees_an_error_across_20_kills() {
+    let mut d = Daemon::start();
+    let m = d.volume_mounted("counter", &[]);
+    let path = m.join("counter.log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (path, stop) = (path.clone(), stop.clone());
+        std::thread::spawn(move || -> Result<u64, String> {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| format!("open: {e}"))?;
+            let mut acked = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                f.write_all(format!("record {acked}\n").as_bytes())
+                    .map_err(|e| format!("write of record {acked}: {e}"))?;
+                f.sync_data()
+                    .map_err(|e| format!("fsync of record {acked}: {e}"))?;
+                acked += 1;
+            }
+            Ok(acked)
+        })
+    };
+    let mut gaps = Vec::new();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(150));
+        gaps.push(kill_server(&d));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer
+        .join()
+        .expect("writer thread")
+        .unwrap_or_else(|e| panic!("the writer saw an error: {e}\nlog:\n{}", d.log()));
+    let worst = gaps.iter().max().unwrap();
+    eprintln!("{acked} records; API back after each kill within {worst:?}");
+    assert!(acked > 20, "only {acked} records in 20 restarts");
+    assert!(
+        *worst < Duration::from_secs(2),
+        "a restart took {worst:?} (all: {gaps:?})"
+    );
+    let st = d.status();
+    assert_eq!(st["server_restarts"], 20, "{st}");
+    let want: Vec<u64> = (0..acked).collect();
+    assert_eq!(records(&fs::read_to_string(&path).unwrap()), want);
+
+    // Acknowledged means durable: kill the whole daemon, start it again, read it back.
+    d.kill9();
+    d.start_again();
+    assert_eq!(
+        records(&fs::read_to_string(&path).unwrap()),
+        want,
+        "after a kill -9 of the whole daemon"
+    );
+    d.unmount(&m).unwrap();
+}
+
+#[test]
+fn open_files_positions_locks_and_listings_survive_a_kill() {
+    let d = Daemon::start();
+    let m = d.volume_mounted("held", &[]);
+    let other = d.fresh_dir("held-2");
+    d.cli_ok(&["mount", "held", other.to_str().unwrap()]);
+
+    // A file open for writing at a position, a file open for reading mid-way, a directory
+    // listing half read, and an exclusive flock.
+    let mut w = File::create(m.join("w")).unwrap();
+    w.write_all(b"before-").unwrap();
+    fs::write(m.join("r"), b"0123456789").unwrap();
+    let mut r = File::open(m.join("r")).unwrap();
+    let mut head = [0u8; 4];
+    r.read_exact(&mut head).unwrap();
+    fs::create_dir(m.join("dir")).unwrap();
+    for i in 0..300 {
+        File::create(m.join("dir").join(format!("e{i:03}"))).unwrap();
+    }
+    let mut listing = fs::read_dir(m.join("dir")).unwrap();
+    let mut seen: Vec<String> = (&mut listing)
+        .take(100)
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let lock = File::open(m.join("w")).unwrap();
+    // SAFETY: flock on an open fd.
+    assert_eq!(
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    let try_lock = |p: &Path| {
+        Command::new("flock")
+            .args(["-n", "-E", "9"])
+            .arg(p)
+            .arg("true")
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(try_lock(&other.join("w")), Some(9), "flock not held before");
+    // An unlinked file still open.
+    fs::write(m.join("gone"), b"still here").unwrap();
+    let mut gone = File::open(m.join("gone")).unwrap();
+    fs::remove_file(m.join("gone")).unwrap();
+
+    kill_server(&d);
+
+    w.write_all(b"after").unwrap();
+    w.sync_all().unwrap();
+    assert_eq!(w.stream_position().unwrap(), 12);
+    assert_eq!(fs::read(other.join("w")).unwrap(), b"before-after");
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"456789", "the read position moved");
+    seen.extend(listing.map(|e| e.unwrap().file_name().into_string().unwrap()));
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 300, "the listing lost entries across the restart");
+    assert_eq!(
+        try_lock(&other.join("w")),
+        Some(9),
+        "the flock was lost in the restart"
+    );
+    let mut s = String::new();
+    gone.seek(SeekFrom::Start(0)).unwrap();
+    gone.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "still here", "an unlinked open file lost its data");
+    drop(lock);
+    assert_eq!(try_lock(&other.join("w")), Some(0), "unlock not seen");
+
+    // New work after the restart, and a second kill while a file is open.
+    fs::write(m.join("new"), b"fresh").unwrap();
+    kill_server(&d);
+    assert_eq!(fs::read(other.join("new")).unwrap(), b"fresh");
+    drop((w, r, gone));
+    d.unmount(&other).unwrap();
+    d.unmount(&m).unwrap();
+}
+
+#[test]
+fn a_server_that_cannot_come_back_ends_the_mounts_instead_of_hanging() {
+    let d = Daemon::start();
+    let m = d.volume_mounted("doomed", &[]);
+    fs::write(m.join("f"), b"x").unwrap();
+    // The data dir becomes unusable: no server can open the store again.
+    let moved = d.root.join("data-moved");
+    fs::rename(&d.data, &moved).unwrap();
+    fs::write(&d.data, b"not a directory").unwrap();
+    let st = d.status();
+    let old = st["server_pid"].as_u64().unwrap() as i32;
+    // SAFETY: signalling a process of ours.
+    unsafe { libc::kill(old, libc::SIGKILL) };
+    // Within a few seconds the mount fails (never hangs).
+    let t0 = Instant::now();
+    let probe = m.join("f");
+    let res = run_with_timeout(
+        Command::new("cat").arg(&probe),
+        Duration::from_secs(30),
+    );
+    assert!(!res.timed_out(), "a read hung after recovery failed");
+    assert!(!res.success(), "read succeeded with no server: {res}");
+    assert!(
+        res.stderr.contains("Input/output error"),
+        "not a clear EIO: {res}"
+    );
+    eprintln!("failed after {:?}: {}", t0.elapsed(), res.stderr.trim());
+    let log = d.log();
+    assert!(log.contains("giving up"), "the log does not say why:\n{log}");
+    d.unmount(&m).ok();
+    fs::remove_file(&d.data).unwrap();
+    fs::rename(&moved, &d.data).unwrap();
+}
