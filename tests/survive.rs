@@ -52,31 +52,38 @@ fn records(text: &str) -> Vec<u64> {
         .collect()
 }
 
+type Writer = std::thread::JoinHandle<Result<u64, String>>;
+
+/// A thread that appends `record N` lines to `path`, fsync'ing each, until told to stop;
+/// returns how many were acknowledged, or the first error it saw.
+fn start_writer(path: &Path) -> (Arc<AtomicBool>, Writer) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (path, flag) = (path.to_path_buf(), stop.clone());
+    let writer = std::thread::spawn(move || -> Result<u64, String> {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("open: {e}"))?;
+        let mut acked = 0u64;
+        while !flag.load(Ordering::Relaxed) {
+            f.write_all(format!("record {acked}\n").as_bytes())
+                .map_err(|e| format!("write of record {acked}: {e}"))?;
+            f.sync_data()
+                .map_err(|e| format!("fsync of record {acked}: {e}"))?;
+            acked += 1;
+        }
+        Ok(acked)
+    });
+    (stop, writer)
+}
+
 #[test]
 fn appending_writer_never_sees_an_error_across_20_kills() {
     let mut d = Daemon::start();
     let m = d.volume_mounted("counter", &[]);
     let path = m.join("counter.log");
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (path, stop) = (path.clone(), stop.clone());
-        std::thread::spawn(move || -> Result<u64, String> {
-            let mut f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| format!("open: {e}"))?;
-            let mut acked = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                f.write_all(format!("record {acked}\n").as_bytes())
-                    .map_err(|e| format!("write of record {acked}: {e}"))?;
-                f.sync_data()
-                    .map_err(|e| format!("fsync of record {acked}: {e}"))?;
-                acked += 1;
-            }
-            Ok(acked)
-        })
-    };
+    let (stop, writer) = start_writer(&path);
     let mut gaps = Vec::new();
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(150));
@@ -168,7 +175,11 @@ fn open_files_positions_locks_and_listings_survive_a_kill() {
     seen.extend(listing.map(|e| e.unwrap().file_name().into_string().unwrap()));
     seen.sort();
     seen.dedup();
-    assert_eq!(seen.len(), 300, "the listing lost entries across the restart");
+    assert_eq!(
+        seen.len(),
+        300,
+        "the listing lost entries across the restart"
+    );
     assert_eq!(
         try_lock(&other.join("w")),
         Some(9),
@@ -191,6 +202,49 @@ fn open_files_positions_locks_and_listings_survive_a_kill() {
 }
 
 #[test]
+fn sighup_hands_the_mounts_to_a_new_server_for_upgrades() {
+    let d = Daemon::start();
+    let m = d.volume_mounted("upgrade", &[]);
+    let path = m.join("log");
+    let (stop, writer) = start_writer(&path);
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(200));
+        let old = d.status()["server_pid"].as_u64().unwrap();
+        // SAFETY: signalling our own daemon.
+        unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) };
+        let t0 = Instant::now();
+        let client = d.client().with_timeout(Duration::from_secs(5));
+        loop {
+            // The API is briefly gone while the servers change.
+            let st = client.get::<serde_json::Value>("/v1/status").ok();
+            if let Some(st) = st.filter(|s| s["server_pid"].as_u64().is_some_and(|p| p != old)) {
+                assert_eq!(
+                    st["server_restarts"], 0,
+                    "a handover counted as a crash: {st}"
+                );
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "round {round}: no new server after SIGHUP; log:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the writer saw an error: {e}\nlog:\n{}", d.log()));
+    let want: Vec<u64> = (0..acked).collect();
+    assert_eq!(records(&fs::read_to_string(&path).unwrap()), want);
+    assert!(d.log().contains("handed over"), "{}", d.log());
+    d.unmount(&m).unwrap();
+}
+
+#[test]
 fn a_server_that_cannot_come_back_ends_the_mounts_instead_of_hanging() {
     let d = Daemon::start();
     let m = d.volume_mounted("doomed", &[]);
@@ -206,10 +260,7 @@ fn a_server_that_cannot_come_back_ends_the_mounts_instead_of_hanging() {
     // Within a few seconds the mount fails (never hangs).
     let t0 = Instant::now();
     let probe = m.join("f");
-    let res = run_with_timeout(
-        Command::new("cat").arg(&probe),
-        Duration::from_secs(30),
-    );
+    let res = run_with_timeout(Command::new("cat").arg(&probe), Duration::from_secs(30));
     assert!(!res.timed_out(), "a read hung after recovery failed");
     assert!(!res.success(), "read succeeded with no server: {res}");
     assert!(
@@ -218,7 +269,10 @@ fn a_server_that_cannot_come_back_ends_the_mounts_instead_of_hanging() {
     );
     eprintln!("failed after {:?}: {}", t0.elapsed(), res.stderr.trim());
     let log = d.log();
-    assert!(log.contains("giving up"), "the log does not say why:\n{log}");
+    assert!(
+        log.contains("giving up"),
+        "the log does not say why:\n{log}"
+    );
     d.unmount(&m).ok();
     fs::remove_file(&d.data).unwrap();
     fs::rename(&moved, &d.data).unwrap();

@@ -570,7 +570,12 @@ impl Filesystem for FuseFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let _t = self.m.time(Op::Readdirplus);
-        let entries = try_reply!(self, "readdirplus", reply, self.fs.readdir(fh.0, ino.0, offset));
+        let entries = try_reply!(
+            self,
+            "readdirplus",
+            reply,
+            self.fs.readdir(fh.0, ino.0, offset)
+        );
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let dot = e.name == b"." || e.name == b"..";
             // "." and ".." carry no lookup reference; every other entry takes one, which the
@@ -848,7 +853,7 @@ pub fn adopt_session(
     msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // flags
     msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // flags2
     msg.extend_from_slice(&[0u8; 44]); // unused
-    // SAFETY: writes a live buffer to a fd we own.
+                                       // SAFETY: writes a live buffer to a fd we own.
     if unsafe { libc::write(ours.as_raw_fd(), msg.as_ptr().cast(), msg.len()) } < 0 {
         return Err(io::Error::last_os_error());
     }

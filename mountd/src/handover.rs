@@ -78,6 +78,9 @@ impl Link {
     }
 }
 
+/// The server's exit code after SIGHUP: it flushed, left the mounts, and wants a successor.
+pub const HANDOVER_EXIT: i32 = 75;
+
 /// Set in a restarted server's environment: how many servers died before it.
 pub const RESTARTS_ENV: &str = "VOLFS_SERVER_RESTARTS";
 
@@ -217,7 +220,9 @@ static CHILD: AtomicI32 = AtomicI32::new(0);
 static STOPPING: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn forward(sig: libc::c_int) {
-    STOPPING.store(1, Ordering::SeqCst);
+    if sig != libc::SIGHUP {
+        STOPPING.store(1, Ordering::SeqCst);
+    }
     let child = CHILD.load(Ordering::SeqCst);
     if child > 0 {
         // SAFETY: kill is async-signal-safe.
@@ -241,7 +246,8 @@ fn fail_until_unmounted(fds: BTreeMap<String, OwnedFd>) {
                 let mut buf = vec![0u8; (1 << 20) + 4096];
                 loop {
                     // SAFETY: reads into a live buffer from a fd we own.
-                    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                    let n =
+                        unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
                     if n < 0 {
                         match io::Error::last_os_error().raw_os_error() {
                             Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::ENOENT) => continue,
@@ -284,6 +290,8 @@ pub fn supervise() -> i32 {
     unsafe {
         libc::signal(libc::SIGTERM, forward as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, forward as *const () as libc::sighandler_t);
+        // SIGHUP: the server hands its connections to a fresh process (upgrade, reload).
+        libc::signal(libc::SIGHUP, forward as *const () as libc::sighandler_t);
     }
     let exe = match std::env::current_exe() {
         Ok(e) => e,
@@ -317,7 +325,8 @@ pub fn supervise() -> i32 {
             return 1;
         }
         // SAFETY: fresh fds from socketpair, owned from here on.
-        let (mine, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        let (mine, theirs) =
+            unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
         // Do not restart in a tight loop if the server keeps dying.
         if let Some(wait) = Duration::from_millis(200).checked_sub(last_start.elapsed()) {
             std::thread::sleep(wait);
@@ -417,13 +426,21 @@ pub fn supervise() -> i32 {
                 .code()
                 .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
         }
-        restarts += 1;
         let h = held.lock();
-        eprintln!(
-            "volfs-mountd: the server process ({}) died ({status}); restart {restarts} takes over {} connection(s)",
-            child.id(),
-            h.fds.len()
-        );
+        if status.code() == Some(HANDOVER_EXIT) {
+            eprintln!(
+                "volfs-mountd: the server process ({}) handed over; a new one takes over {} connection(s)",
+                child.id(),
+                h.fds.len()
+            );
+        } else {
+            restarts += 1;
+            eprintln!(
+                "volfs-mountd: the server process ({}) died ({status}); restart {restarts} takes over {} connection(s)",
+                child.id(),
+                h.fds.len()
+            );
+        }
         inherit = h
             .fds
             .iter()

@@ -270,13 +270,7 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
         dirty_max_ratio: (cfg.fuse_dirty_max_ratio > 0).then_some(cfg.fuse_dirty_max_ratio),
     };
     let link = handover::Link::from_env();
-    let mounts = mounts::Mounts::new(
-        registry,
-        &cfg.run_dir,
-        fuse_opts,
-        metrics.clone(),
-        link,
-    )?;
+    let mounts = mounts::Mounts::new(registry, &cfg.run_dir, fuse_opts, metrics.clone(), link)?;
     let listener = bind_socket(&cfg.socket)?;
     let plugin_listener = match cfg.plugin_socket.as_str() {
         "" => None,
@@ -309,6 +303,9 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let served = mounts.clone();
+    let supervised = mounts.supervised();
+    let handing_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hup = handing_over.clone();
     let result = rt.block_on(async move {
         let mounts = served;
         let listener = tokio::net::UnixListener::from_std(listener)?;
@@ -386,13 +383,22 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
         mounts.ready();
         let app = control::router(daemon);
         axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(shutdown_signal(hup, supervised))
             .await?;
         anyhow::Ok(())
     });
     // Stop the reaper and the API servers before tearing the mounts down, so that nothing
     // prunes records or starts a connection while shutdown detaches them.
     rt.shutdown_timeout(Duration::from_secs(5));
+    if handing_over.load(std::sync::atomic::Ordering::SeqCst) {
+        // Upgrade or reload: commit what the volumes buffer, leave every mount in place and
+        // exit; the supervisor starts the (possibly new) binary on the same connections.
+        tracing::info!("handing the mounts over to a new server process");
+        mounts.flush_for_handover();
+        store.sync()?;
+        let _ = std::fs::remove_file(&cfg.socket);
+        std::process::exit(handover::HANDOVER_EXIT);
+    }
     tracing::info!("shutting down: flushing volumes");
     notify_systemd("STOPPING=1");
     mounts.shutdown();
@@ -422,18 +428,30 @@ fn bind_socket(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> 
     Ok(l)
 }
 
-async fn shutdown_signal() {
+/// Waits for SIGTERM or SIGINT (stop), or SIGHUP under a supervisor (hand the connections
+/// to a fresh server process: an upgrade or a reload). Sets `handover` for SIGHUP.
+async fn shutdown_signal(handover: Arc<std::sync::atomic::AtomicBool>, supervised: bool) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                if supervised {
+                    handover.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+                tracing::warn!("SIGHUP ignored: without a supervisor there is no one to hand the mounts to");
+            }
+        }
     }
 }
 

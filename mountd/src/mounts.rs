@@ -651,7 +651,9 @@ impl Mounts {
             .iter()
             .find(|m| m.target == primary)
             .map(|m| m.dev)
-            .ok_or_else(|| Error::NotFound(format!("connection of {vol} at {}", primary.display())))?;
+            .ok_or_else(|| {
+                Error::NotFound(format!("connection of {vol} at {}", primary.display()))
+            })?;
         let fuse_opts = self.fuse_options(rec.size.is_some());
         fs.set_kernel_times(fuse_opts.writeback_cache);
         let mut cfg = fuser::Config::default();
@@ -659,8 +661,9 @@ impl Mounts {
         cfg.n_threads = Some(self.fuse.workers.max(1));
         cfg.clone_fd = false;
         let vm = self.metrics.volume(vol);
-        let session = crate::fuse::adopt_session(FuseFs::new(fs.clone(), fuse_opts, vm.clone()), fd, cfg)
-            .map_err(|e| Error::io(format!("starting a session on {vol}'s connection"), e))?;
+        let session =
+            crate::fuse::adopt_session(FuseFs::new(fs.clone(), fuse_opts, vm.clone()), fd, cfg)
+                .map_err(|e| Error::io(format!("starting a session on {vol}'s connection"), e))?;
         {
             use std::os::fd::AsFd;
             if let Err(e) = crate::handover::resend(session.as_fd().as_raw_fd()) {
@@ -926,6 +929,22 @@ impl Mounts {
                 if let Err(e) = self.close(&v, false) {
                     tracing::warn!(volume = %v, "closing idle volume: {e}");
                 }
+            }
+        }
+    }
+
+    /// Commits every volume's buffered data, leaving connections and mounts as they are (the
+    /// next server process takes them over).
+    pub fn flush_for_handover(&self) {
+        let vols: Vec<(String, Arc<VolumeFs>)> = self
+            .active
+            .lock()
+            .iter()
+            .map(|(v, a)| (v.clone(), a.fs.clone()))
+            .collect();
+        for (v, fs) in vols {
+            if let Err(e) = fs.flush_all() {
+                tracing::error!(volume = %v, "flushing before the handover failed: {e}");
             }
         }
     }
