@@ -1220,3 +1220,42 @@ fn size_limit_inside_a_container() {
         "rm /data/big && dd if=/dev/zero of=/data/small bs=65536 count=8 conv=fsync",
     );
 }
+
+/// A container appends and fsyncs records through a plugin volume, holding the file open,
+/// while the daemon's server process is killed five times (issue 8): the container never sees
+/// an error and every record is there.
+#[test]
+fn container_keeps_writing_across_server_kills() {
+    let img = image();
+    let env = DockerEnv::start("survive");
+    let vol = env.volume("survive");
+    env.create_ok(&vol, &[]);
+    let v = format!("{vol}:/data");
+    let script = "exec 3>>/data/log; i=0; \
+        while [ $i -lt 300 ]; do \
+          echo \"record $i\" >&3 || { echo \"write $i failed\" > /data/fail; exit 1; }; \
+          sync -d /data/log || { echo \"fsync $i failed\" > /data/fail; exit 2; }; \
+          i=$((i+1)); usleep 5000; \
+        done; exec 3>&-; echo done > /data/done";
+    let name = env.run_detached("writer", &["-v", &v], img, script);
+    let mut gaps = Vec::new();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(300));
+        gaps.push(env.d().kill_server());
+    }
+    let out = docker_t(&["wait", &name], LONG_TIMEOUT);
+    assert_eq!(
+        out.stdout.trim(),
+        "0",
+        "the container failed across the restarts ({gaps:?}):\n{}\nlogs:\n{}\ndaemon log:\n{}",
+        out,
+        docker(&["logs", &name]),
+        env.d().log()
+    );
+    let log = env.run_sh_ok(&["-v", &v], "cat /data/done /data/log; ls /data");
+    let want: String = std::iter::once("done\n".to_string())
+        .chain((0..300).map(|i| format!("record {i}\n")))
+        .collect();
+    assert!(log.starts_with(&want), "records lost or reordered:\n{log}");
+    assert!(!log.contains("fail"), "{log}");
+}

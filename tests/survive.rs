@@ -17,31 +17,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Kills the server process (not the supervisor) with SIGKILL and waits until a new one
-/// answers. Returns how long the API was unavailable.
-fn kill_server(d: &Daemon) -> Duration {
-    let st = d.status();
-    let old = st["server_pid"].as_u64().expect("server_pid in status") as i32;
-    assert_ne!(old as u32, d.pid(), "the daemon runs without a supervisor");
-    let t0 = Instant::now();
-    // SAFETY: signalling a process of ours.
-    assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
-    let client = d.client().with_timeout(Duration::from_secs(5));
-    loop {
-        if let Ok(v) = client.get::<serde_json::Value>("/v1/status") {
-            if v["server_pid"].as_u64().is_some_and(|p| p as i32 != old) {
-                return t0.elapsed();
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no new server within 20 s of killing {old}; log:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn records(text: &str) -> Vec<u64> {
     text.lines()
         .map(|l| {
@@ -87,7 +62,7 @@ fn appending_writer_never_sees_an_error_across_20_kills() {
     let mut gaps = Vec::new();
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(150));
-        gaps.push(kill_server(&d));
+        gaps.push(d.kill_server());
     }
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
@@ -163,7 +138,7 @@ fn open_files_positions_locks_and_listings_survive_a_kill() {
     let mut gone = File::open(m.join("gone")).unwrap();
     fs::remove_file(m.join("gone")).unwrap();
 
-    kill_server(&d);
+    d.kill_server();
 
     w.write_all(b"after").unwrap();
     w.sync_all().unwrap();
@@ -194,7 +169,7 @@ fn open_files_positions_locks_and_listings_survive_a_kill() {
 
     // New work after the restart, and a second kill while a file is open.
     fs::write(m.join("new"), b"fresh").unwrap();
-    kill_server(&d);
+    d.kill_server();
     assert_eq!(fs::read(other.join("new")).unwrap(), b"fresh");
     drop((w, r, gone));
     d.unmount(&other).unwrap();

@@ -657,6 +657,30 @@ impl Daemon {
         *self.watchdog.pid.lock().unwrap() = None;
     }
 
+    /// Kills the server process (not its supervisor) with SIGKILL and waits until a new one
+    /// answers. Returns how long the API was unavailable.
+    pub fn kill_server(&self) -> Duration {
+        let st = self.status();
+        let old = st["server_pid"].as_u64().expect("server_pid in status") as u32;
+        assert_ne!(old, self.pid(), "the daemon runs without a supervisor");
+        let t0 = Instant::now();
+        kill(old, libc::SIGKILL);
+        let client = self.client().with_timeout(Duration::from_secs(5));
+        loop {
+            if let Ok(v) = client.get::<Value>("/v1/status") {
+                if v["server_pid"].as_u64().is_some_and(|p| p as u32 != old) {
+                    return t0.elapsed();
+                }
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "no new server within 20 s of killing {old}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Where the running daemon serves /metrics (from its log: tests bind port 0).
     pub fn metrics_addr(&self) -> String {
         let log = self.log();
