@@ -9,6 +9,7 @@ mod common;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -216,6 +217,61 @@ fn sighup_hands_the_mounts_to_a_new_server_for_upgrades() {
     let want: Vec<u64> = (0..acked).collect();
     assert_eq!(records(&fs::read_to_string(&path).unwrap()), want);
     assert!(d.log().contains("handed over"), "{}", d.log());
+    d.unmount(&m).unwrap();
+}
+
+#[test]
+fn replacing_the_binary_and_reloading_runs_the_new_one_on_the_same_mounts() {
+    let mut d = Daemon::prepare();
+    let dir = d.root.join("bin");
+    fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("volfs-mountd");
+    fs::copy(bin("volfs-mountd"), &exe).unwrap();
+    d.exe = exe.clone();
+    d.start_again();
+    let m = d.volume_mounted("upgraded", &[]);
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(m.join("log"))
+        .unwrap();
+    f.write_all(b"old binary\n").unwrap();
+    f.sync_all().unwrap();
+    let old = d.status()["server_pid"].as_u64().unwrap();
+    // Install a "new version" the way package managers do: a new file renamed over the old.
+    let staged = dir.join("volfs-mountd.new");
+    fs::copy(bin("volfs-mountd"), &staged).unwrap();
+    fs::rename(&staged, &exe).unwrap();
+    let new_inode = fs::metadata(&exe).unwrap().ino();
+    // SAFETY: signalling our own daemon.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) };
+    let client = d.client().with_timeout(Duration::from_secs(5));
+    let t0 = Instant::now();
+    let new = loop {
+        if let Ok(st) = client.get::<serde_json::Value>("/v1/status") {
+            if let Some(p) = st["server_pid"].as_u64().filter(|p| *p != old) {
+                break p;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no new server; log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let running = fs::metadata(format!("/proc/{new}/exe")).unwrap().ino();
+    assert_eq!(
+        running, new_inode,
+        "the new server does not run the new binary"
+    );
+    f.write_all(b"new binary\n").unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(
+        fs::read_to_string(m.join("log")).unwrap(),
+        "old binary\nnew binary\n"
+    );
+    drop(f);
     d.unmount(&m).unwrap();
 }
 

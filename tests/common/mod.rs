@@ -455,6 +455,8 @@ pub struct Daemon {
     watchdog: Arc<Watchdog>,
     /// Extra environment for the daemon (e.g. VOLFS_ATTR_TTL_MS).
     env: Vec<(String, String)>,
+    /// The volfs-mountd binary to run (default: the one cargo built).
+    pub exe: PathBuf,
 }
 
 impl Daemon {
@@ -492,6 +494,7 @@ impl Daemon {
             next_dir: AtomicUsize::new(0),
             watchdog: start_watchdog(root.clone()),
             env: Vec::new(),
+            exe: bin("volfs-mountd"),
             root,
         };
         for dir in [&d.data, &d.run, &d.mnt] {
@@ -509,7 +512,7 @@ impl Daemon {
     /// A daemon command line with other dirs (for tests that start a second daemon). The
     /// Docker plugin socket goes to `<run>/plugin.sock`, never to the global default.
     pub fn command_with(&self, data: &Path, run: &Path, socket: &Path) -> Command {
-        let mut c = Command::new(bin("volfs-mountd"));
+        let mut c = Command::new(&self.exe);
         c.arg("--config")
             .arg(&self.config)
             .arg("--data-dir")
