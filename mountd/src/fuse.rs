@@ -823,23 +823,9 @@ pub fn adopt_session(
     conn: std::os::fd::OwnedFd,
     cfg: fuser::Config,
 ) -> io::Result<fuser::Session<FuseFs>> {
-    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsFd, AsRawFd};
     const FUSE_INIT: u32 = 26;
-    let mut pair = [0i32; 2];
-    // SAFETY: socketpair fills two fds.
-    if unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            pair.as_mut_ptr(),
-        )
-    } != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh fds, owned from here on.
-    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    let (ours, theirs) = crate::handover::seqpacket_pair()?;
     // fuse_in_header (40 bytes) + fuse_init_in (64 bytes).
     let mut msg = Vec::with_capacity(104);
     msg.extend_from_slice(&104u32.to_ne_bytes()); // len

@@ -125,6 +125,25 @@ pub fn resend(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// A SOCK_SEQPACKET unix socket pair (close-on-exec): message boundaries are kept.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut pair = [0 as RawFd; 2];
+    // SAFETY: socketpair fills two fds.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh fds from socketpair, owned from here on.
+    Ok(unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) })
+}
+
 fn set_cloexec(fd: RawFd, on: bool) {
     // SAFETY: fcntl on a fd this process holds.
     unsafe {
@@ -307,26 +326,13 @@ pub fn supervise() -> i32 {
     let mut inherit: Vec<(String, RawFd)> = Vec::new();
     let held = Arc::new(Mutex::new(Held::default()));
     loop {
-        let mut pair = [0 as RawFd; 2];
-        // SAFETY: socketpair fills two fds.
-        if unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                pair.as_mut_ptr(),
-            )
-        } != 0
-        {
-            eprintln!(
-                "volfs-mountd: supervisor socket pair: {}",
-                io::Error::last_os_error()
-            );
-            return 1;
-        }
-        // SAFETY: fresh fds from socketpair, owned from here on.
-        let (mine, theirs) =
-            unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+        let (mine, theirs) = match seqpacket_pair() {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("volfs-mountd: supervisor socket pair: {e}");
+                return 1;
+            }
+        };
         // Do not restart in a tight loop if the server keeps dying.
         if let Some(wait) = Duration::from_millis(200).checked_sub(last_start.elapsed()) {
             std::thread::sleep(wait);

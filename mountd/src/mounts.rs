@@ -210,6 +210,29 @@ impl Mounts {
         o
     }
 
+    /// Loads the filesystem of a volume, or of a snapshot view (read-only, no quota), with
+    /// the record its connection is configured from. `adopted`: see `VolumeFs::load_adopted`
+    /// (snapshot views are read-only and have no orphans to keep).
+    fn load_fs(
+        &self,
+        vol: &VolumeRef,
+        adopted: bool,
+    ) -> Result<(Arc<VolumeFs>, meta::VolumeRecord)> {
+        let mut rec = self.registry.require(&vol.volume)?;
+        let store = self.registry.store().clone();
+        let fs = match &vol.snapshot {
+            None if adopted => VolumeFs::load_adopted(store, &rec)?,
+            None => VolumeFs::load(store, &rec)?,
+            Some(snap) => {
+                let (_, s) = self.registry.snapshot(&vol.volume, snap)?;
+                rec.read_only = true;
+                rec.size = None;
+                VolumeFs::load_snapshot(store, &rec, &s)?
+            }
+        };
+        Ok((fs, rec))
+    }
+
     fn primary_path(&self, vol: &VolumeRef) -> PathBuf {
         self.run_dir.join("mnt").join(vol.as_str())
     }
@@ -222,17 +245,7 @@ impl Mounts {
             a.last_used = Instant::now();
             return Ok(a.primary.clone());
         }
-        let mut rec = self.registry.require(&vol.volume)?;
-        let store = self.registry.store().clone();
-        let fs = match &vol.snapshot {
-            None => VolumeFs::load(store, &rec)?,
-            Some(snap) => {
-                let (_, s) = self.registry.snapshot(&vol.volume, snap)?;
-                rec.read_only = true;
-                rec.size = None;
-                VolumeFs::load_snapshot(store, &rec, &s)?
-            }
-        };
+        let (fs, rec) = self.load_fs(vol, false)?;
         let primary = self.primary_path(vol);
         // A primary left over from a daemon that died is a dead FUSE mount: detach it.
         if mountinfo().iter().any(|m| m.target == primary) {
@@ -634,17 +647,7 @@ impl Mounts {
 
     fn adopt_one(&self, vol: &str, fd: OwnedFd) -> Result<()> {
         let vref = VolumeRef::parse(vol)?;
-        let mut rec = self.registry.require(&vref.volume)?;
-        let store = self.registry.store().clone();
-        let fs = match &vref.snapshot {
-            None => VolumeFs::load_adopted(store, &rec)?,
-            Some(snap) => {
-                let (_, s) = self.registry.snapshot(&vref.volume, snap)?;
-                rec.read_only = true;
-                rec.size = None;
-                VolumeFs::load_snapshot(store, &rec, &s)?
-            }
-        };
+        let (fs, rec) = self.load_fs(&vref, true)?;
         let primary = self.primary_path(&vref);
         // From mountinfo, not stat: a stat would wait for this very connection.
         let dev = mountinfo()
