@@ -10,6 +10,8 @@
 //! - [`image`]: image layer tarballs: import, export, and merging a stack of them.
 //! - [`volume`]: the volume registry (create, clone, snapshot, rollback, list, remove).
 //! - [`fs`]: the POSIX filesystem of one volume, used by the FUSE adapter in `volfs-mountd`.
+//! - [`writelog`]: acknowledged, uncommitted writes, kept outside the serving process so
+//!   that a process taking over a live FUSE connection after a crash can replay them.
 //! - [`gc`] and [`fsck`]: garbage collection, pack compaction and `df`; consistency checks
 //!   and scrub.
 //! - [`api`] and [`client`]: the control API's wire types and a blocking client for the CLI.
@@ -31,5 +33,6 @@ pub mod meta;
 pub mod progress;
 pub mod store;
 pub mod volume;
+pub mod writelog;
 
 pub use error::{Error, Result};

@@ -306,8 +306,10 @@ impl Config {
             .filter(|k| {
                 k.strip_prefix("VOLFS_").is_some_and(|rest| {
                     !keys.contains_key(&rest.to_lowercase())
-                        // Read by volfs-mountd's flags and the test harness, not config keys.
+                        // Read by volfs-mountd's flags, the unit file and the test harness,
+                        // not config keys.
                         && rest != "CONFIG"
+                        && rest != "SYSTEMD_UNIT"
                         && !rest.starts_with("TEST")
                 })
             })

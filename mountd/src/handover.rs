@@ -9,8 +9,9 @@
 //!   hands it those fds (inherited, listed in `VOLFS_ADOPT_FDS=volume=fd,...`). SIGTERM and
 //!   SIGINT are passed to the server, and the supervisor exits with it.
 //! - the **server** sends each connection fd to the supervisor right after mounting it
-//!   (`A volume` + the fd, SCM_RIGHTS on a SOCK_SEQPACKET socket pair), `D volume` when it
-//!   closes one, and `R` once it is ready.
+//!   (`A volume` + the fd, SCM_RIGHTS on a SOCK_SEQPACKET socket pair), then the volume's
+//!   write log (`L volume` + a memfd: acknowledged writes not yet committed, see
+//!   `volfs::writelog`), `D volume` when it closes one, and `R` once it is ready.
 //!
 //! Because the supervisor holds the same open file description, the kernel neither aborts the
 //! connection nor fails the requests the dead server had read but not answered: they wait in
@@ -35,6 +36,8 @@ use parking_lot::Mutex;
 pub const SUPERVISED_ENV: &str = "VOLFS_SUPERVISED";
 /// Set in a restarted server's environment: `volume=fd,...`, the inherited connections.
 pub const ADOPT_ENV: &str = "VOLFS_ADOPT_FDS";
+/// Set in a restarted server's environment: `volume=fd,...`, the inherited write logs.
+pub const ADOPT_LOGS_ENV: &str = "VOLFS_ADOPT_LOGS";
 
 /// The server's end of the supervisor link.
 pub struct Link {
@@ -60,7 +63,17 @@ impl Link {
         )
     }
 
-    /// Tells the supervisor a volume's connection is closed (it drops its copy).
+    /// Gives the supervisor a duplicate of a volume's write log (see `volfs::writelog`), so
+    /// that the server taking over after a crash can replay it.
+    pub fn add_log(&self, volume: &str, fd: RawFd) -> io::Result<()> {
+        send(
+            self.sock.as_raw_fd(),
+            format!("L {volume}").as_bytes(),
+            Some(fd),
+        )
+    }
+
+    /// Tells the supervisor a volume's connection is closed (it drops its copies).
     pub fn remove(&self, volume: &str) {
         if let Err(e) = send(
             self.sock.as_raw_fd(),
@@ -92,12 +105,24 @@ pub fn restarts() -> u64 {
         .unwrap_or(0)
 }
 
-/// The connections a restarted server inherits: (volume, fd).
-pub fn inherited() -> Vec<(String, OwnedFd)> {
-    let Ok(list) = std::env::var(ADOPT_ENV) else {
+/// The connections a restarted server inherits, with their write logs: (volume, fd, log).
+pub fn inherited() -> Vec<(String, OwnedFd, Option<OwnedFd>)> {
+    let mut logs: BTreeMap<String, OwnedFd> = fds_from_env(ADOPT_LOGS_ENV).into_iter().collect();
+    fds_from_env(ADOPT_ENV)
+        .into_iter()
+        .map(|(vol, fd)| {
+            let log = logs.remove(&vol);
+            (vol, fd, log)
+        })
+        .collect()
+}
+
+/// Parses (and removes) a `volume=fd,...` variable naming fds this process inherited.
+fn fds_from_env(var: &str) -> Vec<(String, OwnedFd)> {
+    let Ok(list) = std::env::var(var) else {
         return Vec::new();
     };
-    std::env::remove_var(ADOPT_ENV);
+    std::env::remove_var(var);
     list.split(',')
         .filter_map(|item| {
             let (vol, fd) = item.rsplit_once('=')?;
@@ -144,6 +169,18 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) })
 }
 
+/// A new memfd (close-on-exec): memory that lives as long as some process holds the fd.
+pub fn memfd(name: &str) -> io::Result<std::fs::File> {
+    let name = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: memfd_create with a valid C string; the fd is owned from here on.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from memfd_create.
+    Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
 fn set_cloexec(fd: RawFd, on: bool) {
     // SAFETY: fcntl on a fd this process holds.
     unsafe {
@@ -161,6 +198,16 @@ fn set_cloexec(fd: RawFd, on: bool) {
 
 /// One message with an optional fd.
 fn send(sock: RawFd, data: &[u8], fd: Option<RawFd>) -> io::Result<()> {
+    send_to(sock, None, data, fd)
+}
+
+/// One datagram with an optional fd, to `dest` (an unconnected socket) or the peer.
+pub(crate) fn send_to(
+    sock: RawFd,
+    dest: Option<&(libc::sockaddr_un, libc::socklen_t)>,
+    data: &[u8],
+    fd: Option<RawFd>,
+) -> io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
@@ -171,6 +218,10 @@ fn send(sock: RawFd, data: &[u8], fd: Option<RawFd>) -> io::Result<()> {
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
+    if let Some((addr, len)) = dest {
+        msg.msg_name = addr as *const libc::sockaddr_un as *mut libc::c_void;
+        msg.msg_namelen = *len;
+    }
     if let Some(fd) = fd {
         // SAFETY: CMSG_* compute offsets inside cbuf, which is large enough for one fd.
         unsafe {
@@ -300,6 +351,7 @@ fn fail_until_unmounted(fds: BTreeMap<String, OwnedFd>) {
 #[derive(Default)]
 struct Held {
     fds: BTreeMap<String, OwnedFd>,
+    logs: BTreeMap<String, OwnedFd>,
     ready: bool,
 }
 
@@ -323,8 +375,39 @@ pub fn supervise() -> i32 {
     let mut restarts = 0u64;
     let mut failed_starts = 0u32;
     let mut last_start = Instant::now() - Duration::from_secs(10);
-    let mut inherit: Vec<(String, RawFd)> = Vec::new();
     let held = Arc::new(Mutex::new(Held::default()));
+    // Under systemd, connections parked in the fd store by the previous run of the service
+    // (a restart, or a crash of the supervisor itself) come back here: the first server
+    // takes them over.
+    for (name, fd) in crate::systemd::listen_fds() {
+        let mut h = held.lock();
+        if let Some(v) = name.strip_prefix("conn.") {
+            h.fds.insert(v.to_string(), fd);
+        } else if let Some(v) = name.strip_prefix("log.") {
+            h.logs.insert(v.to_string(), fd);
+        } else {
+            eprintln!("volfs-mountd: dropping fd {name:?} from systemd's fd store: not ours");
+            crate::systemd::remove_fd(&name);
+        }
+    }
+    let raw = |m: &BTreeMap<String, OwnedFd>| -> Vec<(String, RawFd)> {
+        m.iter()
+            .map(|(v, fd)| (v.clone(), fd.as_raw_fd()))
+            .collect()
+    };
+    let (mut inherit, mut inherit_logs) = {
+        let h = held.lock();
+        (raw(&h.fds), raw(&h.logs))
+    };
+    if !inherit.is_empty() {
+        eprintln!(
+            "volfs-mountd: systemd handed back {} live connection(s); the server takes them over",
+            inherit.len()
+        );
+    }
+    // Live connections to keep answering: a server that cannot come up for them ends in EIO
+    // answers (see below), not in a bare exit.
+    let mut adopting = !inherit.is_empty();
     loop {
         let (mine, theirs) = match seqpacket_pair() {
             Ok(p) => p,
@@ -339,16 +422,22 @@ pub fn supervise() -> i32 {
         }
         last_start = Instant::now();
         let theirs_raw = theirs.as_raw_fd();
-        let inherited_raw: Vec<RawFd> = inherit.iter().map(|(_, fd)| *fd).collect();
+        let inherited_raw: Vec<RawFd> = inherit
+            .iter()
+            .chain(inherit_logs.iter())
+            .map(|(_, fd)| *fd)
+            .collect();
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(&args)
             .env(SUPERVISED_ENV, theirs_raw.to_string())
             .env(RESTARTS_ENV, restarts.to_string());
-        if inherit.is_empty() {
-            cmd.env_remove(ADOPT_ENV);
-        } else {
-            let list: Vec<String> = inherit.iter().map(|(v, fd)| format!("{v}={fd}")).collect();
-            cmd.env(ADOPT_ENV, list.join(","));
+        for (var, list) in [(ADOPT_ENV, &inherit), (ADOPT_LOGS_ENV, &inherit_logs)] {
+            if list.is_empty() {
+                cmd.env_remove(var);
+            } else {
+                let list: Vec<String> = list.iter().map(|(v, fd)| format!("{v}={fd}")).collect();
+                cmd.env(var, list.join(","));
+            }
         }
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
@@ -387,10 +476,19 @@ pub fn supervise() -> i32 {
                             h.ready = true;
                         } else if let Some(v) = m.strip_prefix("A ") {
                             if let Some(fd) = fd {
+                                crate::systemd::store_fd(&format!("conn.{v}"), fd.as_raw_fd());
                                 h.fds.insert(v.to_string(), fd);
+                            }
+                        } else if let Some(v) = m.strip_prefix("L ") {
+                            if let Some(fd) = fd {
+                                crate::systemd::store_fd(&format!("log.{v}"), fd.as_raw_fd());
+                                h.logs.insert(v.to_string(), fd);
                             }
                         } else if let Some(v) = m.strip_prefix("D ") {
                             h.fds.remove(v);
+                            h.logs.remove(v);
+                            crate::systemd::remove_fd(&format!("conn.{v}"));
+                            crate::systemd::remove_fd(&format!("log.{v}"));
                         }
                     }
                     Ok(None) => return,
@@ -413,12 +511,18 @@ pub fn supervise() -> i32 {
         let _ = reader.join();
         let ready = held.lock().ready;
         failed_starts = if ready { 0 } else { failed_starts + 1 };
-        let hopeless = !ready && (restarts == 0 || failed_starts >= MAX_FAILED_STARTS);
+        let hopeless = !ready && (!adopting || failed_starts >= MAX_FAILED_STARTS);
+        if STOPPING.load(Ordering::SeqCst) != 0 && status.code() == Some(HANDOVER_EXIT) {
+            // Stopped for a restart by systemd: the server left the connections in the fd
+            // store for the next run of the service.
+            eprintln!("volfs-mountd: stopping; systemd keeps the live connections for the restart");
+            return 0;
+        }
         if STOPPING.load(Ordering::SeqCst) != 0 || status.success() || hopeless {
             // Asked to stop, a clean exit, or a server that cannot come up (bad config, a
             // store that does not open): restarting would not help. Exiting closes the
             // connections, so their mounts fail (ENOTCONN) instead of hanging.
-            if hopeless && restarts > 0 {
+            if hopeless && adopting {
                 let fds = std::mem::take(&mut held.lock().fds);
                 eprintln!(
                     "volfs-mountd: the server failed {failed_starts} times in a row before it was ready (see its last lines above); giving up: every request to the {} volume(s) it served now fails with EIO until they are unmounted",
@@ -441,16 +545,14 @@ pub fn supervise() -> i32 {
             );
         } else {
             restarts += 1;
+            adopting = true;
             eprintln!(
                 "volfs-mountd: the server process ({}) died ({status}); restart {restarts} takes over {} connection(s)",
                 child.id(),
                 h.fds.len()
             );
         }
-        inherit = h
-            .fds
-            .iter()
-            .map(|(v, fd)| (v.clone(), fd.as_raw_fd()))
-            .collect();
+        inherit = raw(&h.fds);
+        inherit_logs = raw(&h.logs);
     }
 }

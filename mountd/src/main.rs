@@ -7,6 +7,7 @@ mod handover;
 mod metrics;
 mod mounts;
 mod plugin;
+mod systemd;
 mod work;
 
 use std::os::unix::fs::PermissionsExt;
@@ -379,7 +380,7 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
                 }
             });
         }
-        notify_systemd("READY=1");
+        systemd::notify("READY=1");
         mounts.ready();
         let app = control::router(daemon);
         axum::serve(listener, app)
@@ -390,6 +391,15 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
     // Stop the reaper and the API servers before tearing the mounts down, so that nothing
     // prunes records or starts a connection while shutdown detaches them.
     rt.shutdown_timeout(Duration::from_secs(5));
+    // Under systemd, a SIGTERM that is part of `systemctl restart` keeps the mounts: the
+    // connections wait in the service's fd store for the next start.
+    if supervised
+        && !handing_over.load(std::sync::atomic::Ordering::SeqCst)
+        && systemd::restart_pending()
+    {
+        tracing::info!("systemd restarts the service: leaving the mounts to its fd store");
+        handing_over.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     if handing_over.load(std::sync::atomic::Ordering::SeqCst) {
         // Upgrade or reload: commit what the volumes buffer, leave every mount in place and
         // exit; the supervisor starts the (possibly new) binary on the same connections.
@@ -400,7 +410,7 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
         std::process::exit(handover::HANDOVER_EXIT);
     }
     tracing::info!("shutting down: flushing volumes");
-    notify_systemd("STOPPING=1");
+    systemd::notify("STOPPING=1");
     mounts.shutdown();
     store.sync()?;
     let _ = std::fs::remove_file(&cfg.socket);
@@ -452,20 +462,6 @@ async fn shutdown_signal(handover: Arc<std::sync::atomic::AtomicBool>, supervise
                 tracing::warn!("SIGHUP ignored: without a supervisor there is no one to hand the mounts to");
             }
         }
-    }
-}
-
-/// sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET.
-fn notify_systemd(msg: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let p = PathBuf::from(&path);
-    if let Err(e) = sock.send_to(msg.as_bytes(), &p) {
-        tracing::warn!("sd_notify to {}: {e}", p.display());
     }
 }
 

@@ -27,11 +27,18 @@ use volfs::fs::VolumeFs;
 use volfs::ids::{TreeId, VolumeName, VolumeRef};
 use volfs::meta::{self, MountRecord, MOUNT_VERSION};
 use volfs::volume::Registry;
+use volfs::writelog::WriteLog;
 use volfs::{Error, Result};
 
 use crate::fuse::{FuseFs, FuseOptions};
-use crate::handover::Link;
+use crate::handover::{memfd, Link};
 use crate::metrics::{Metrics, VolumeMetrics};
+
+/// Buffered writes older than this are committed by the reaper (under a supervisor, whose
+/// write logs they would otherwise keep long).
+const STALE_AGE: Duration = Duration::from_secs(10);
+/// A file holding more than this much write log behind it is committed by the reaper.
+const STALE_SPAN: u64 = 512 << 20;
 
 /// How long an unused primary stays mounted.
 const IDLE_GRACE: Duration = Duration::from_secs(30);
@@ -293,12 +300,18 @@ impl Mounts {
         // with ECONNABORTED when the process dies).
         cfg.clone_fd = self.link.is_none();
         if let Some(link) = &self.link {
-            if let Err(e) = link.add(vol.as_str(), dev_fuse.as_raw_fd()) {
+            let handed = link
+                .add(vol.as_str(), dev_fuse.as_raw_fd())
+                .map_err(|e| {
+                    Error::io(
+                        format!("handing volume {vol}'s connection to the supervisor"),
+                        e,
+                    )
+                })
+                .and_then(|()| self.new_log(vol, &fs));
+            if let Err(e) = handed {
                 let _ = sys_umount(&primary, libc::MNT_DETACH);
-                return Err(Error::io(
-                    format!("handing volume {vol}'s connection to the supervisor"),
-                    e,
-                ));
+                return Err(e);
             }
         }
         let fuse_opts = self.fuse_options(rec.size.is_some());
@@ -620,10 +633,10 @@ impl Mounts {
     /// dead process read but never answered are queued again. The mountpoints never changed.
     /// A connection that cannot be taken over is aborted, so that its mounts fail instead of
     /// hanging.
-    pub fn adopt(&self, conns: Vec<(String, OwnedFd)>) {
-        for (vol, fd) in conns {
+    pub fn adopt(&self, conns: Vec<(String, OwnedFd, Option<OwnedFd>)>) {
+        for (vol, fd, log) in conns {
             let t0 = Instant::now();
-            match self.adopt_one(&vol, fd) {
+            match self.adopt_one(&vol, fd, log) {
                 Ok(()) => tracing::info!(
                     volume = %vol,
                     millis = t0.elapsed().as_millis() as u64,
@@ -645,7 +658,54 @@ impl Mounts {
         }
     }
 
-    fn adopt_one(&self, vol: &str, fd: OwnedFd) -> Result<()> {
+    /// Gives a writable volume a fresh write log in a memfd and hands a duplicate to the
+    /// supervisor: the next server process replays it if this one dies.
+    fn new_log(&self, vol: &VolumeRef, fs: &VolumeFs) -> Result<()> {
+        let Some(link) = &self.link else {
+            return Ok(());
+        };
+        if fs.is_read_only() {
+            return Ok(());
+        }
+        let file = memfd(&format!("volfs-log:{vol}"))
+            .map_err(|e| Error::io(format!("creating volume {vol}'s write log"), e))?;
+        link.add_log(vol.as_str(), file.as_raw_fd()).map_err(|e| {
+            Error::io(
+                format!("handing volume {vol}'s write log to the supervisor"),
+                e,
+            )
+        })?;
+        fs.attach_log(WriteLog::create(file)?)
+    }
+
+    /// Attaches the write log a dead server left and buffers again the writes it had
+    /// acknowledged but not committed, before any request is answered.
+    fn replay_log(&self, vol: &VolumeRef, fs: &VolumeFs, log: Option<OwnedFd>) -> Result<()> {
+        if fs.is_read_only() {
+            return Ok(());
+        }
+        let Some(log) = log else {
+            // A server of a version without write logs ran before (an upgrade): nothing to
+            // replay; start one now.
+            return self.new_log(vol, fs);
+        };
+        let (log, pending) = WriteLog::open(std::fs::File::from(log)).map_err(|e| {
+            Error::Db(format!(
+                "volume {vol}: the previous server's write log is unreadable ({e}); its acknowledged, uncommitted writes cannot be recovered"
+            ))
+        })?;
+        fs.attach_log(log)?;
+        let r = fs.replay(pending);
+        if r.writes > 0 {
+            tracing::info!(volume = %vol, writes = r.writes, bytes = r.bytes, "replayed acknowledged writes the previous server had not committed");
+        }
+        for f in &r.failed {
+            tracing::error!(volume = %vol, "replaying the write log: lost {f}");
+        }
+        Ok(())
+    }
+
+    fn adopt_one(&self, vol: &str, fd: OwnedFd, log: Option<OwnedFd>) -> Result<()> {
         let vref = VolumeRef::parse(vol)?;
         let (fs, rec) = self.load_fs(&vref, true)?;
         let primary = self.primary_path(&vref);
@@ -659,6 +719,7 @@ impl Mounts {
             })?;
         let fuse_opts = self.fuse_options(rec.size.is_some());
         fs.set_kernel_times(fuse_opts.writeback_cache);
+        self.replay_log(&vref, &fs, log)?;
         let mut cfg = fuser::Config::default();
         cfg.acl = fuser::SessionACL::All;
         cfg.n_threads = Some(self.fuse.workers.max(1));
@@ -918,6 +979,18 @@ impl Mounts {
     pub fn reap_idle(&self) {
         if let Err(e) = self.prune_records() {
             tracing::warn!("pruning mount records: {e}");
+        }
+        // Writes buffered too long are committed, so the write logs stay short.
+        let vols: Vec<(String, Arc<VolumeFs>)> = self
+            .active
+            .lock()
+            .iter()
+            .map(|(v, a)| (v.clone(), a.fs.clone()))
+            .collect();
+        for (v, fs) in vols {
+            if let Err(e) = fs.commit_stale(STALE_AGE, STALE_SPAN) {
+                tracing::warn!(volume = %v, "committing buffered writes: {e}");
+            }
         }
         let candidates: Vec<String> = {
             let active = self.active.lock();

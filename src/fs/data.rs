@@ -64,13 +64,27 @@ impl VolumeFs {
             .ok_or_else(|| Error::Db("extent map missing".into()))
     }
 
-    pub(super) fn drop_dirty(&self, st: &mut NodeState) {
+    /// Discards the buffered data of an inode that is being deleted.
+    pub(super) fn drop_dirty(&self, ino: u64, st: &mut NodeState) {
         self.dirty_total
             .fetch_sub(st.dirty_bytes, Ordering::Relaxed);
         self.reserved.fetch_sub(st.reserved, Ordering::Relaxed);
         st.dirty.clear();
         st.dirty_bytes = 0;
         st.reserved = 0;
+        self.log_committed(ino, st);
+    }
+
+    /// Tells the write log that everything logged for `ino` is in the index (or discarded),
+    /// except what is still buffered, which it logs again. A failure leaves the records (and
+    /// the node) in place for the next commit to retry; replaying committed writes again is
+    /// harmless.
+    pub(super) fn log_committed(&self, ino: u64, st: &mut NodeState) {
+        if let (Some(log), Some(_)) = (self.log.get(), st.held) {
+            if let Err(e) = log.committed(ino, &mut st.held, &st.dirty) {
+                tracing::warn!(volume = %self.name, ino, "{e}");
+            }
+        }
     }
 
     pub fn read(&self, ino: u64, off: u64, len: u32) -> Result<Vec<u8>> {
@@ -122,6 +136,26 @@ impl VolumeFs {
     /// set-group-ID and capabilities (an unprivileged writer; FUSE_WRITE_KILL_SUIDGID).
     pub fn write(&self, ino: u64, off: u64, data: &[u8], kill_privs: bool) -> Result<u32> {
         let _w = self.writer()?;
+        let mut st = self.buffer(ino, off, data, kill_privs, false)?;
+        if st.dirty_bytes > FILE_DIRTY_LIMIT {
+            self.commit(ino, &mut st, Commit::KeepTail, false)?;
+        } else if self.dirty_total.load(Ordering::Relaxed) > VOLUME_DIRTY_LIMIT {
+            self.commit(ino, &mut st, Commit::All, false)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// The part of `write` that logs and buffers the bytes; returns the locked node.
+    /// `replay`: a write the previous server process acknowledged (see `recovery`), which the
+    /// quota admitted then and must not refuse now.
+    pub(super) fn buffer(
+        &self,
+        ino: u64,
+        off: u64,
+        data: &[u8],
+        kill_privs: bool,
+        replay: bool,
+    ) -> Result<super::NodeGuard> {
         let end = off
             .checked_add(data.len() as u64)
             .ok_or(Error::Posix(libc::EFBIG))?;
@@ -133,7 +167,7 @@ impl VolumeFs {
             return posix(libc::EINVAL);
         }
         if data.is_empty() {
-            return Ok(0);
+            return Ok(st);
         }
         if kill_privs {
             self.own(ino, &mut st)?;
@@ -145,6 +179,7 @@ impl VolumeFs {
             }
         }
         // Quota: bytes that land on holes or past the end are new allocation.
+        let mut reserve = 0i64;
         if let Some(q) = self.quota {
             let covered = covered_bytes(self.extents(ino, &mut st)?, off, end)
                 + dirty_overlapping(&st.dirty, off, end)
@@ -154,16 +189,22 @@ impl VolumeFs {
             if new > 0 {
                 let used =
                     self.used.load(Ordering::Relaxed) + self.reserved.load(Ordering::Relaxed);
-                if used + new > q as i64 {
+                if used + new > q as i64 && !replay {
                     return Err(Error::NoSpace(format!(
                         "volume {} is at its size limit of {q} bytes",
                         self.name
                     )));
                 }
-                st.reserved += new;
-                self.reserved.fetch_add(new, Ordering::Relaxed);
+                reserve = new;
             }
         }
+        // Logged before it is acknowledged: a server process that takes over after a crash
+        // replays it (see `crate::writelog`).
+        if let Some(log) = self.log.get() {
+            log.write(ino, off, data, &mut st.held)?;
+        }
+        st.reserved += reserve;
+        self.reserved.fetch_add(reserve, Ordering::Relaxed);
         let added = insert_dirty(&mut st.dirty, off, data);
         st.dirty_bytes += added;
         self.dirty_total.fetch_add(added, Ordering::Relaxed);
@@ -181,12 +222,7 @@ impl VolumeFs {
         self.stats
             .bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        if st.dirty_bytes > FILE_DIRTY_LIMIT {
-            self.commit(ino, &mut st, Commit::KeepTail, false)?;
-        } else if self.dirty_total.load(Ordering::Relaxed) > VOLUME_DIRTY_LIMIT {
-            self.commit(ino, &mut st, Commit::All, false)?;
-        }
-        Ok(data.len() as u32)
+        Ok(st)
     }
 
     /// Commits buffered data (see the module comment). With `sync`, packs are synced before
@@ -199,6 +235,7 @@ impl VolumeFs {
         sync: bool,
     ) -> Result<()> {
         if st.dirty.is_empty() && !st.rec_dirty {
+            self.log_committed(ino, st);
             if sync {
                 self.store.sync()?;
             }
@@ -336,6 +373,7 @@ impl VolumeFs {
             self.store.chunks.flush()?;
         }
         self.engine.write(b, sync)?;
+        self.log_committed(ino, st);
         self.used.fetch_add(delta, Ordering::Relaxed);
         // Reservations are released once the data is committed (the used counter took over).
         let release = if st.dirty.is_empty() {
@@ -376,6 +414,11 @@ impl VolumeFs {
     ) -> Result<()> {
         if size > i64::MAX as u64 {
             return posix(libc::EFBIG);
+        }
+        if size < st.rec.size && st.held.is_some() {
+            // The write log cannot express a truncation: commit the logged writes first, so
+            // that a replay never brings back bytes past the new end.
+            self.commit(ino, st, Commit::All, false)?;
         }
         if size < st.rec.size {
             // Trim buffered data.

@@ -20,6 +20,7 @@
 //! parts the kernel leaves to the filesystem (setgid inheritance, timestamps, link counts).
 mod data;
 mod namespace;
+mod recovery;
 mod xattr;
 
 pub use namespace::{NewNode, RENAME_EXCHANGE, RENAME_NOREPLACE};
@@ -27,7 +28,7 @@ pub use xattr::XattrReply;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use dashmap::DashMap;
@@ -40,8 +41,10 @@ use crate::layer::{Lower, SnapshotRecord, Stack};
 use crate::meta::{self, Extent, InodeRecord, Kind, Ts, VolumeRecord, INODE_VERSION};
 use crate::store::Store;
 use crate::volume::ROOT_INO;
+use crate::writelog::{Held, WriteLog};
 
 pub use data::Whence;
+pub use recovery::Replayed;
 
 /// Inode numbers are handed out from ranges of this size; the range's end is persisted first,
 /// so numbers are never reused, also across restarts.
@@ -134,6 +137,8 @@ struct NodeState {
     reserved: i64,
     /// The record changed in memory (size, mtime from writes) and is not yet in the index.
     rec_dirty: bool,
+    /// The inode's hold on the write log: set while it has logged, uncommitted writes.
+    held: Option<Held>,
     lookups: u64,
     opens: u32,
     /// Removed from the inode table; whoever holds this node must look the inode up again.
@@ -181,6 +186,9 @@ pub struct VolumeFs {
     adopted: bool,
     /// The kernel maintains mtime/ctime of written files (writeback cache mode).
     kernel_times: AtomicBool,
+    /// Where acknowledged, uncommitted writes are logged (under a supervisor; see
+    /// [`crate::writelog`]).
+    log: OnceLock<WriteLog>,
 }
 
 impl VolumeFs {
@@ -256,6 +264,7 @@ impl VolumeFs {
             shut: AtomicBool::new(false),
             adopted,
             kernel_times: AtomicBool::new(false),
+            log: OnceLock::new(),
         });
         if !read_only && !adopted {
             fs.clean_orphans()?;
@@ -400,6 +409,7 @@ impl VolumeFs {
             dirty_bytes: 0,
             reserved: 0,
             rec_dirty: false,
+            held: None,
             lookups: 0,
             opens: 0,
             evicted: false,
@@ -470,6 +480,7 @@ impl VolumeFs {
             && st.opens == 0
             && st.dirty.is_empty()
             && !st.rec_dirty
+            && st.held.is_none()
             && ino != ROOT_INO
         {
             st.evicted = true;
@@ -582,7 +593,7 @@ impl VolumeFs {
         self.used.fetch_sub(st.rec.alloc as i64, Ordering::Relaxed);
         st.rec.alloc = 0;
         st.extents = Some(BTreeMap::new());
-        self.drop_dirty(st);
+        self.drop_dirty(ino, st);
         Ok(())
     }
 

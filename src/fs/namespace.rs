@@ -191,11 +191,11 @@ impl VolumeFs {
     }
 
     /// Bookkeeping after a batch that purged `ino` was written.
-    fn after_drop(&self, st: &mut NodeState) {
+    fn after_drop(&self, ino: u64, st: &mut NodeState) {
         if st.rec.nlink == 0 && self.unused(st) {
             self.used.fetch_sub(st.rec.alloc as i64, Ordering::Relaxed);
             st.rec.alloc = 0;
-            self.drop_dirty(st);
+            self.drop_dirty(ino, st);
             st.extents = Some(Default::default());
             st.rec_dirty = false;
         }
@@ -231,7 +231,7 @@ impl VolumeFs {
         p.rec.ctime = now;
         self.persist_rec(&mut b, parent, &p.rec);
         self.engine.write(b, false)?;
-        self.after_drop(&mut st);
+        self.after_drop(d.ino, &mut st);
         Ok(())
     }
 
@@ -350,10 +350,10 @@ impl VolumeFs {
             self.persist_rec(&mut b, src.ino, &st.rec);
             drop(st);
             // Written below together with the parents; keep the replaced inode locked.
-            if let Some((_, mut st)) = replaced {
+            if let Some((ino, mut st)) = replaced {
                 self.touch_parents(&mut b, nlink_delta, now)?;
                 self.engine.write(b, false)?;
-                self.after_drop(&mut st);
+                self.after_drop(ino, &mut st);
                 return Ok(());
             }
         }

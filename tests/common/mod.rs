@@ -164,7 +164,7 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> CmdOut {
     }
 }
 
-fn kill(pid: u32, sig: i32) {
+pub fn kill(pid: u32, sig: i32) {
     // SAFETY: plain kill(2) on a pid we spawned and have not reaped yet.
     unsafe {
         libc::kill(pid as libc::pid_t, sig);
@@ -172,7 +172,7 @@ fn kill(pid: u32, sig: i32) {
 }
 
 /// Waits for a child until `timeout`; None if it is still running.
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         match child.try_wait() {
@@ -1119,4 +1119,45 @@ print(len(fams))\n";
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crash-survival helpers
+// ---------------------------------------------------------------------------------------------
+
+/// The numbers of the `record N` lines a [`start_writer`] thread wrote.
+pub fn records(text: &str) -> Vec<u64> {
+    text.lines()
+        .map(|l| {
+            l.strip_prefix("record ")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("not a record line: {l:?}"))
+        })
+        .collect()
+}
+
+pub type Writer = std::thread::JoinHandle<Result<u64, String>>;
+
+/// A thread that appends `record N` lines to `path`, fsync'ing each, until told to stop;
+/// returns how many were acknowledged, or the first error it saw.
+pub fn start_writer(path: &Path) -> (Arc<AtomicBool>, Writer) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (path, flag) = (path.to_path_buf(), stop.clone());
+    let writer = std::thread::spawn(move || -> Result<u64, String> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("open: {e}"))?;
+        let mut acked = 0u64;
+        while !flag.load(Ordering::Relaxed) {
+            f.write_all(format!("record {acked}\n").as_bytes())
+                .map_err(|e| format!("write of record {acked}: {e}"))?;
+            f.sync_data()
+                .map_err(|e| format!("fsync of record {acked}: {e}"))?;
+            acked += 1;
+        }
+        Ok(acked)
+    });
+    (stop, writer)
 }
