@@ -10,7 +10,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -87,16 +86,7 @@ fn open_files_positions_locks_and_listings_survive_a_kill() {
         unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
         0
     );
-    let try_lock = |p: &Path| {
-        Command::new("flock")
-            .args(["-n", "-E", "9"])
-            .arg(p)
-            .arg("true")
-            .status()
-            .unwrap()
-            .code()
-    };
-    assert_eq!(try_lock(&other.join("w")), Some(9), "flock not held before");
+    assert_eq!(try_flock(&other.join("w")), Some(9), "flock not held before");
     // An unlinked file still open.
     fs::write(m.join("gone"), b"still here").unwrap();
     let mut gone = File::open(m.join("gone")).unwrap();
@@ -120,7 +110,7 @@ fn open_files_positions_locks_and_listings_survive_a_kill() {
         "the listing lost entries across the restart"
     );
     assert_eq!(
-        try_lock(&other.join("w")),
+        try_flock(&other.join("w")),
         Some(9),
         "the flock was lost in the restart"
     );
@@ -129,7 +119,7 @@ fn open_files_positions_locks_and_listings_survive_a_kill() {
     gone.read_to_string(&mut s).unwrap();
     assert_eq!(s, "still here", "an unlinked open file lost its data");
     drop(lock);
-    assert_eq!(try_lock(&other.join("w")), Some(0), "unlock not seen");
+    assert_eq!(try_flock(&other.join("w")), Some(0), "unlock not seen");
 
     // New work after the restart, and a second kill while a file is open.
     fs::write(m.join("new"), b"fresh").unwrap();

@@ -183,16 +183,6 @@ impl Drop for Systemd {
     }
 }
 
-fn try_flock(p: &Path) -> Option<i32> {
-    Command::new("flock")
-        .args(["-n", "-E", "9"])
-        .arg(p)
-        .arg("true")
-        .status()
-        .unwrap()
-        .code()
-}
-
 #[test]
 fn restart_and_a_killed_service_keep_mounts_open_files_and_locks() {
     let s = Systemd::start();

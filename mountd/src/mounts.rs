@@ -975,19 +975,22 @@ impl Mounts {
         Ok(())
     }
 
+    /// The filesystems of the active connections, by volume (a snapshot of the table).
+    fn active_filesystems(&self) -> Vec<(String, Arc<VolumeFs>)> {
+        self.active
+            .lock()
+            .iter()
+            .map(|(v, a)| (v.clone(), a.fs.clone()))
+            .collect()
+    }
+
     /// Unmounts primaries nobody uses any more.
     pub fn reap_idle(&self) {
         if let Err(e) = self.prune_records() {
             tracing::warn!("pruning mount records: {e}");
         }
         // Writes buffered too long are committed, so the write logs stay short.
-        let vols: Vec<(String, Arc<VolumeFs>)> = self
-            .active
-            .lock()
-            .iter()
-            .map(|(v, a)| (v.clone(), a.fs.clone()))
-            .collect();
-        for (v, fs) in vols {
+        for (v, fs) in self.active_filesystems() {
             if let Err(e) = fs.commit_stale(STALE_AGE, STALE_SPAN) {
                 tracing::warn!(volume = %v, "committing buffered writes: {e}");
             }
@@ -1012,13 +1015,7 @@ impl Mounts {
     /// Commits every volume's buffered data, leaving connections and mounts as they are (the
     /// next server process takes them over).
     pub fn flush_for_handover(&self) {
-        let vols: Vec<(String, Arc<VolumeFs>)> = self
-            .active
-            .lock()
-            .iter()
-            .map(|(v, a)| (v.clone(), a.fs.clone()))
-            .collect();
-        for (v, fs) in vols {
+        for (v, fs) in self.active_filesystems() {
             if let Err(e) = fs.flush_all() {
                 tracing::error!(volume = %v, "flushing before the handover failed: {e}");
             }

@@ -1125,6 +1125,18 @@ print(len(fams))\n";
 // Crash-survival helpers
 // ---------------------------------------------------------------------------------------------
 
+/// `flock -n` on `p` from another process: `Some(0)` if it got the lock, `Some(9)` if
+/// someone else holds it.
+pub fn try_flock(p: &Path) -> Option<i32> {
+    Command::new("flock")
+        .args(["-n", "-E", "9"])
+        .arg(p)
+        .arg("true")
+        .status()
+        .unwrap()
+        .code()
+}
+
 /// The numbers of the `record N` lines a [`start_writer`] thread wrote.
 pub fn records(text: &str) -> Vec<u64> {
     text.lines()
