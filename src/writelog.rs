@@ -39,7 +39,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 
@@ -83,7 +83,14 @@ struct State {
 pub struct WriteLog {
     file: File,
     st: Mutex<State>,
+    /// Signalled when the log holds more than [`PRESSURE_SPAN`] behind its head.
+    pressure: Condvar,
 }
+
+/// A log longer than this (tail to head) wakes its flusher (see [`WriteLog::wait_pressure`]):
+/// one file with a small, old dirty buffer must not pin the log's memory behind a stream of
+/// other writes.
+pub const PRESSURE_SPAN: u64 = 128 << 20;
 
 fn pad8(n: usize) -> usize {
     (n + 7) & !7
@@ -109,6 +116,7 @@ impl WriteLog {
                 punched: HEADER_SIZE,
                 live: BTreeMap::new(),
             }),
+            pressure: Condvar::new(),
         };
         log.write_header(HEADER_SIZE)?;
         Ok(log)
@@ -207,6 +215,7 @@ impl WriteLog {
                 punched: tail - tail % PUNCH_STEP,
                 live,
             }),
+            pressure: Condvar::new(),
         };
         Ok((log, pending))
     }
@@ -261,7 +270,18 @@ impl WriteLog {
             st.live.insert(pos, (ino, Instant::now()));
             *held = Some(Held(pos));
         }
+        if st.head - st.tail > PRESSURE_SPAN {
+            self.pressure.notify_one();
+        }
         Ok(())
+    }
+
+    /// Waits until the log is longer than [`PRESSURE_SPAN`], or `timeout` passed.
+    pub fn wait_pressure(&self, timeout: Duration) {
+        let mut st = self.st.lock();
+        if st.head - st.tail <= PRESSURE_SPAN {
+            self.pressure.wait_for(&mut st, timeout);
+        }
     }
 
     /// Everything logged for `ino` so far is committed or discarded, except `keep`: buffered

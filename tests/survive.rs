@@ -86,7 +86,11 @@ fn open_files_positions_locks_and_listings_survive_a_kill() {
         unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
         0
     );
-    assert_eq!(try_flock(&other.join("w")), Some(9), "flock not held before");
+    assert_eq!(
+        try_flock(&other.join("w")),
+        Some(9),
+        "flock not held before"
+    );
     // An unlinked file still open.
     fs::write(m.join("gone"), b"still here").unwrap();
     let mut gone = File::open(m.join("gone")).unwrap();
@@ -332,4 +336,47 @@ fn writes_the_server_acknowledged_but_had_not_committed_survive_its_kill() {
     );
     d.unmount(&cached).unwrap();
     d.unmount(&direct).unwrap();
+}
+
+/// Bytes the server's write log for `volume` holds in memory (its memfd's allocated blocks).
+fn write_log_bytes(d: &Daemon, volume: &str) -> u64 {
+    let pid = d.status()["server_pid"].as_u64().unwrap();
+    let want = format!("/memfd:volfs-log:{volume} (deleted)");
+    for e in fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let p = e.unwrap().path();
+        if fs::read_link(&p).is_ok_and(|l| l.to_string_lossy() == want) {
+            return fs::metadata(&p).unwrap().blocks() * 512;
+        }
+    }
+    panic!("no write log for {volume} among the server's fds");
+}
+
+#[test]
+fn an_old_buffered_write_does_not_pin_the_write_logs_memory() {
+    let d = Daemon::start();
+    let m = d.volume_mounted("pinned", &[]);
+    // A file with a small write that stays buffered (open, never closed or fsync'ed) ...
+    let mut small = File::create(m.join("small")).unwrap();
+    small.write_all(b"a few bytes, buffered").unwrap();
+    write_back(&small);
+    // ... while another file streams 768 MiB through the log (each write is logged; its
+    // commits every 16 MiB make its own records dead, but they sit behind the small one).
+    let chunk = pseudo_random(1 << 20, 7);
+    let mut big = File::create(m.join("big")).unwrap();
+    let mut peak = 0;
+    for i in 0..768 {
+        big.write_all(&chunk).unwrap();
+        if i % 64 == 63 {
+            write_back(&big);
+            peak = peak.max(write_log_bytes(&d, "pinned"));
+        }
+    }
+    eprintln!("write log peak: {} MiB", peak >> 20);
+    assert!(
+        peak < 400 << 20,
+        "the write log grew to {} MiB behind one small buffered write",
+        peak >> 20
+    );
+    drop((small, big));
+    d.unmount(&m).unwrap();
 }

@@ -34,11 +34,20 @@ use crate::fuse::{FuseFs, FuseOptions};
 use crate::handover::{memfd, Link};
 use crate::metrics::{Metrics, VolumeMetrics};
 
-/// Buffered writes older than this are committed by the reaper (under a supervisor, whose
-/// write logs they would otherwise keep long).
+/// Starts the thread that keeps a volume's write log short (`VolumeFs::flush_log_loop`).
+fn start_log_flusher(vol: &VolumeRef, fs: &Arc<VolumeFs>) {
+    let weak = Arc::downgrade(fs);
+    let spawned = std::thread::Builder::new()
+        .name(format!("{vol}-log"))
+        .spawn(move || VolumeFs::flush_log_loop(weak, STALE_AGE, Duration::from_secs(5)));
+    if let Err(e) = spawned {
+        tracing::warn!(volume = %vol, "cannot start the write log's flusher: {e}");
+    }
+}
+
+/// Buffered writes older than this are committed by the volume's write-log flusher (under a
+/// supervisor, whose write logs they would otherwise keep long).
 const STALE_AGE: Duration = Duration::from_secs(10);
-/// A file holding more than this much write log behind it is committed by the reaper.
-const STALE_SPAN: u64 = 512 << 20;
 
 /// How long an unused primary stays mounted.
 const IDLE_GRACE: Duration = Duration::from_secs(30);
@@ -660,7 +669,7 @@ impl Mounts {
 
     /// Gives a writable volume a fresh write log in a memfd and hands a duplicate to the
     /// supervisor: the next server process replays it if this one dies.
-    fn new_log(&self, vol: &VolumeRef, fs: &VolumeFs) -> Result<()> {
+    fn new_log(&self, vol: &VolumeRef, fs: &Arc<VolumeFs>) -> Result<()> {
         let Some(link) = &self.link else {
             return Ok(());
         };
@@ -675,12 +684,14 @@ impl Mounts {
                 e,
             )
         })?;
-        fs.attach_log(WriteLog::create(file)?)
+        fs.attach_log(WriteLog::create(file)?)?;
+        start_log_flusher(vol, fs);
+        Ok(())
     }
 
     /// Attaches the write log a dead server left and buffers again the writes it had
     /// acknowledged but not committed, before any request is answered.
-    fn replay_log(&self, vol: &VolumeRef, fs: &VolumeFs, log: Option<OwnedFd>) -> Result<()> {
+    fn replay_log(&self, vol: &VolumeRef, fs: &Arc<VolumeFs>, log: Option<OwnedFd>) -> Result<()> {
         if fs.is_read_only() {
             return Ok(());
         }
@@ -695,6 +706,7 @@ impl Mounts {
             ))
         })?;
         fs.attach_log(log)?;
+        start_log_flusher(vol, fs);
         let r = fs.replay(pending);
         if r.writes > 0 {
             tracing::info!(volume = %vol, writes = r.writes, bytes = r.bytes, "replayed acknowledged writes the previous server had not committed");
@@ -988,12 +1000,6 @@ impl Mounts {
     pub fn reap_idle(&self) {
         if let Err(e) = self.prune_records() {
             tracing::warn!("pruning mount records: {e}");
-        }
-        // Writes buffered too long are committed, so the write logs stay short.
-        for (v, fs) in self.active_filesystems() {
-            if let Err(e) = fs.commit_stale(STALE_AGE, STALE_SPAN) {
-                tracing::warn!(volume = %v, "committing buffered writes: {e}");
-            }
         }
         let candidates: Vec<String> = {
             let active = self.active.lock();

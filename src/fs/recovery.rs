@@ -1,11 +1,13 @@
 //! Taking over from a server process that died: the write log's uncommitted writes are
 //! buffered again before the new process answers anything, and the log is kept short by
 //! committing what sits in it too long. See [`crate::writelog`] for the log itself.
+use std::sync::atomic::Ordering;
+use std::sync::Weak;
 use std::time::Duration;
 
 use super::{data::Commit, VolumeFs};
 use crate::error::{Error, Result};
-use crate::writelog::{Pending, WriteLog};
+use crate::writelog::{Pending, WriteLog, PRESSURE_SPAN};
 
 /// What a replay did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -70,6 +72,24 @@ impl VolumeFs {
             }
         }
         Ok(())
+    }
+
+    /// The write log's flusher: until the volume shuts down (or is dropped), commits what
+    /// sits in the log longer than `age`, at least every `interval`, and at once the files
+    /// that keep the log long ([`crate::writelog::PRESSURE_SPAN`]). Runs on a thread of its
+    /// own, off the request path.
+    pub fn flush_log_loop(fs: Weak<VolumeFs>, age: Duration, interval: Duration) {
+        loop {
+            let Some(f) = fs.upgrade() else { return };
+            if f.shut.load(Ordering::SeqCst) {
+                return;
+            }
+            let Some(log) = f.log.get() else { return };
+            log.wait_pressure(interval);
+            if let Err(e) = f.commit_stale(age, PRESSURE_SPAN / 2) {
+                tracing::warn!(volume = %f.name, "committing buffered writes: {e}");
+            }
+        }
     }
 
     /// Bytes of write log between its tail and its head.
