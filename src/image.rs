@@ -719,7 +719,7 @@ pub fn export(store: &Store, id: &LayerId, out: &mut dyn Write) -> Result<()> {
         top: t,
         lower: Vec::new(),
     };
-    export_stack(store, &stack, out, &mut |_| {}).map(|_| ())
+    export_stack(store, &stack, false, out, &mut |_| {}).map(|_| ())
 }
 
 /// Appends one entry to a ustar/PAX archive: the name and link target go into the header when
@@ -754,15 +754,41 @@ fn append_entry(
     b.append(h, data)
 }
 
+/// An inode's xattrs as PAX `SCHILY.xattr.NAME` records.
+fn xattr_records(engine: &dyn Engine, t: TreeId, ino: u64) -> Result<Vec<(String, Vec<u8>)>> {
+    Ok(engine
+        .scan_prefix(Cf::Xattrs, &meta::inode_key(t, ino))?
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                format!("SCHILY.xattr.{}", String::from_utf8_lossy(&k[16..])),
+                v,
+            )
+        })
+        .collect())
+}
+
+/// A PAX `mtime` record when the mtime has a fraction of a second.
+fn mtime_record(rec: &InodeRecord) -> Option<(String, Vec<u8>)> {
+    (rec.mtime.nsec != 0 && rec.mtime.secs >= 0).then(|| {
+        (
+            "mtime".into(),
+            format!("{}.{:09}", rec.mtime.secs, rec.mtime.nsec).into_bytes(),
+        )
+    })
+}
+
 /// Writes the merged view of `stack` (a volume's or snapshot's trees, or one layer's tree) as
 /// a POSIX (ustar + PAX) tarball, depth first in name order: regular files with their data
 /// (holes as zeros), directories, symlinks, hard links as tar links, fifos and devices, with
 /// mode, uid/gid, mtime (PAX `mtime` when it has a fraction) and xattrs as PAX
-/// `SCHILY.xattr.*`. Sockets are skipped (tar has no sockets). `counted` is told the file
-/// bytes written so far. Returns the number of file bytes written.
+/// `SCHILY.xattr.*`. Sockets are skipped (tar has no sockets). With `root`, the root
+/// directory's own attributes come first as `./` (volume exports; layers have none).
+/// `counted` is told the file bytes written so far. Returns the number of file bytes written.
 pub fn export_stack(
     store: &Store,
     stack: &layer::Stack,
+    root: bool,
     out: &mut dyn Write,
     counted: &mut dyn FnMut(u64),
 ) -> Result<u64> {
@@ -771,6 +797,21 @@ pub fn export_stack(
     let mut seen: HashMap<u64, Vec<u8>> = HashMap::new();
     let io = |e: std::io::Error| Error::io("writing the tarball", e);
     let mut done = 0u64;
+    if root {
+        let (t, rec) = stack
+            .inode(engine, ROOT_INO)?
+            .ok_or_else(|| Error::Db("the volume has no root directory".into()))?;
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(rec.perm);
+        h.set_uid(rec.uid as u64);
+        h.set_gid(rec.gid as u64);
+        h.set_mtime(rec.mtime.secs.max(0) as u64);
+        h.set_size(0);
+        let mut pax = xattr_records(engine, t, ROOT_INO)?;
+        pax.extend(mtime_record(&rec));
+        append_entry(&mut b, &mut h, b"./", None, pax, &mut std::io::empty()).map_err(io)?;
+    }
     // Depth-first, in name order.
     let mut todo: Vec<(Vec<u8>, u64)> = vec![(Vec::new(), ROOT_INO)];
     while let Some((dir_path, dir)) = todo.pop() {
@@ -794,22 +835,8 @@ pub fn export_stack(
             h.set_gid(rec.gid as u64);
             h.set_mtime(rec.mtime.secs.max(0) as u64);
             h.set_size(0);
-            let mut pax: Vec<(String, Vec<u8>)> = engine
-                .scan_prefix(Cf::Xattrs, &meta::inode_key(t, d.ino))?
-                .into_iter()
-                .map(|(k, v)| {
-                    (
-                        format!("SCHILY.xattr.{}", String::from_utf8_lossy(&k[16..])),
-                        v,
-                    )
-                })
-                .collect();
-            if rec.mtime.nsec != 0 && rec.mtime.secs >= 0 {
-                pax.push((
-                    "mtime".into(),
-                    format!("{}.{:09}", rec.mtime.secs, rec.mtime.nsec).into_bytes(),
-                ));
-            }
+            let mut pax = xattr_records(engine, t, d.ino)?;
+            pax.extend(mtime_record(&rec));
             if rec.kind != Kind::Dir {
                 if let Some(first) = seen.get(&d.ino) {
                     h.set_entry_type(tar::EntryType::Link);

@@ -508,7 +508,7 @@ async fn export_volume(
         };
         let res = src
             .stack()
-            .and_then(|stack| volfs::image::export_stack(&store, &stack, &mut w, &mut |_| {}))
+            .and_then(|stack| volfs::image::export_stack(&store, &stack, true, &mut w, &mut |_| {}))
             .and_then(|_| {
                 use std::io::Write;
                 w.flush().map_err(|e| Error::io("sending the tarball", e))
