@@ -812,16 +812,24 @@ pub fn export_stack(
         pax.extend(mtime_record(&rec));
         append_entry(&mut b, &mut h, b"./", None, pax, &mut std::io::empty()).map_err(io)?;
     }
-    // Depth-first, in name order.
-    let mut todo: Vec<(Vec<u8>, u64)> = vec![(Vec::new(), ROOT_INO)];
-    while let Some((dir_path, dir)) = todo.pop() {
-        let mut subdirs = Vec::new();
-        for (name, d) in stack.list(engine, dir, usize::MAX)? {
-            let mut path = dir_path.clone();
+    // Depth-first (each directory's contents right after it, as tar(1) writes them: GNU tar
+    // restores a directory's mtime once the archive has left it), in name order.
+    let push_children = |todo: &mut Vec<(Vec<u8>, Dirent)>, dir_path: &[u8], dir: u64| {
+        let list = stack.list(engine, dir, usize::MAX)?;
+        for (name, d) in list.into_iter().rev() {
+            let mut path = dir_path.to_vec();
             if !path.is_empty() {
                 path.push(b'/');
             }
             path.extend_from_slice(&name);
+            todo.push((path, d));
+        }
+        Ok::<(), Error>(())
+    };
+    let mut todo: Vec<(Vec<u8>, Dirent)> = Vec::new();
+    push_children(&mut todo, b"", ROOT_INO)?;
+    {
+        while let Some((path, d)) = todo.pop() {
             let (t, rec) = stack.inode(engine, d.ino)?.ok_or_else(|| {
                 Error::Db(format!(
                     "directory entry {:?} names missing inode {}",
@@ -862,7 +870,7 @@ pub fn export_stack(
                     p.push(b'/');
                     append_entry(&mut b, &mut h, &p, None, pax, &mut std::io::empty())
                         .map_err(io)?;
-                    subdirs.push((path, d.ino));
+                    push_children(&mut todo, &path, d.ino)?;
                 }
                 Kind::File => {
                     h.set_entry_type(tar::EntryType::Regular);
@@ -915,8 +923,6 @@ pub fn export_stack(
                 Kind::Socket => {} // tar has no sockets
             }
         }
-        subdirs.reverse();
-        todo.extend(subdirs);
     }
     b.finish().map_err(io)?;
     Ok(done)
