@@ -65,7 +65,9 @@ impl Name {
     pub fn of(b: &[u8]) -> Name {
         match std::str::from_utf8(b) {
             Ok(s) => Name::Text(s.to_string()),
-            Err(_) => Name::Hex { hex: hex::encode(b) },
+            Err(_) => Name::Hex {
+                hex: hex::encode(b),
+            },
         }
     }
 
@@ -359,11 +361,19 @@ impl Repo {
                     ),
                 })
             }
-            Err(e) => return Err(Error::io(format!("reading {} (chunk of {user})", p.display()), e)),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("reading {} (chunk of {user})", p.display()),
+                    e,
+                ))
+            }
         };
         let data = zstd::stream::decode_all(z.as_slice()).map_err(|e| Error::Corrupt {
             id: *id,
-            why: format!("{} does not decompress ({e}; needed by {user})", p.display()),
+            why: format!(
+                "{} does not decompress ({e}; needed by {user})",
+                p.display()
+            ),
         })?;
         if ChunkId::of(&data) != *id {
             return Err(Error::Corrupt {
@@ -570,20 +580,22 @@ pub fn backup(
                 let off = meta::extent_offset(&k)?;
                 let x: Extent = meta::decode(meta::EXTENT_VERSION, "extent", &v)?;
                 if chunks.insert(x.chunk) && !repo.has_chunk(&x.chunk) {
-                    let data = store.chunks.read_verified(&x.chunk).map_err(|err| match err {
-                        Error::Corrupt { id, why } => Error::Corrupt {
-                            id,
-                            why: format!("{why} (in the store; used by {shown:?})"),
-                        },
-                        e => e,
-                    })?;
+                    let data = store
+                        .chunks
+                        .read_verified(&x.chunk)
+                        .map_err(|err| match err {
+                            Error::Corrupt { id, why } => Error::Corrupt {
+                                id,
+                                why: format!("{why} (in the store; used by {shown:?})"),
+                            },
+                            e => e,
+                        })?;
                     info.new_stored_bytes += repo.put_chunk(&x.chunk, &data, &mut dirs)?;
                     info.new_chunks += 1;
                     info.new_bytes += data.len() as u64;
                 }
                 info.bytes += x.len as u64;
-                e.extents
-                    .push((off, x.chunk.to_hex(), x.chunk_off, x.len));
+                e.extents.push((off, x.chunk.to_hex(), x.chunk_off, x.len));
                 progress(info.bytes, total);
             }
         }
@@ -737,8 +749,9 @@ pub fn restore(
             }
             let mut xattrs = Vec::new();
             for (n, v) in &e.xattrs {
-                let v = hex::decode(v)
-                    .map_err(|err| Error::Invalid(format!("manifest: {shown}: bad xattr: {err}")))?;
+                let v = hex::decode(v).map_err(|err| {
+                    Error::Invalid(format!("manifest: {shown}: bad xattr: {err}"))
+                })?;
                 xattrs.push((n.bytes()?, v));
             }
             let mut extents = Vec::new();
@@ -788,7 +801,10 @@ pub fn restore(
         Ok(t) => t,
         Err(e) => {
             if let Err(d) = image::discard_tree(store, tree) {
-                tracing::warn!("removing the partial tree {} of a failed restore: {d}", tree.0);
+                tracing::warn!(
+                    "removing the partial tree {} of a failed restore: {d}",
+                    tree.0
+                );
             }
             return Err(e);
         }
@@ -852,6 +868,10 @@ mod tests {
         let e = r.get_chunk(&id, "file x").unwrap_err().to_string();
         assert!(e.contains(&id.to_hex()) && e.contains("file x"), "{e}");
         std::fs::remove_file(r.chunk_path(&id)).unwrap();
-        assert!(r.get_chunk(&id, "f").unwrap_err().to_string().contains("missing"));
+        assert!(r
+            .get_chunk(&id, "f")
+            .unwrap_err()
+            .to_string()
+            .contains("missing"));
     }
 }

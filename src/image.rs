@@ -278,7 +278,10 @@ pub(crate) fn add_item(items: &mut Items, comps: Vec<Vec<u8>>, it: Item) -> Resu
     }
     if let Some(old) = items.get(&comps) {
         if !(old.rec.kind == Kind::Dir && it.rec.kind == Kind::Dir) {
-            return Err(Error::Invalid(format!("{:?} is listed twice", shown(&comps))));
+            return Err(Error::Invalid(format!(
+                "{:?} is listed twice",
+                shown(&comps)
+            )));
         }
     }
     items.insert(comps, it);
@@ -423,10 +426,7 @@ fn read_tar(
                         fastcdc::v2020::StreamCDC::new(&mut entry, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
                     {
                         let c = c.map_err(|e| {
-                            Error::Invalid(format!(
-                                "{what}: reading {:?}: {e}",
-                                shown(&raw_path)
-                            ))
+                            Error::Invalid(format!("{what}: reading {:?}: {e}", shown(&raw_path)))
                         })?;
                         if fidelity == Fidelity::Volume && c.data.iter().all(|b| *b == 0) {
                             off += c.length as u64; // a hole
@@ -617,7 +617,10 @@ pub fn import_volume_tree(store: &Store, input: &mut dyn Read, what: &str) -> Re
         .and_then(|_| w.finish_plain());
     if res.is_err() {
         if let Err(e) = discard_tree(store, tree) {
-            tracing::warn!("removing the partial tree {} of a failed import: {e}", tree.0);
+            tracing::warn!(
+                "removing the partial tree {} of a failed import: {e}",
+                tree.0
+            );
         }
     }
     res

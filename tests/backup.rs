@@ -31,19 +31,44 @@ fn set_xattr(p: &Path, name: &str, value: &[u8]) {
             0,
         )
     };
-    assert_eq!(rc, 0, "setxattr {name} on {}: {}", p.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "setxattr {name} on {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut buf = vec![0u8; 65536];
-    let n = unsafe { libc::llistxattr(c(p).as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
-    assert!(n >= 0, "listxattr {}: {}", p.display(), std::io::Error::last_os_error());
+    let n = unsafe {
+        libc::llistxattr(
+            c(p).as_ptr(),
+            buf.as_mut_ptr() as *mut libc::c_char,
+            buf.len(),
+        )
+    };
+    assert!(
+        n >= 0,
+        "listxattr {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
     let mut out = BTreeMap::new();
-    for name in buf[..n as usize].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+    for name in buf[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+    {
         let cn = CString::new(name).unwrap();
         let mut v = vec![0u8; 65536];
         let m = unsafe {
-            libc::lgetxattr(c(p).as_ptr(), cn.as_ptr(), v.as_mut_ptr() as *mut libc::c_void, v.len())
+            libc::lgetxattr(
+                c(p).as_ptr(),
+                cn.as_ptr(),
+                v.as_mut_ptr() as *mut libc::c_void,
+                v.len(),
+            )
         };
         assert!(m >= 0, "getxattr on {}", p.display());
         v.truncate(m as usize);
@@ -54,13 +79,30 @@ fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
 
 fn set_times(p: &Path, secs: i64, nsec: i64) {
     let ts = [
-        libc::timespec { tv_sec: secs, tv_nsec: nsec },
-        libc::timespec { tv_sec: secs, tv_nsec: nsec },
+        libc::timespec {
+            tv_sec: secs,
+            tv_nsec: nsec,
+        },
+        libc::timespec {
+            tv_sec: secs,
+            tv_nsec: nsec,
+        },
     ];
     let rc = unsafe {
-        libc::utimensat(libc::AT_FDCWD, c(p).as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c(p).as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
     };
-    assert_eq!(rc, 0, "utimensat {}: {}", p.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "utimensat {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 fn chown(p: &Path, uid: u32, gid: u32) {
@@ -129,7 +171,12 @@ fn walk(root: &Path) -> BTreeMap<String, String> {
     let md = fs::metadata(root).unwrap();
     out.insert(
         ".".into(),
-        format!("root mode {:o} owner {}:{}", md.mode() & 0o7777, md.uid(), md.gid()),
+        format!(
+            "root mode {:o} owner {}:{}",
+            md.mode() & 0o7777,
+            md.uid(),
+            md.gid()
+        ),
     );
     for (i, (_, mut group)) in links.into_iter().enumerate() {
         group.sort();
@@ -170,7 +217,11 @@ fn populate(m: &Path) {
     let rc = unsafe { libc::mkfifo(c(&m.join("fifo")).as_ptr(), 0o640) };
     assert_eq!(rc, 0, "mkfifo");
     let rc = unsafe {
-        libc::mknod(c(&m.join("null")).as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3))
+        libc::mknod(
+            c(&m.join("null")).as_ptr(),
+            libc::S_IFCHR | 0o666,
+            libc::makedev(1, 3),
+        )
     };
     assert_eq!(rc, 0, "mknod: {}", std::io::Error::last_os_error());
     set_xattr(&m.join("big"), "user.origin", b"test suite");
@@ -187,26 +238,54 @@ fn populate(m: &Path) {
     // Times last, deepest first (creating entries changes their directory's mtime).
     let mut n = 0;
     for p in [
-        "a/b/c/empty", "a/b/c", "a/b/small1", "a/b/small2", "a/b", "a/dangling", "a",
-        "big", "sparse", "link-rel", "hard1", "fifo", "null", "sticky",
+        "a/b/c/empty",
+        "a/b/c",
+        "a/b/small1",
+        "a/b/small2",
+        "a/b",
+        "a/dangling",
+        "a",
+        "big",
+        "sparse",
+        "link-rel",
+        "hard1",
+        "fifo",
+        "null",
+        "sticky",
     ] {
         n += 1;
-        set_times(&m.join(p), 1_600_000_000 + n * 1000, if n % 2 == 0 { 123_456_789 } else { 0 });
+        set_times(
+            &m.join(p),
+            1_600_000_000 + n * 1000,
+            if n % 2 == 0 { 123_456_789 } else { 0 },
+        );
     }
 }
 
 fn export(d: &Daemon, what: &str, to: &Path) {
-    let out = d.cli_sh(&format!("\"$VOLFS\" volume export {what} > '{}'", to.display()));
+    let out = d.cli_sh(&format!(
+        "\"$VOLFS\" volume export {what} > '{}'",
+        to.display()
+    ));
     assert!(out.success(), "export {what}: {out}\n{}", d.log());
-    assert!(out.stderr.is_empty(), "export printed on stderr in a script: {out}");
+    assert!(
+        out.stderr.is_empty(),
+        "export printed on stderr in a script: {out}"
+    );
 }
 
 fn import(d: &Daemon, name: &str, from: &Path) -> CmdOut {
-    d.cli_sh(&format!("\"$VOLFS\" volume import {name} < '{}'", from.display()))
+    d.cli_sh(&format!(
+        "\"$VOLFS\" volume import {name} < '{}'",
+        from.display()
+    ))
 }
 
 fn snapshots(d: &Daemon, vol: &str) -> Vec<Value> {
-    let v: Value = d.client().get(&format!("/v1/volumes/{vol}/snapshots")).unwrap();
+    let v: Value = d
+        .client()
+        .get(&format!("/v1/volumes/{vol}/snapshots"))
+        .unwrap();
     v.as_array().unwrap().clone()
 }
 
@@ -228,13 +307,32 @@ fn export_import_round_trip_and_gnu_tar() {
     assert_same_tree(&want, &walk(&dst), "export -> import");
     // Sparse stays sparse.
     let md = fs::metadata(dst.join("sparse")).unwrap();
-    assert!(md.blocks() * 512 < (1 << 20), "sparse file got {} blocks", md.blocks());
+    assert!(
+        md.blocks() * 512 < (1 << 20),
+        "sparse file got {} blocks",
+        md.blocks()
+    );
 
     // GNU tar reads it: a listing, and an extraction that matches the volume.
-    let list = std::process::Command::new("tar").arg("-tvf").arg(&tar).output().unwrap();
-    assert!(list.status.success(), "tar -tvf: {}", String::from_utf8_lossy(&list.stderr));
+    let list = std::process::Command::new("tar")
+        .arg("-tvf")
+        .arg(&tar)
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success(),
+        "tar -tvf: {}",
+        String::from_utf8_lossy(&list.stderr)
+    );
     let listing = String::from_utf8_lossy(&list.stdout);
-    for p in [" big\n", " a/b/c/empty\n", " fifo\n", " a/hard2 link to a/b/hard3", " hard1 link to a/b/hard3", " link-rel -> a/b/small1"] {
+    for p in [
+        " big\n",
+        " a/b/c/empty\n",
+        " fifo\n",
+        " a/hard2 link to a/b/hard3",
+        " hard1 link to a/b/hard3",
+        " link-rel -> a/b/small1",
+    ] {
         assert!(listing.contains(p), "tar -t misses {p}:\n{listing}");
     }
     assert!(
@@ -250,7 +348,11 @@ fn export_import_round_trip_and_gnu_tar() {
         .arg(&x)
         .output()
         .unwrap();
-    assert!(st.status.success(), "tar -x: {}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "tar -x: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     assert_same_tree(&want, &walk(&x), "export -> GNU tar -x");
 
     // A tarball made by GNU tar imports with the same fidelity.
@@ -263,7 +365,11 @@ fn export_import_round_trip_and_gnu_tar() {
         .arg(".")
         .output()
         .unwrap();
-    assert!(st.status.success(), "tar -c: {}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "tar -c: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let out = import(&d, "fromgnu", &gnu);
     assert!(out.success(), "import of GNU tar: {out}\n{}", d.log());
     let g = d.mount("fromgnu", false);
@@ -286,16 +392,31 @@ fn export_of_a_mounted_volume_in_use_is_a_consistent_point() {
     std::thread::sleep(Duration::from_millis(100));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = writer.join().unwrap().unwrap();
-    let out = std::process::Command::new("tar").arg("-xOf").arg(&tar).arg("log").output().unwrap();
-    assert!(out.status.success(), "tar -xO: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("tar")
+        .arg("-xOf")
+        .arg(&tar)
+        .arg("log")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tar -xO: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.ends_with('\n'), "the exported log ends mid-record");
     let n = text.lines().count() as u64;
     for (i, l) in text.lines().enumerate() {
         assert_eq!(l, format!("record {i}"), "line {i} of the exported log");
     }
-    assert!(n > 0 && n < acked, "exported {n} records of {acked}: not a point while writing");
-    assert!(snapshots(&d, "busy").is_empty(), "export left a snapshot behind");
+    assert!(
+        n > 0 && n < acked,
+        "exported {n} records of {acked}: not a point while writing"
+    );
+    assert!(
+        snapshots(&d, "busy").is_empty(),
+        "export left a snapshot behind"
+    );
 }
 
 fn repo_bytes(dir: &Path) -> u64 {
@@ -303,7 +424,11 @@ fn repo_bytes(dir: &Path) -> u64 {
     for e in fs::read_dir(dir).unwrap() {
         let e = e.unwrap();
         let md = e.metadata().unwrap();
-        total += if md.is_dir() { repo_bytes(&e.path()) } else { md.len() };
+        total += if md.is_dir() {
+            repo_bytes(&e.path())
+        } else {
+            md.len()
+        };
     }
     total
 }
@@ -332,13 +457,18 @@ fn backups_are_incremental_and_restore() {
     let size1 = repo_bytes(&repo);
 
     // Change 1 MiB in the middle of the 64 MiB file.
-    let mut f = OpenOptions::new().write(true).open(m.join("data64")).unwrap();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(m.join("data64"))
+        .unwrap();
     f.seek(SeekFrom::Start(30 << 20)).unwrap();
     f.write_all(&pseudo_random(MIB, 77)).unwrap();
     f.sync_all().unwrap();
     drop(f);
     let want2 = walk(&m);
-    let out = d.cli_ok(&["backup", "db", "--to", &repo_s, "--name", "second", "--json"]);
+    let out = d.cli_ok(&[
+        "backup", "db", "--to", &repo_s, "--name", "second", "--json",
+    ]);
     let b2: Value = out.json();
     let size2 = repo_bytes(&repo);
     let added = size2 - size1;
@@ -348,13 +478,24 @@ fn backups_are_incremental_and_restore() {
         b2["new_bytes"]
     );
     assert!(added < 4 * MIB as u64, "second backup added {added} bytes");
-    assert!(added >= MIB as u64 / 2, "second backup added only {added} bytes");
+    assert!(
+        added >= MIB as u64 / 2,
+        "second backup added only {added} bytes"
+    );
 
     let ls = d.cli_ok(&["backup", "ls", &repo_s, "--json"]).json();
-    let names: Vec<&str> = ls.as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["first", "second"]);
     let table = d.cli_ok(&["backup", "ls", &repo_s]).stdout;
-    assert!(table.contains("first") && table.contains("second") && table.contains("db"), "{table}");
+    assert!(
+        table.contains("first") && table.contains("second") && table.contains("db"),
+        "{table}"
+    );
 
     // Restores: the new state, and the old one.
     let out = d.cli_ok(&["restore", &repo_s, "second", "r2"]);
@@ -363,7 +504,11 @@ fn backups_are_incremental_and_restore() {
     assert_same_tree(&want2, &walk(&r2), "restore of the second backup");
     d.cli_ok(&["restore", &repo_s, "first", "r1"]);
     let r1 = d.mount("r1", false);
-    assert_eq!(file_hash(&r1.join("data64")), hash1, "the first backup's content");
+    assert_eq!(
+        file_hash(&r1.join("data64")),
+        hash1,
+        "the first backup's content"
+    );
     assert_same_tree(&want1, &walk(&r1), "restore of the first backup");
     // A restored volume is a normal, writable volume.
     fs::write(r1.join("new-file"), b"hello").unwrap();
@@ -371,9 +516,14 @@ fn backups_are_incremental_and_restore() {
 
     // A backup of a snapshot.
     d.cli_ok(&["snapshot", "create", "db", "--name", "s1"]);
-    let b3 = d.cli_ok(&["backup", "db@s1", "--to", &repo_s, "--json"]).json();
+    let b3 = d
+        .cli_ok(&["backup", "db@s1", "--to", &repo_s, "--json"])
+        .json();
     assert_eq!(b3["snapshot"], "s1");
-    assert_eq!(b3["new_chunks"], 0, "nothing changed since the last backup: {b3}");
+    assert_eq!(
+        b3["new_chunks"], 0,
+        "nothing changed since the last backup: {b3}"
+    );
 }
 
 #[test]
@@ -402,15 +552,30 @@ fn corrupt_chunks_and_bad_tarballs_leave_no_volume() {
     let out = d.cli(&["restore", &repo_s, "b", "restored"]);
     assert_eq!(out.code(), Some(1), "{out}");
     assert_eq!(out.stderr.lines().count(), 1, "{out}");
-    assert!(out.stderr.contains(&id), "error does not name chunk {id}: {out}");
-    assert!(out.stderr.contains("dir/precious"), "error does not name the file: {out}");
-    assert!(d.inspect("restored").is_err(), "a failed restore left a volume");
+    assert!(
+        out.stderr.contains(&id),
+        "error does not name chunk {id}: {out}"
+    );
+    assert!(
+        out.stderr.contains("dir/precious"),
+        "error does not name the file: {out}"
+    );
+    assert!(
+        d.inspect("restored").is_err(),
+        "a failed restore left a volume"
+    );
     // A missing chunk, likewise.
     fs::remove_file(victim).unwrap();
     let out = d.cli(&["restore", &repo_s, "b", "restored"]);
     assert_eq!(out.code(), Some(1), "{out}");
-    assert!(out.stderr.contains(&id) && out.stderr.contains("missing"), "{out}");
-    assert!(d.inspect("restored").is_err(), "a failed restore left a volume");
+    assert!(
+        out.stderr.contains(&id) && out.stderr.contains("missing"),
+        "{out}"
+    );
+    assert!(
+        d.inspect("restored").is_err(),
+        "a failed restore left a volume"
+    );
 
     // Bad tarballs: garbage, and a tarball cut off in the middle of a file.
     let garbage = d.root.join("garbage.tar");
@@ -419,7 +584,10 @@ fn corrupt_chunks_and_bad_tarballs_leave_no_volume() {
     assert_eq!(out.code(), Some(1), "{out}");
     assert_eq!(out.stderr.lines().count(), 1, "{out}");
     assert!(out.stderr.contains("not a valid tarball"), "{out}");
-    assert!(d.inspect("fromgarbage").is_err(), "a failed import left a volume");
+    assert!(
+        d.inspect("fromgarbage").is_err(),
+        "a failed import left a volume"
+    );
     let tar = d.root.join("v.tar");
     export(&d, "v", &tar);
     let whole = fs::read(&tar).unwrap();
@@ -428,7 +596,10 @@ fn corrupt_chunks_and_bad_tarballs_leave_no_volume() {
     let out = import(&d, "fromcut", &cut);
     assert_eq!(out.code(), Some(1), "{out}");
     assert!(out.stderr.contains("tarball"), "{out}");
-    assert!(d.inspect("fromcut").is_err(), "a failed import left a volume");
+    assert!(
+        d.inspect("fromcut").is_err(),
+        "a failed import left a volume"
+    );
     let empty = d.root.join("empty.tar");
     fs::write(&empty, b"").unwrap();
     let out = import(&d, "fromempty", &empty);
@@ -451,22 +622,54 @@ fn argument_errors_are_one_line() {
         assert!(out.stderr.starts_with("volfs: "), "{out}");
         assert!(out.stderr.contains(needle), "expected {needle:?}: {out}");
     };
-    one_line(&d.cli(&["backup", "v", "--to", "relative/repo"]), 1, "absolute");
+    one_line(
+        &d.cli(&["backup", "v", "--to", "relative/repo"]),
+        1,
+        "absolute",
+    );
     one_line(&d.cli(&["backup", "v"]), 2, "--to");
-    one_line(&d.cli(&["backup", "nosuch", "--to", &repo_s]), 1, "volume nosuch not found");
-    one_line(&d.cli(&["backup", "v@nosnap", "--to", &repo_s]), 1, "snapshot v@nosnap not found");
+    one_line(
+        &d.cli(&["backup", "nosuch", "--to", &repo_s]),
+        1,
+        "volume nosuch not found",
+    );
+    one_line(
+        &d.cli(&["backup", "v@nosnap", "--to", &repo_s]),
+        1,
+        "snapshot v@nosnap not found",
+    );
     d.cli_ok(&["backup", "v", "--to", &repo_s]);
-    one_line(&d.cli(&["restore", &repo_s, "nosuch", "new"]), 1, "backup nosuch");
+    one_line(
+        &d.cli(&["restore", &repo_s, "nosuch", "new"]),
+        1,
+        "backup nosuch",
+    );
     one_line(&d.cli(&["restore", "repo", "nosuch", "new"]), 1, "absolute");
     one_line(&d.cli(&["restore", &repo_s, "nosuch"]), 2, "VOLUME");
     let not_repo = d.fresh_dir("not-a-repo");
     fs::write(not_repo.join("file"), b"x").unwrap();
     let nr = not_repo.display().to_string();
-    one_line(&d.cli(&["backup", "ls", &nr]), 1, "not a volfs backup repository");
-    one_line(&d.cli(&["backup", "v", "--to", &nr]), 1, "not a volfs backup repository");
-    fs::write(repo.join("volfs-backup.json"), br#"{"format":"volfs-backup","version":9}"#).unwrap();
+    one_line(
+        &d.cli(&["backup", "ls", &nr]),
+        1,
+        "not a volfs backup repository",
+    );
+    one_line(
+        &d.cli(&["backup", "v", "--to", &nr]),
+        1,
+        "not a volfs backup repository",
+    );
+    fs::write(
+        repo.join("volfs-backup.json"),
+        br#"{"format":"volfs-backup","version":9}"#,
+    )
+    .unwrap();
     one_line(&d.cli(&["backup", "ls", &repo_s]), 1, "version 9");
-    one_line(&d.cli(&["volume", "export", "nosuch"]), 1, "volume nosuch not found");
+    one_line(
+        &d.cli(&["volume", "export", "nosuch"]),
+        1,
+        "volume nosuch not found",
+    );
     one_line(&d.cli(&["volume", "export", "v@nosnap"]), 1, "not found");
     let out = d.cli_sh("\"$VOLFS\" volume import v < /dev/null");
     one_line(&out, 1, "already exists");

@@ -373,7 +373,12 @@ impl Drop for SourceSnap {
 }
 
 impl SourceSnap {
-    fn take(d: &Arc<Daemon>, vol: &VolumeName, snap: Option<&str>, op: &str) -> volfs::Result<Self> {
+    fn take(
+        d: &Arc<Daemon>,
+        vol: &VolumeName,
+        snap: Option<&str>,
+        op: &str,
+    ) -> volfs::Result<Self> {
         let reg = d.mounts.registry();
         match snap {
             Some(s) => {
@@ -428,9 +433,9 @@ impl ChannelWriter {
             return Ok(());
         }
         let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(PIECE));
-        self.tx
-            .blocking_send(Ok(piece.into()))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away"))
+        self.tx.blocking_send(Ok(piece.into())).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })
     }
 }
 

@@ -832,9 +832,9 @@ fn volume_export(client: &Client, args: VolumeExportArgs, out: &mut dyn Write) -
     let r = VolumeRef::parse(&args.volume).map_err(invalid)?;
     let (vol, snap) = volfs::layer::split_ref(r.as_str()).map_err(invalid)?;
     let mut file = match &args.output {
-        Some(p) => Some(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-        ),
+        Some(p) => {
+            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
         None => {
             if io::stdout().is_terminal() {
                 bail!("refusing to write a tarball to a terminal: use -o FILE or redirect standard output");
