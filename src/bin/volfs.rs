@@ -1,6 +1,7 @@
 //! `volfs`: the command-line client of volfs. It asks `volfs-mountd` over the control API's
 //! unix socket (see [`volfs::api`]) to create, clone, list, inspect, roll back, remove and
-//! prune volumes, to take and list snapshots, to import and export image layers, to mount and
+//! prune volumes, to take and list snapshots, to import and export image layers and whole
+//! volumes, to back volumes up into backup repositories and restore them, to mount and
 //! unmount volumes and snapshots, to collect garbage, check the store and report its state. `volfs status` exits 1 when the daemon
 //! reports warnings, so it doubles as a health check.
 //!
