@@ -25,6 +25,11 @@
 //! | POST | /v1/fsck | [`FsckRequest`] | [`FsckReport`] |
 //! | POST | /v1/scrub | | [`ScrubReport`] |
 //! | POST | /v1/cache/drop | [`CacheDrop`] (optional) | [`CacheDropped`] |
+//! | GET | /v1/volumes/{name}/export?snapshot=S | | a tarball, chunked; header [`HEADER_TOTAL`] |
+//! | POST | /v1/volumes/{name}/import | a tarball (chunked or Content-Length) | [`VolumeInfo`] |
+//! | POST | /v1/backups | [`BackupRequest`] | NDJSON [`StreamLine`]`<BackupInfo>` |
+//! | POST | /v1/backups/list | [`BackupList`] | `[BackupInfo]` |
+//! | POST | /v1/restore | [`RestoreRequest`] | NDJSON [`StreamLine`]`<VolumeInfo>` |
 //!
 //! Volume clones are `POST /v1/volumes` with the option `from=VOLUME[@SNAPSHOT]`; a mount
 //! request's volume may be `VOLUME@SNAPSHOT` (read-only).
@@ -34,6 +39,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::backup::BackupInfo;
 pub use crate::fsck::ScrubReport;
 pub use crate::fsck::{FsckReport, Problem};
 pub use crate::gc::{DfReport, GcReport, VolumeUsage};
@@ -43,6 +49,46 @@ pub use crate::progress::ProgressView;
 pub const DEFAULT_SOCKET: &str = "/run/volfs/volfs.sock";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/volfs";
 pub const DEFAULT_RUN_DIR: &str = "/run/volfs";
+
+/// Header of an export answer: the bytes of file data the tarball will carry (for progress).
+pub const HEADER_TOTAL: &str = "x-volfs-total-bytes";
+
+/// Body of `POST /v1/backups`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupRequest {
+    /// `VOLUME` or `VOLUME@SNAPSHOT`.
+    pub volume: String,
+    /// Absolute path of the repository (created if missing or empty).
+    pub repo: String,
+    /// The backup's name (default `VOLUME-YYYYMMDDTHHMMSSZ`).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// Body of `POST /v1/backups/list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupList {
+    pub repo: String,
+}
+
+/// Body of `POST /v1/restore`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    pub repo: String,
+    pub backup: String,
+    /// The new volume.
+    pub volume: String,
+}
+
+/// One line of a long operation's answer (newline-delimited JSON): progress lines, then
+/// exactly one `done` or `error` line. A stream that ends without one failed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamLine<T> {
+    Progress { done: u64, total: u64 },
+    Done(T),
+    Error(String),
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -34,16 +34,16 @@ const OPAQUE: &[u8] = b".wh..wh..opq";
 const BATCH_OPS: usize = 10_000;
 
 /// Writes one new tree in batches.
-struct TreeWriter<'a> {
+pub(crate) struct TreeWriter<'a> {
     store: &'a Store,
-    tree: TreeId,
-    b: Batch,
+    pub(crate) tree: TreeId,
+    pub(crate) b: Batch,
     next_ino: u64,
-    bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 impl<'a> TreeWriter<'a> {
-    fn new(store: &'a Store) -> Result<Self> {
+    pub(crate) fn new(store: &'a Store) -> Result<Self> {
         Ok(TreeWriter {
             store,
             tree: TreeId(store.next_id("tree")?),
@@ -53,13 +53,13 @@ impl<'a> TreeWriter<'a> {
         })
     }
 
-    fn alloc(&mut self) -> u64 {
+    pub(crate) fn alloc(&mut self) -> u64 {
         let i = self.next_ino;
         self.next_ino += 1;
         i
     }
 
-    fn maybe_flush(&mut self) -> Result<()> {
+    pub(crate) fn maybe_flush(&mut self) -> Result<()> {
         if self.b.ops.len() >= BATCH_OPS {
             // The batch indexes chunks just put: their records must be in the OS first.
             self.store.chunks.flush()?;
@@ -70,7 +70,7 @@ impl<'a> TreeWriter<'a> {
         Ok(())
     }
 
-    fn inode(&mut self, ino: u64, rec: &InodeRecord) -> Result<()> {
+    pub(crate) fn inode(&mut self, ino: u64, rec: &InodeRecord) -> Result<()> {
         self.b.put(
             Cf::Inodes,
             meta::inode_key(self.tree, ino),
@@ -79,7 +79,7 @@ impl<'a> TreeWriter<'a> {
         self.maybe_flush()
     }
 
-    fn dirent(&mut self, parent: u64, name: &[u8], d: Dirent) -> Result<()> {
+    pub(crate) fn dirent(&mut self, parent: u64, name: &[u8], d: Dirent) -> Result<()> {
         self.b.put(
             Cf::Dirents,
             meta::dirent_key(self.tree, parent, name),
@@ -88,7 +88,7 @@ impl<'a> TreeWriter<'a> {
         self.maybe_flush()
     }
 
-    fn extent(&mut self, ino: u64, off: u64, e: &Extent) -> Result<()> {
+    pub(crate) fn extent(&mut self, ino: u64, off: u64, e: &Extent) -> Result<()> {
         self.b.put(
             Cf::Extents,
             meta::extent_key(self.tree, ino, off),
@@ -97,13 +97,25 @@ impl<'a> TreeWriter<'a> {
         self.maybe_flush()
     }
 
-    fn xattr(&mut self, ino: u64, name: &[u8], value: &[u8]) -> Result<()> {
+    pub(crate) fn xattr(&mut self, ino: u64, name: &[u8], value: &[u8]) -> Result<()> {
         self.b.put(
             Cf::Xattrs,
             meta::xattr_key(self.tree, ino, name),
             value.to_vec(),
         );
         self.maybe_flush()
+    }
+
+    /// Writes the rest (synced, after the chunks) without a tree record: the tree of a new
+    /// volume's top.
+    pub(crate) fn finish_plain(mut self) -> Result<NewTree> {
+        self.store.chunks.sync()?;
+        self.store.engine.write(std::mem::take(&mut self.b), true)?;
+        Ok(NewTree {
+            tree: self.tree,
+            ino_hw: self.next_ino,
+            bytes: self.bytes,
+        })
     }
 
     /// Writes the rest and the tree record; seals the tree and returns its layer id. A tree
@@ -150,7 +162,7 @@ impl<'a> TreeWriter<'a> {
 }
 
 /// Splits a tar path into clean components; refuses `..` and empty results stay root.
-fn components(path: &[u8]) -> Result<Vec<Vec<u8>>> {
+pub(crate) fn components(path: &[u8]) -> Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     for c in path.split(|b| *b == b'/') {
         match c {
@@ -195,36 +207,27 @@ fn record_of(h: &tar::Header, kind: Kind, path: &str) -> Result<InodeRecord> {
 
 /// A directory the tarball does not list (a parent of a listed path), or the root when it is
 /// not listed: fixed attributes, so that the layer id depends only on the tarball's content.
-fn implicit_dir() -> InodeRecord {
+pub(crate) fn implicit_dir() -> InodeRecord {
     let mut rec = InodeRecord::new(Kind::Dir, 0o755, 0, 0);
     let t = Ts::default();
     (rec.atime, rec.mtime, rec.ctime, rec.btime) = (t, t, t, t);
     rec
 }
 
-/// One path of a tarball being imported.
-struct Item {
-    rec: InodeRecord,
-    extents: Vec<(u64, Extent)>,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+/// One path of a tarball (or a backup manifest) being imported.
+pub(crate) struct Item {
+    pub(crate) rec: InodeRecord,
+    pub(crate) extents: Vec<(u64, Extent)>,
+    pub(crate) xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// A hard link: the path whose inode this is.
-    link_to: Option<Vec<Vec<u8>>>,
+    pub(crate) link_to: Option<Vec<Vec<u8>>>,
 }
 
-/// Imports a layer tarball (plain tar; Docker's `docker save` layers and OCI layer blobs
-/// after decompression). Returns the layer id and whether the layer is new to the store.
-///
-/// Inode numbers are assigned in path order after the whole tarball is read, and implicit
-/// directories get fixed attributes, so the same content gives the same layer id whatever
-/// the order of the tarball's entries.
-pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
-    let f = std::fs::File::open(path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    let mut ar = tar::Archive::new(std::io::BufReader::new(f));
-    // Chunks put from here on are referenced only once the tree is written.
-    let _gc = store.chunks.writer();
-    let mut w = TreeWriter::new(store)?;
-    let mut items: BTreeMap<Vec<Vec<u8>>, Item> = BTreeMap::new();
+pub(crate) type Items = BTreeMap<Vec<Vec<u8>>, Item>;
+
+/// The implicit root an import starts from.
+pub(crate) fn new_items() -> Items {
+    let mut items = BTreeMap::new();
     items.insert(
         Vec::new(),
         Item {
@@ -234,12 +237,114 @@ pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
             link_to: None,
         },
     );
-    let bad = |e: std::io::Error| {
-        Error::Invalid(format!("{} is not a valid tarball: {e}", path.display()))
+    items
+}
+
+/// Adds one path to `items`: creates the parents it does not list as plain directories,
+/// refuses a path listed twice (except directories) and a parent that is not a directory.
+/// A path with no components replaces the root's attributes.
+pub(crate) fn add_item(items: &mut Items, comps: Vec<Vec<u8>>, it: Item) -> Result<()> {
+    let shown = |c: &[Vec<u8>]| String::from_utf8_lossy(&c.join(&b'/')).into_owned();
+    for i in 0..comps.len() {
+        match items.get(&comps[..i]) {
+            Some(p) if p.rec.kind == Kind::Dir && p.link_to.is_none() => {}
+            Some(_) => {
+                return Err(Error::Invalid(format!(
+                    "entry {:?}: a parent is not a directory",
+                    shown(&comps)
+                )))
+            }
+            None => {
+                items.insert(
+                    comps[..i].to_vec(),
+                    Item {
+                        rec: implicit_dir(),
+                        extents: Vec::new(),
+                        xattrs: Vec::new(),
+                        link_to: None,
+                    },
+                );
+            }
+        }
+    }
+    if comps.is_empty() {
+        if it.rec.kind == Kind::Dir {
+            if let Some(r) = items.get_mut(&comps) {
+                r.rec = it.rec;
+                r.xattrs = it.xattrs;
+            }
+        }
+        return Ok(());
+    }
+    if let Some(old) = items.get(&comps) {
+        if !(old.rec.kind == Kind::Dir && it.rec.kind == Kind::Dir) {
+            return Err(Error::Invalid(format!(
+                "{:?} is listed twice",
+                shown(&comps)
+            )));
+        }
+    }
+    items.insert(comps, it);
+    Ok(())
+}
+
+/// What an import keeps of a tarball beyond what a layer needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fidelity {
+    /// Image layers: whole seconds; zeros stored as data (layer ids depend on it).
+    Layer,
+    /// Volumes: PAX sub-second mtimes and large uid/gid; all-zero chunks become holes, so
+    /// sparse files stay sparse.
+    Volume,
+}
+
+/// PAX `mtime` (`SECS[.FRACTION]`, possibly negative) as a timestamp.
+fn pax_time(v: &[u8]) -> Option<Ts> {
+    let s = std::str::from_utf8(v).ok()?.trim();
+    let (neg, s) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s),
     };
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: i64 = secs.parse().ok()?;
+    let mut digits: String = frac.chars().take(9).collect();
+    if !digits.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    while digits.len() < 9 {
+        digits.push('0');
+    }
+    let nsec: u32 = digits.parse().ok()?;
+    Some(match (neg, nsec) {
+        (false, n) => Ts { secs, nsec: n },
+        (true, 0) => Ts {
+            secs: -secs,
+            nsec: 0,
+        },
+        (true, n) => Ts {
+            secs: -secs - 1,
+            nsec: 1_000_000_000 - n,
+        },
+    })
+}
+
+/// Reads a tarball into `items`, storing file data as chunks (indexed in `w`'s batch).
+/// `what` names the tarball in errors; `counted` is told how many bytes have been read.
+fn read_tar(
+    store: &Store,
+    w: &mut TreeWriter<'_>,
+    input: &mut dyn Read,
+    what: &str,
+    fidelity: Fidelity,
+) -> Result<Items> {
+    let mut ar = tar::Archive::new(input);
+    let mut items = new_items();
+    let bad = |e: std::io::Error| Error::Invalid(format!("{what} is not a valid tarball: {e}"));
     let shown = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
+    let mut any = false;
     for entry in ar.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
+        any = true;
         let raw_path = entry.path_bytes().to_vec();
         let comps = components(&raw_path)?;
         let h = entry.header().clone();
@@ -253,40 +358,44 @@ pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
             tar::EntryType::Char => Kind::CharDev,
             tar::EntryType::Block => Kind::BlockDev,
             tar::EntryType::Fifo => Kind::Fifo,
-            _ => continue, // PAX/GNU headers are read by `tar`; others carry no file.
+            tar::EntryType::XGlobalHeader
+            | tar::EntryType::XHeader
+            | tar::EntryType::GNULongName
+            | tar::EntryType::GNULongLink => continue,
+            _ if fidelity == Fidelity::Layer => continue, // carries no file
+            other => {
+                return Err(Error::Invalid(format!(
+                    "{what}: entry {:?} has a type volfs cannot store ({other:?})",
+                    shown(&raw_path)
+                )))
+            }
         };
+        let mut rec = record_of(&h, kind, &shown(&raw_path))?;
         let mut xattrs = Vec::new();
         if let Ok(Some(pax)) = entry.pax_extensions() {
             for ext in pax.flatten() {
-                if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+                let key = ext.key_bytes();
+                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
                     xattrs.push((name.to_vec(), ext.value_bytes().to_vec()));
+                } else if fidelity == Fidelity::Volume {
+                    let num = || {
+                        std::str::from_utf8(ext.value_bytes())
+                            .ok()
+                            .and_then(|v| v.trim().parse::<u32>().ok())
+                    };
+                    match key {
+                        b"mtime" => {
+                            if let Some(t) = pax_time(ext.value_bytes()) {
+                                (rec.atime, rec.mtime, rec.ctime, rec.btime) = (t, t, t, t);
+                            }
+                        }
+                        b"uid" => rec.uid = num().unwrap_or(rec.uid),
+                        b"gid" => rec.gid = num().unwrap_or(rec.gid),
+                        _ => {}
+                    }
                 }
             }
         }
-        // Parents the tarball did not list are plain directories.
-        for i in 0..comps.len() {
-            match items.get(&comps[..i]) {
-                Some(it) if it.rec.kind == Kind::Dir && it.link_to.is_none() => {}
-                Some(_) => {
-                    return Err(Error::Invalid(format!(
-                        "tarball entry {:?}: a parent is not a directory",
-                        shown(&raw_path)
-                    )))
-                }
-                None => {
-                    items.insert(
-                        comps[..i].to_vec(),
-                        Item {
-                            rec: implicit_dir(),
-                            extents: Vec::new(),
-                            xattrs: Vec::new(),
-                            link_to: None,
-                        },
-                    );
-                }
-            }
-        }
-        let mut rec = record_of(&h, kind, &shown(&raw_path))?;
         let mut item_extents = Vec::new();
         let mut link_to = None;
         match ty {
@@ -302,7 +411,7 @@ pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
                     }
                     _ => {
                         return Err(Error::Invalid(format!(
-                            "tarball hard link {:?} points at {:?}, which is not a file listed before it",
+                            "{what}: hard link {:?} points at {:?}, which is not a file listed before it",
                             shown(&raw_path),
                             shown(&target)
                         )))
@@ -312,15 +421,17 @@ pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
             _ => match kind {
                 Kind::File => {
                     let mut off = 0u64;
+                    let mut alloc = 0u64;
                     for c in
                         fastcdc::v2020::StreamCDC::new(&mut entry, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
                     {
                         let c = c.map_err(|e| {
-                            Error::Invalid(format!(
-                                "reading {:?} from the tarball: {e}",
-                                shown(&raw_path)
-                            ))
+                            Error::Invalid(format!("{what}: reading {:?}: {e}", shown(&raw_path)))
                         })?;
+                        if fidelity == Fidelity::Volume && c.data.iter().all(|b| *b == 0) {
+                            off += c.length as u64; // a hole
+                            continue;
+                        }
                         let (id, loc) = store.chunks.put(&c.data)?;
                         if let Some(loc) = loc {
                             crate::chunk::ChunkStore::index(&mut w.b, &id, &loc);
@@ -334,10 +445,11 @@ pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
                             },
                         ));
                         off += c.length as u64;
+                        alloc += c.length as u64;
                     }
                     w.maybe_flush()?;
                     rec.size = off;
-                    rec.alloc = off;
+                    rec.alloc = alloc;
                 }
                 Kind::Symlink => {
                     rec.target = entry
@@ -350,7 +462,7 @@ pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
                     let dev = |v: std::io::Result<Option<u32>>| {
                         v.map(|n| n.unwrap_or(0)).map_err(|e| {
                             Error::Invalid(format!(
-                                "tarball entry {:?}: bad device number: {e}",
+                                "{what}: entry {:?}: bad device number: {e}",
                                 shown(&raw_path)
                             ))
                         })
@@ -362,24 +474,8 @@ pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
                 _ => {}
             },
         }
-        if comps.is_empty() {
-            // The root's own attributes.
-            if kind == Kind::Dir {
-                if let Some(r) = items.get_mut(&comps) {
-                    r.rec = rec;
-                }
-            }
-            continue;
-        }
-        if let Some(old) = items.get(&comps) {
-            if !(old.rec.kind == Kind::Dir && kind == Kind::Dir) {
-                return Err(Error::Invalid(format!(
-                    "tarball lists {:?} twice",
-                    shown(&raw_path)
-                )));
-            }
-        }
-        items.insert(
+        add_item(
+            &mut items,
             comps,
             Item {
                 rec,
@@ -387,37 +483,55 @@ pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
                 xattrs,
                 link_to,
             },
-        );
+        )
+        .map_err(|e| match e {
+            Error::Invalid(m) => Error::Invalid(format!("{what}: {m}")),
+            e => e,
+        })?;
     }
-    // Number the inodes in path order; hard links share their target's.
+    if !any && fidelity == Fidelity::Volume {
+        return Err(Error::Invalid(format!("{what} is empty (no tar entries)")));
+    }
+    Ok(items)
+}
+
+/// Numbers the inodes of `items` in path order (hard links share their target's) and writes
+/// records, directory entries, extents and xattrs into `w`'s tree.
+pub(crate) fn write_items(w: &mut TreeWriter<'_>, items: &Items) -> Result<()> {
     let mut inos: BTreeMap<Vec<Vec<u8>>, u64> = BTreeMap::new();
     let mut nlink: BTreeMap<u64, u32> = BTreeMap::new();
     for (p, _) in items.iter().filter(|(_, it)| it.link_to.is_none()) {
         let ino = if p.is_empty() { ROOT_INO } else { w.alloc() };
         inos.insert(p.clone(), ino);
     }
-    for (p, it) in &items {
+    let lookup = |inos: &BTreeMap<Vec<Vec<u8>>, u64>, p: &[Vec<u8>]| {
+        inos.get(p).copied().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{:?} has no inode (a hard link to a path that is not listed?)",
+                String::from_utf8_lossy(&p.join(&b'/'))
+            ))
+        })
+    };
+    for (p, it) in items {
         let ino = match &it.link_to {
-            Some(t) => inos.get(t).copied().ok_or_else(|| {
-                Error::Invalid(format!("tarball hard link {:?} has no target", p))
-            })?,
-            None => inos[p],
+            Some(t) => lookup(&inos, t)?,
+            None => lookup(&inos, p)?,
         };
         inos.insert(p.clone(), ino);
         if it.rec.kind == Kind::Dir {
             if let Some((_, parent)) = p.split_last() {
-                *nlink.entry(inos[parent]).or_insert(2) += 1;
+                *nlink.entry(lookup(&inos, parent)?).or_insert(2) += 1;
             }
             nlink.entry(ino).or_insert(2);
         } else {
             *nlink.entry(ino).or_insert(0) += 1;
         }
     }
-    for (p, it) in &items {
-        let ino = inos[p];
+    for (p, it) in items {
+        let ino = lookup(&inos, p)?;
         if let Some((name, parent)) = p.split_last() {
             w.dirent(
-                inos[parent],
+                lookup(&inos, parent)?,
                 name,
                 Dirent {
                     ino,
@@ -438,9 +552,33 @@ pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
             w.xattr(ino, n, v)?;
         }
         if rec.kind == Kind::File {
-            w.bytes += rec.size;
+            w.bytes += rec.alloc;
         }
     }
+    Ok(())
+}
+
+/// Imports a layer tarball (plain tar; Docker's `docker save` layers and OCI layer blobs
+/// after decompression). Returns the layer id and whether the layer is new to the store.
+///
+/// Inode numbers are assigned in path order after the whole tarball is read, and implicit
+/// directories get fixed attributes, so the same content gives the same layer id whatever
+/// the order of the tarball's entries.
+pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let mut input = std::io::BufReader::new(f);
+    // Chunks put from here on are referenced only once the tree is written.
+    let _gc = store.chunks.writer();
+    let mut w = TreeWriter::new(store)?;
+    let items = read_tar(
+        store,
+        &mut w,
+        &mut input,
+        &path.display().to_string(),
+        Fidelity::Layer,
+    )?;
+    write_items(&mut w, &items)?;
     let origin = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -448,6 +586,44 @@ pub fn import(store: &Store, path: &Path) -> Result<(LayerId, bool)> {
     let (id, _, new) = w.finish(TreeKind::Import, origin)?;
     tracing::info!(layer = %id, new, "layer imported from {}", path.display());
     Ok((id, new))
+}
+
+/// A tree written for a new volume's top (no tree record: a volume's top has none).
+#[derive(Clone, Copy, Debug)]
+pub struct NewTree {
+    pub tree: TreeId,
+    /// The next free inode number.
+    pub ino_hw: u64,
+    /// Bytes covered by extents (the volume's used bytes).
+    pub bytes: u64,
+}
+
+/// Deletes the keys of a tree that was never made part of a volume (a failed import).
+pub fn discard_tree(store: &Store, t: TreeId) -> Result<()> {
+    let mut b = Batch::new();
+    layer::delete_tree(&*store.engine, &mut b, t)?;
+    store.engine.write(b, false)
+}
+
+/// Imports a whole-volume tarball (GNU tar, PAX, `volfs volume export`) as a new tree, with
+/// PAX sub-second mtimes, xattrs, hard links and holes for all-zero chunks. The caller holds
+/// the chunk store's gc gate ([`crate::chunk::ChunkStore::writer`]) until the tree is part of
+/// a volume. On error the partial tree is deleted again.
+pub fn import_volume_tree(store: &Store, input: &mut dyn Read, what: &str) -> Result<NewTree> {
+    let mut w = TreeWriter::new(store)?;
+    let tree = w.tree;
+    let res = read_tar(store, &mut w, input, what, Fidelity::Volume)
+        .and_then(|items| write_items(&mut w, &items))
+        .and_then(|_| w.finish_plain());
+    if res.is_err() {
+        if let Err(e) = discard_tree(store, tree) {
+            tracing::warn!(
+                "removing the partial tree {} of a failed import: {e}",
+                tree.0
+            );
+        }
+    }
+    res
 }
 
 fn read_inode(engine: &dyn Engine, t: TreeId, ino: u64) -> Result<InodeRecord> {
@@ -542,46 +718,148 @@ fn extents_of(engine: &dyn Engine, t: TreeId, ino: u64) -> Result<Vec<(u64, Exte
 pub fn export(store: &Store, id: &LayerId, out: &mut dyn Write) -> Result<()> {
     let engine = &*store.engine;
     let t = layer::layer_tree(engine, id)?.ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+    let stack = layer::Stack {
+        top: t,
+        lower: Vec::new(),
+    };
+    export_stack(store, &stack, false, out, &mut |_| {}).map(|_| ())
+}
+
+/// Appends one entry to a ustar/PAX archive: the name and link target go into the header when
+/// they fit (100 bytes), else into PAX `path`/`linkpath` records, with `pax` (xattrs, mtime).
+fn append_entry(
+    b: &mut tar::Builder<&mut dyn Write>,
+    h: &mut tar::Header,
+    path: &[u8],
+    link: Option<&[u8]>,
+    mut pax: Vec<(String, Vec<u8>)>,
+    data: &mut dyn Read,
+) -> std::io::Result<()> {
+    let old = h.as_old_mut();
+    if path.len() <= old.name.len() {
+        old.name[..path.len()].copy_from_slice(path);
+    } else {
+        old.name.copy_from_slice(&path[..100]);
+        pax.push(("path".into(), path.to_vec()));
+    }
+    if let Some(link) = link {
+        if link.len() <= old.linkname.len() {
+            old.linkname[..link.len()].copy_from_slice(link);
+        } else {
+            old.linkname.copy_from_slice(&link[..100]);
+            pax.push(("linkpath".into(), link.to_vec()));
+        }
+    }
+    if !pax.is_empty() {
+        b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+    }
+    h.set_cksum();
+    b.append(h, data)
+}
+
+/// An inode's xattrs as PAX `SCHILY.xattr.NAME` records.
+fn xattr_records(engine: &dyn Engine, t: TreeId, ino: u64) -> Result<Vec<(String, Vec<u8>)>> {
+    Ok(engine
+        .scan_prefix(Cf::Xattrs, &meta::inode_key(t, ino))?
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                format!("SCHILY.xattr.{}", String::from_utf8_lossy(&k[16..])),
+                v,
+            )
+        })
+        .collect())
+}
+
+/// A PAX `mtime` record when the mtime has a fraction of a second.
+fn mtime_record(rec: &InodeRecord) -> Option<(String, Vec<u8>)> {
+    (rec.mtime.nsec != 0 && rec.mtime.secs >= 0).then(|| {
+        (
+            "mtime".into(),
+            format!("{}.{:09}", rec.mtime.secs, rec.mtime.nsec).into_bytes(),
+        )
+    })
+}
+
+/// Writes the merged view of `stack` (a volume's or snapshot's trees, or one layer's tree) as
+/// a POSIX (ustar + PAX) tarball, depth first in name order: regular files with their data
+/// (holes as zeros), directories, symlinks, hard links as tar links, fifos and devices, with
+/// mode, uid/gid, mtime (PAX `mtime` when it has a fraction) and xattrs as PAX
+/// `SCHILY.xattr.*`. Sockets are skipped (tar has no sockets). With `root`, the root
+/// directory's own attributes come first as `./` (volume exports; layers have none).
+/// `counted` is told the file bytes written so far. Returns the number of file bytes written.
+pub fn export_stack(
+    store: &Store,
+    stack: &layer::Stack,
+    root: bool,
+    out: &mut dyn Write,
+    counted: &mut dyn FnMut(u64),
+) -> Result<u64> {
+    let engine = &*store.engine;
     let mut b = tar::Builder::new(out);
     let mut seen: HashMap<u64, Vec<u8>> = HashMap::new();
-    let io = |e: std::io::Error| Error::io("writing the layer tarball", e);
-    // Depth-first, in name order.
-    let mut stack: Vec<(Vec<u8>, u64)> = vec![(Vec::new(), ROOT_INO)];
-    while let Some((dir_path, dir)) = stack.pop() {
-        let mut subdirs = Vec::new();
-        for (name, d) in children(engine, t, dir)? {
-            let mut path = dir_path.clone();
+    let io = |e: std::io::Error| Error::io("writing the tarball", e);
+    let mut done = 0u64;
+    if root {
+        let (t, rec) = stack
+            .inode(engine, ROOT_INO)?
+            .ok_or_else(|| Error::Db("the volume has no root directory".into()))?;
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(rec.perm);
+        h.set_uid(rec.uid as u64);
+        h.set_gid(rec.gid as u64);
+        h.set_mtime(rec.mtime.secs.max(0) as u64);
+        h.set_size(0);
+        let mut pax = xattr_records(engine, t, ROOT_INO)?;
+        pax.extend(mtime_record(&rec));
+        append_entry(&mut b, &mut h, b"./", None, pax, &mut std::io::empty()).map_err(io)?;
+    }
+    // Depth-first (each directory's contents right after it, as tar(1) writes them: GNU tar
+    // restores a directory's mtime once the archive has left it), in name order.
+    let push_children = |todo: &mut Vec<(Vec<u8>, Dirent)>, dir_path: &[u8], dir: u64| {
+        let list = stack.list(engine, dir, usize::MAX)?;
+        for (name, d) in list.into_iter().rev() {
+            let mut path = dir_path.to_vec();
             if !path.is_empty() {
                 path.push(b'/');
             }
             path.extend_from_slice(&name);
-            let rec = read_inode(engine, t, d.ino)?;
-            let mut h = tar::Header::new_gnu();
+            todo.push((path, d));
+        }
+        Ok::<(), Error>(())
+    };
+    let mut todo: Vec<(Vec<u8>, Dirent)> = Vec::new();
+    push_children(&mut todo, b"", ROOT_INO)?;
+    {
+        while let Some((path, d)) = todo.pop() {
+            let (t, rec) = stack.inode(engine, d.ino)?.ok_or_else(|| {
+                Error::Db(format!(
+                    "directory entry {:?} names missing inode {}",
+                    String::from_utf8_lossy(&path),
+                    d.ino
+                ))
+            })?;
+            let mut h = tar::Header::new_ustar();
             h.set_mode(rec.perm);
             h.set_uid(rec.uid as u64);
             h.set_gid(rec.gid as u64);
             h.set_mtime(rec.mtime.secs.max(0) as u64);
             h.set_size(0);
-            let xattrs = engine.scan_prefix(Cf::Xattrs, &meta::inode_key(t, d.ino))?;
-            if !xattrs.is_empty() {
-                let pax: Vec<(String, Vec<u8>)> = xattrs
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            format!("SCHILY.xattr.{}", String::from_utf8_lossy(&k[16..])),
-                            v.clone(),
-                        )
-                    })
-                    .collect();
-                b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-                    .map_err(io)?;
-            }
-            let p = String::from_utf8_lossy(&path).into_owned();
+            let mut pax = xattr_records(engine, t, d.ino)?;
+            pax.extend(mtime_record(&rec));
             if rec.kind != Kind::Dir {
                 if let Some(first) = seen.get(&d.ino) {
                     h.set_entry_type(tar::EntryType::Link);
-                    h.set_link_name_literal(first).map_err(io)?;
-                    b.append_data(&mut h, &p, std::io::empty()).map_err(io)?;
+                    append_entry(
+                        &mut b,
+                        &mut h,
+                        &path,
+                        Some(first),
+                        Vec::new(),
+                        &mut std::io::empty(),
+                    )
+                    .map_err(io)?;
                     continue;
                 }
                 if rec.nlink > 1 {
@@ -591,14 +869,16 @@ pub fn export(store: &Store, id: &LayerId, out: &mut dyn Write) -> Result<()> {
             match rec.kind {
                 Kind::Dir => {
                     h.set_entry_type(tar::EntryType::Directory);
-                    b.append_data(&mut h, format!("{p}/"), std::io::empty())
+                    let mut p = path.clone();
+                    p.push(b'/');
+                    append_entry(&mut b, &mut h, &p, None, pax, &mut std::io::empty())
                         .map_err(io)?;
-                    subdirs.push((path, d.ino));
+                    push_children(&mut todo, &path, d.ino)?;
                 }
                 Kind::File => {
                     h.set_entry_type(tar::EntryType::Regular);
                     h.set_size(rec.size);
-                    let r = FileReader {
+                    let mut r = FileReader {
                         store,
                         extents: extents_of(engine, t, d.ino)?,
                         size: rec.size,
@@ -606,17 +886,32 @@ pub fn export(store: &Store, id: &LayerId, out: &mut dyn Write) -> Result<()> {
                         buf: Vec::new(),
                         buf_at: 0,
                     };
-                    b.append_data(&mut h, &p, r).map_err(io)?;
+                    append_entry(&mut b, &mut h, &path, None, pax, &mut r).map_err(|e| {
+                        // A chunk that fails verification surfaces here: name the file.
+                        Error::io(
+                            format!(
+                                "exporting {:?}",
+                                String::from_utf8_lossy(&path).into_owned()
+                            ),
+                            e,
+                        )
+                    })?;
+                    done += rec.size;
+                    counted(done);
                 }
                 Kind::Symlink => {
                     h.set_entry_type(tar::EntryType::Symlink);
-                    h.set_link_name_literal(&rec.target).map_err(io)?;
-                    b.append_data(&mut h, &p, std::io::empty()).map_err(io)?;
+                    append_entry(
+                        &mut b,
+                        &mut h,
+                        &path,
+                        Some(&rec.target),
+                        pax,
+                        &mut std::io::empty(),
+                    )
+                    .map_err(io)?;
                 }
-                Kind::Fifo | Kind::CharDev | Kind::BlockDev | Kind::Socket => {
-                    if rec.kind == Kind::Socket {
-                        continue; // tar has no sockets
-                    }
+                Kind::Fifo | Kind::CharDev | Kind::BlockDev => {
                     h.set_entry_type(match rec.kind {
                         Kind::Fifo => tar::EntryType::Fifo,
                         Kind::CharDev => tar::EntryType::Char,
@@ -625,15 +920,15 @@ pub fn export(store: &Store, id: &LayerId, out: &mut dyn Write) -> Result<()> {
                     let dev = rec.rdev as libc::dev_t;
                     h.set_device_major(libc::major(dev)).map_err(io)?;
                     h.set_device_minor(libc::minor(dev)).map_err(io)?;
-                    b.append_data(&mut h, &p, std::io::empty()).map_err(io)?;
+                    append_entry(&mut b, &mut h, &path, None, pax, &mut std::io::empty())
+                        .map_err(io)?;
                 }
+                Kind::Socket => {} // tar has no sockets
             }
         }
-        subdirs.reverse();
-        stack.extend(subdirs);
     }
     b.finish().map_err(io)?;
-    Ok(())
+    Ok(done)
 }
 
 /// One path of a merged image: where its inode comes from.
@@ -843,4 +1138,19 @@ pub fn remove(store: &Store, id: &LayerId) -> Result<()> {
     let mut b = Batch::new();
     b.delete(Cf::Layers, id.0.to_vec());
     engine.write(b, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_times_parse() {
+        let t = |s: &str| pax_time(s.as_bytes()).map(|t| (t.secs, t.nsec));
+        assert_eq!(t("1700000000"), Some((1_700_000_000, 0)));
+        assert_eq!(t("1700000000.5"), Some((1_700_000_000, 500_000_000)));
+        assert_eq!(t("12.0000000019"), Some((12, 1)));
+        assert_eq!(t("-1.25"), Some((-2, 750_000_000)));
+        assert_eq!(t("x"), None);
+    }
 }

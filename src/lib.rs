@@ -8,6 +8,8 @@
 //! - [`meta`]: the versioned records kept in `db` (inodes, directory entries, extents, volumes).
 //! - [`layer`]: trees, layers and snapshots; overlay lookups through a volume's stack.
 //! - [`image`]: image layer tarballs: import, export, and merging a stack of them.
+//! - [`backup`]: backup repositories (incremental, deduplicated backups and restores) and
+//!   new volumes from imported trees (`volume import`, `restore`).
 //! - [`volume`]: the volume registry (create, clone, snapshot, rollback, list, remove).
 //! - [`fs`]: the POSIX filesystem of one volume, used by the FUSE adapter in `volfs-mountd`.
 //! - [`writelog`]: acknowledged, uncommitted writes, kept outside the serving process so
@@ -18,6 +20,7 @@
 //!
 //! The library never imports FUSE; `volfs-mountd` adapts [`fs::VolumeFs`] to the kernel.
 pub mod api;
+pub mod backup;
 pub mod chunk;
 pub mod chunker;
 pub mod client;

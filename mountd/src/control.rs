@@ -147,7 +147,13 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/fsck", post(fsck))
         .route("/v1/scrub", post(scrub))
         .route("/v1/cache/drop", post(drop_cache))
+        .route("/v1/volumes/{name}/export", get(export_volume))
+        .route("/v1/backups", post(backup))
+        .route("/v1/backups/list", post(list_backups))
+        .route("/v1/restore", post(restore))
         .layer(axum::middleware::from_fn(log_errors))
+        // A streamed tarball: not buffered by `log_errors` (the handler logs its errors).
+        .route("/v1/volumes/{name}/import", post(import_volume))
         .with_state(d)
 }
 
@@ -344,6 +350,353 @@ async fn export_layer(
     })
     .await?;
     Ok(Json(serde_json::json!({})))
+}
+
+/// The snapshot an export or backup reads: the one named, or a temporary one taken now (a
+/// consistent point of a mounted volume, through the same freeze as `snapshot create`) and
+/// removed when this is dropped, whatever happened meanwhile.
+struct SourceSnap {
+    d: Arc<Daemon>,
+    vol: VolumeName,
+    snap: volfs::layer::SnapshotRecord,
+    temp: Option<String>,
+}
+
+impl Drop for SourceSnap {
+    fn drop(&mut self) {
+        if let Some(t) = &self.temp {
+            if let Err(e) = self.d.mounts.registry().snapshot_remove(&self.vol, t) {
+                tracing::warn!(volume = %self.vol, "removing temporary snapshot {t}: {e}");
+            }
+        }
+    }
+}
+
+impl SourceSnap {
+    fn take(
+        d: &Arc<Daemon>,
+        vol: &VolumeName,
+        snap: Option<&str>,
+        op: &str,
+    ) -> volfs::Result<Self> {
+        let reg = d.mounts.registry();
+        match snap {
+            Some(s) => {
+                let (_, rec) = reg.snapshot(vol, s)?;
+                Ok(SourceSnap {
+                    d: d.clone(),
+                    vol: vol.clone(),
+                    snap: rec,
+                    temp: None,
+                })
+            }
+            None => {
+                reg.require(vol)?;
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|t| t.as_nanos())
+                    .unwrap_or(0);
+                let name = format!("volfs-{op}-{nanos}");
+                let rec = d.mounts.snapshot(vol, &name)?;
+                Ok(SourceSnap {
+                    d: d.clone(),
+                    vol: vol.clone(),
+                    snap: rec,
+                    temp: Some(name),
+                })
+            }
+        }
+    }
+
+    fn stack(&self) -> volfs::Result<volfs::layer::Stack> {
+        volfs::layer::Stack::load(
+            &*self.d.mounts.registry().store().engine,
+            self.snap.tree,
+            &self.snap.lower,
+        )
+    }
+}
+
+type Chunk = Result<axum::body::Bytes, std::io::Error>;
+
+/// A `Write` on the blocking pool that hands 256 KiB pieces to an async response body.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Chunk>,
+    buf: Vec<u8>,
+}
+
+const PIECE: usize = 256 << 10;
+
+impl ChannelWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(PIECE));
+        self.tx.blocking_send(Ok(piece.into())).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
+        })
+    }
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= PIECE {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+/// A `Read` on the blocking pool fed by an async request body.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Chunk>,
+    cur: axum::body::Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len());
+        out[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        Ok(n)
+    }
+}
+
+/// A response body fed by a channel.
+fn channel_body(rx: tokio::sync::mpsc::Receiver<Chunk>) -> axum::body::Body {
+    axum::body::Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|x| (x, rx))
+    }))
+}
+
+#[derive(Deserialize)]
+struct ExportQuery {
+    snapshot: Option<String>,
+}
+
+/// `GET /v1/volumes/{name}/export`: the volume (through a temporary snapshot) or a snapshot
+/// as a tarball, streamed. An error after the answer started breaks off the stream (and is
+/// logged), so a client never takes a truncated tarball for a whole one.
+async fn export_volume(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    Query(q): Query<ExportQuery>,
+) -> Result<Response, ApiError> {
+    let d2 = d.clone();
+    let src = blocking(move || {
+        let vol = VolumeName::new(&name)?;
+        if let Some(s) = &q.snapshot {
+            volfs::layer::check_snapshot_name(s)?;
+        }
+        SourceSnap::take(&d2, &vol, q.snapshot.as_deref(), "export")
+    })
+    .await?;
+    let total = src.snap.used.max(0) as u64;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(8);
+    tokio::task::spawn_blocking(move || {
+        let store = src.d.mounts.registry().store().clone();
+        let mut w = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(PIECE),
+        };
+        let res = src
+            .stack()
+            .and_then(|stack| volfs::image::export_stack(&store, &stack, true, &mut w, &mut |_| {}))
+            .and_then(|_| {
+                use std::io::Write;
+                w.flush().map_err(|e| Error::io("sending the tarball", e))
+            });
+        if let Err(e) = res {
+            tracing::error!(volume = %src.vol, op = "export", "{e}");
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+        drop(src);
+    });
+    Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, "application/x-tar")
+        .header(api::HEADER_TOTAL, total.to_string())
+        .body(channel_body(rx))
+        .map_err(|e| ApiError(Error::Db(format!("building the answer: {e}"))))
+}
+
+/// `POST /v1/volumes/{name}/import`: a new volume from a streamed tarball. The body is handed
+/// to the import on the blocking pool piece by piece (never held whole).
+async fn import_volume(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    body: axum::body::Body,
+) -> Result<Json<VolumeInfo>, ApiError> {
+    use axum::body::HttpBody;
+    let res = async {
+        let vol = VolumeName::new(&name)?;
+        let d2 = d.clone();
+        let v2 = vol.clone();
+        blocking(move || match d2.mounts.registry().get(&v2)? {
+            Some(_) => Err(Error::Exists(format!("volume {v2}"))),
+            None => Ok(()),
+        })
+        .await
+        .map_err(|e| e.0)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(16);
+        let d2 = d.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut r = ChannelReader {
+                rx,
+                cur: Default::default(),
+            };
+            let rec = volfs::backup::import_volume(d2.mounts.registry(), &vol, &mut r)?;
+            volume_info(&d2, &rec)
+        });
+        let mut body = body;
+        loop {
+            let frame =
+                std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
+            let piece = match frame {
+                None => break,
+                Some(Err(e)) => Err(std::io::Error::other(format!("the upload broke off: {e}"))),
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(b) => Ok(b),
+                    Err(_) => continue, // trailers
+                },
+            };
+            let failed = piece.is_err();
+            if tx.send(piece).await.is_err() || failed {
+                break; // the import ended (its result says why)
+            }
+        }
+        drop(tx);
+        match task.await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Db(format!("worker failed: {e}"))),
+        }
+    }
+    .await;
+    match res {
+        Ok(info) => Ok(Json(info)),
+        Err(e) => {
+            tracing::warn!(volume = name.as_str(), op = "POST import", "{e}");
+            Err(ApiError(e))
+        }
+    }
+}
+
+/// Runs `f` on the blocking pool and answers with its progress and result as
+/// newline-delimited [`api::StreamLine`]s (at most 4 progress lines a second).
+fn stream_lines<T: serde::Serialize + Send + 'static>(
+    op: &'static str,
+    volume: String,
+    f: impl FnOnce(&mut dyn FnMut(u64, u64)) -> volfs::Result<T> + Send + 'static,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(16);
+    tokio::task::spawn_blocking(move || {
+        let line = |l: &api::StreamLine<T>| -> Chunk {
+            let mut v = serde_json::to_vec(l).map_err(std::io::Error::other)?;
+            v.push(b'\n');
+            Ok(v.into())
+        };
+        let mut last = Instant::now();
+        let mut progress = |done: u64, total: u64| {
+            if last.elapsed() >= std::time::Duration::from_millis(250) {
+                last = Instant::now();
+                let _ = tx.try_send(line(&api::StreamLine::Progress { done, total }));
+            }
+        };
+        let end = match f(&mut progress) {
+            Ok(v) => api::StreamLine::Done(v),
+            Err(e) => {
+                tracing::warn!(volume = volume.as_str(), op, "{e}");
+                api::StreamLine::Error(e.to_string())
+            }
+        };
+        let _ = tx.blocking_send(line(&end));
+    });
+    let mut r = channel_body(rx).into_response();
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
+}
+
+async fn backup(
+    State(d): State<Arc<Daemon>>,
+    Json(req): Json<api::BackupRequest>,
+) -> Result<Response, ApiError> {
+    let d2 = d.clone();
+    let (vol, snap, repo) = blocking(move || {
+        let (vol, snap) = volfs::layer::split_ref(&req.volume)?;
+        if let Some(n) = &req.name {
+            volfs::backup::check_backup_name(n)?;
+        }
+        let reg = d2.mounts.registry();
+        match &snap {
+            Some(s) => reg.snapshot(&vol, s).map(|_| ())?,
+            None => reg.require(&vol).map(|_| ())?,
+        }
+        let repo = volfs::backup::Repo::open_or_init(&absolute(&req.repo)?)?;
+        Ok((vol, snap, (repo, req.name)))
+    })
+    .await?;
+    let (repo, name) = repo;
+    Ok(stream_lines("backup", vol.to_string(), move |progress| {
+        let src = SourceSnap::take(&d, &vol, snap.as_deref(), "backup")?;
+        let stack = src.stack()?;
+        let store = d.mounts.registry().store();
+        volfs::backup::backup(
+            store,
+            &repo,
+            &volfs::backup::Source {
+                volume: vol.as_str(),
+                snapshot: snap.as_deref(),
+                stack: &stack,
+                total: src.snap.used.max(0) as u64,
+            },
+            name.as_deref(),
+            progress,
+        )
+    }))
+}
+
+async fn list_backups(
+    State(_d): State<Arc<Daemon>>,
+    Json(req): Json<api::BackupList>,
+) -> ApiResult<Vec<api::BackupInfo>> {
+    Ok(Json(
+        blocking(move || volfs::backup::Repo::open(&absolute(&req.repo)?)?.list()).await?,
+    ))
+}
+
+async fn restore(
+    State(d): State<Arc<Daemon>>,
+    Json(req): Json<api::RestoreRequest>,
+) -> Result<Response, ApiError> {
+    let d2 = d.clone();
+    let (vol, repo, backup) = blocking(move || {
+        let vol = VolumeName::new(&req.volume)?;
+        let repo = volfs::backup::Repo::open(&absolute(&req.repo)?)?;
+        repo.manifest(&req.backup)?;
+        if d2.mounts.registry().get(&vol)?.is_some() {
+            return Err(Error::Exists(format!("volume {vol}")));
+        }
+        Ok((vol, repo, req.backup))
+    })
+    .await?;
+    Ok(stream_lines("restore", vol.to_string(), move |progress| {
+        let rec = volfs::backup::restore(d.mounts.registry(), &repo, &backup, &vol, progress)?;
+        volume_info(&d, &rec)
+    }))
 }
 
 async fn df(State(d): State<Arc<Daemon>>) -> ApiResult<api::DfReport> {

@@ -1,6 +1,7 @@
 //! `volfs`: the command-line client of volfs. It asks `volfs-mountd` over the control API's
 //! unix socket (see [`volfs::api`]) to create, clone, list, inspect, roll back, remove and
-//! prune volumes, to take and list snapshots, to import and export image layers, to mount and
+//! prune volumes, to take and list snapshots, to import and export image layers and whole
+//! volumes, to back volumes up into backup repositories and restore them, to mount and
 //! unmount volumes and snapshots, to collect garbage, check the store and report its state. `volfs status` exits 1 when the daemon
 //! reports warnings, so it doubles as a health check.
 //!
@@ -55,6 +56,11 @@ enum Command {
     /// Import, export, list and remove image layers.
     #[command(subcommand)]
     Layer(LayerCommand),
+    /// Back up a volume incrementally into a backup repository (`backup VOLUME --to DIR`), or
+    /// list a repository's backups (`backup ls DIR`).
+    Backup(BackupCli),
+    /// Create a new volume from a backup: restore DIR BACKUP NEWVOLUME.
+    Restore(RestoreArgs),
     /// Mount a volume (or VOLUME@SNAPSHOT, read-only) on an existing directory.
     Mount(MountArgs),
     /// Unmount a volfs mount point.
@@ -115,6 +121,72 @@ enum VolumeCommand {
     Clone(CloneArgs),
     /// Reset a volume to a snapshot, discarding everything written since (VOLUME@SNAPSHOT).
     Rollback(RollbackArgs),
+    /// Write a volume (VOLUME, at a consistent point, or VOLUME@SNAPSHOT) as a tarball to
+    /// standard output (or -o FILE).
+    Export(VolumeExportArgs),
+    /// Create a new volume from a tarball on standard input (GNU tar, PAX, volume export).
+    Import(VolumeImportArgs),
+}
+
+#[derive(Debug, Args)]
+struct VolumeExportArgs {
+    /// VOLUME or VOLUME@SNAPSHOT.
+    volume: String,
+    /// Write to this file instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct VolumeImportArgs {
+    /// Name of the new volume.
+    name: String,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct BackupCli {
+    #[command(subcommand)]
+    command: Option<BackupCommand>,
+    /// VOLUME or VOLUME@SNAPSHOT to back up.
+    #[arg(required = true)]
+    volume: Option<String>,
+    /// The backup repository: an absolute path, created if missing or empty (written by the
+    /// daemon).
+    #[arg(long, value_name = "DIR", required = true)]
+    to: Option<PathBuf>,
+    /// Name of the backup (default VOLUME-YYYYMMDDTHHMMSSZ).
+    #[arg(long)]
+    name: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupCommand {
+    /// List the backups in a repository.
+    #[command(visible_alias = "list")]
+    Ls(BackupLsArgs),
+}
+
+#[derive(Debug, Args)]
+struct BackupLsArgs {
+    /// The backup repository (an absolute path).
+    dir: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// The backup repository (an absolute path).
+    dir: PathBuf,
+    /// The backup's name (see volfs backup ls).
+    backup: String,
+    /// Name of the new volume.
+    volume: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -353,6 +425,10 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Volume(VolumeCommand::Prune(a)) => volume_prune(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Clone(a)) => volume_clone(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Rollback(a)) => volume_rollback(&client, a, &mut out)?,
+        Command::Volume(VolumeCommand::Export(a)) => volume_export(&client, a, &mut out)?,
+        Command::Volume(VolumeCommand::Import(a)) => volume_import(&client, a, &mut out)?,
+        Command::Backup(a) => backup(&client, a, &mut out)?,
+        Command::Restore(a) => restore(&client, a, &mut out)?,
         Command::Snapshot(SnapshotCommand::Create(a)) => snapshot_create(&client, a, &mut out)?,
         Command::Snapshot(SnapshotCommand::Ls(a)) => snapshot_ls(&client, a, &mut out)?,
         Command::Snapshot(SnapshotCommand::Rm(a)) => snapshot_rm(&client, a, &mut out)?,
@@ -679,6 +755,286 @@ fn layer_export(client: &Client, args: LayerExportArgs, out: &mut dyn Write) -> 
     } else {
         res?;
     }
+    Ok(0)
+}
+
+/// Progress of a long transfer on stderr, only when stderr is a terminal: bytes done / total
+/// and the rate, redrawn at most 5 times a second.
+struct Meter {
+    on: bool,
+    what: &'static str,
+    start: std::time::Instant,
+    last: Option<std::time::Instant>,
+}
+
+impl Meter {
+    fn new(what: &'static str) -> Meter {
+        Meter {
+            on: io::stderr().is_terminal(),
+            what,
+            start: std::time::Instant::now(),
+            last: None,
+        }
+    }
+
+    fn update(&mut self, done: u64, total: Option<u64>) {
+        if !self.on || self.last.is_some_and(|l| l.elapsed().as_millis() < 200) {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        let secs = self.start.elapsed().as_secs_f64().max(0.001);
+        let of = match total {
+            Some(t) if t > 0 => format!(
+                " / {} ({:.0}%)",
+                human_bytes(t),
+                (done as f64 * 100.0 / t as f64).min(100.0)
+            ),
+            _ => String::new(),
+        };
+        eprint!(
+            "\r\x1b[K{}: {}{of}, {}/s",
+            self.what,
+            human_bytes(done),
+            human_bytes((done as f64 / secs) as u64)
+        );
+    }
+
+    fn finish(&mut self) {
+        if self.on && self.last.is_some() {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Counts the bytes read through it for a [`Meter`].
+struct Counted<'a, R> {
+    r: R,
+    done: u64,
+    total: Option<u64>,
+    meter: &'a mut Meter,
+}
+
+impl<R: io::Read> io::Read for Counted<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.r.read(out)?;
+        self.done += n as u64;
+        self.meter.update(self.done, self.total);
+        Ok(n)
+    }
+}
+
+fn volume_export(client: &Client, args: VolumeExportArgs, out: &mut dyn Write) -> Result<i32> {
+    let r = VolumeRef::parse(&args.volume).map_err(invalid)?;
+    let (vol, snap) = volfs::layer::split_ref(r.as_str()).map_err(invalid)?;
+    let mut file = match &args.output {
+        Some(p) => {
+            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => {
+            if io::stdout().is_terminal() {
+                bail!("refusing to write a tarball to a terminal: use -o FILE or redirect standard output");
+            }
+            None
+        }
+    };
+    let path = match &snap {
+        Some(s) => format!("/v1/volumes/{vol}/export?snapshot={s}"),
+        None => format!("/v1/volumes/{vol}/export"),
+    };
+    let resp = client.stream("GET", &path, "application/json", None)?;
+    let total = resp
+        .header(api::HEADER_TOTAL)
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut meter = Meter::new("export");
+    let mut r = Counted {
+        r: resp,
+        done: 0,
+        total,
+        meter: &mut meter,
+    };
+    let dest: &mut dyn Write = match &mut file {
+        Some(f) => f,
+        None => out,
+    };
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = match io::Read::read(&mut r, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                drop(r);
+                if let Some(p) = &args.output {
+                    let _ = std::fs::remove_file(p);
+                }
+                bail!("export of {} failed: {e}", args.volume);
+            }
+        };
+        dest.write_all(&buf[..n])?;
+    }
+    dest.flush()?;
+    if let Some(f) = &file {
+        f.sync_all().context("syncing the tarball")?;
+    }
+    Ok(0)
+}
+
+fn volume_import(client: &Client, args: VolumeImportArgs, out: &mut dyn Write) -> Result<i32> {
+    let name = volume_name(&args.name)?;
+    let stdin = io::stdin();
+    if stdin.is_terminal() {
+        bail!("refusing to read a tarball from a terminal: redirect standard input (volfs volume import NAME < vol.tar)");
+    }
+    // The size of a redirected file, for progress.
+    let total = std::fs::metadata("/proc/self/fd/0")
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len());
+    let mut meter = Meter::new("import");
+    let mut r = Counted {
+        r: stdin.lock(),
+        done: 0,
+        total,
+        meter: &mut meter,
+    };
+    let resp = client.stream(
+        "POST",
+        &format!("/v1/volumes/{name}/import"),
+        "application/x-tar",
+        Some(&mut r),
+    )?;
+    let info: VolumeInfo =
+        serde_json::from_reader(resp).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    meter.finish();
+    writeln!(out, "{}", info.name)?;
+    Ok(0)
+}
+
+/// The repository path: absolute (the daemon writes and reads it, not this process).
+fn repo_dir(dir: &Path) -> Result<String> {
+    if !dir.is_absolute() {
+        bail!(
+            "backup repository {} must be an absolute path (the daemon opens it)",
+            dir.display()
+        );
+    }
+    path_string(dir.to_path_buf())
+}
+
+/// Reads a newline-delimited [`api::StreamLine`] answer, showing its progress.
+fn follow<T: serde::de::DeserializeOwned>(
+    resp: volfs::client::Streamed,
+    what: &'static str,
+) -> Result<T> {
+    let mut meter = Meter::new(what);
+    for line in io::BufReader::new(resp).lines() {
+        let line = line.with_context(|| format!("{what}: reading the daemon's answer"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<api::StreamLine<T>>(&line)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+        {
+            api::StreamLine::Progress { done, total } => meter.update(done, Some(total)),
+            api::StreamLine::Done(v) => return Ok(v),
+            api::StreamLine::Error(e) => {
+                meter.finish();
+                bail!("{e}")
+            }
+        }
+    }
+    bail!("{what}: volfs-mountd ended its answer without a result (its log says why)")
+}
+
+fn backup(client: &Client, args: BackupCli, out: &mut dyn Write) -> Result<i32> {
+    if let Some(BackupCommand::Ls(a)) = args.command {
+        return backup_ls(client, a, out);
+    }
+    let (Some(volume), Some(to)) = (args.volume, args.to) else {
+        bail!("volfs backup needs VOLUME and --to DIR (see volfs backup --help)");
+    };
+    let r = VolumeRef::parse(&volume).map_err(invalid)?;
+    let repo = repo_dir(&to)?;
+    if let Some(n) = &args.name {
+        volfs::backup::check_backup_name(n).map_err(invalid)?;
+    }
+    let body = serde_json::to_vec(&api::BackupRequest {
+        volume: r.to_string(),
+        repo,
+        name: args.name,
+    })?;
+    let resp = client.stream(
+        "POST",
+        "/v1/backups",
+        "application/json",
+        Some(&mut body.as_slice()),
+    )?;
+    let info: api::BackupInfo = follow(resp, "backup")?;
+    if args.json {
+        write_json(out, &info)?;
+    } else {
+        writeln!(
+            out,
+            "{}: {} in {} files, {} new ({} stored)",
+            info.name,
+            human_bytes(info.bytes),
+            info.files,
+            human_bytes(info.new_bytes),
+            human_bytes(info.new_stored_bytes)
+        )?;
+    }
+    Ok(0)
+}
+
+fn backup_ls(client: &Client, args: BackupLsArgs, out: &mut dyn Write) -> Result<i32> {
+    let repo = repo_dir(&args.dir)?;
+    let list: Vec<api::BackupInfo> = client.post("/v1/backups/list", &api::BackupList { repo })?;
+    if args.json {
+        write_json(out, &list)?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|b| {
+            vec![
+                printable(&b.name),
+                match &b.snapshot {
+                    Some(s) => format!("{}@{}", b.volume, s),
+                    None => b.volume.clone(),
+                },
+                b.created.clone(),
+                human_bytes(b.bytes),
+                human_bytes(b.new_bytes),
+            ]
+        })
+        .collect();
+    write_table(out, &["NAME", "VOLUME", "CREATED", "SIZE", "NEW"], &rows)?;
+    Ok(0)
+}
+
+fn restore(client: &Client, args: RestoreArgs, out: &mut dyn Write) -> Result<i32> {
+    let repo = repo_dir(&args.dir)?;
+    let volume = volume_name(&args.volume)?;
+    volfs::backup::check_backup_name(&args.backup).map_err(invalid)?;
+    let body = serde_json::to_vec(&api::RestoreRequest {
+        repo,
+        backup: args.backup,
+        volume: volume.to_string(),
+    })?;
+    let resp = client.stream(
+        "POST",
+        "/v1/restore",
+        "application/json",
+        Some(&mut body.as_slice()),
+    )?;
+    let info: VolumeInfo = follow(resp, "restore")?;
+    writeln!(out, "{}", info.name)?;
     Ok(0)
 }
 

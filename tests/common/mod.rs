@@ -847,6 +847,19 @@ impl Daemon {
         out
     }
 
+    /// Runs a shell script against this daemon, with the CLI as `$VOLFS` (for redirections
+    /// and pipes), capturing its output.
+    pub fn cli_sh(&self, script: &str) -> CmdOut {
+        let mut c = Command::new("sh");
+        scrub_env(&mut c);
+        c.env("VOLFS_SOCKET", &self.socket)
+            .env("VOLFS", bin("volfs"))
+            .env("NO_COLOR", "1")
+            .arg("-c")
+            .arg(script);
+        run_with_timeout(&mut c, Duration::from_secs(120))
+    }
+
     /// Runs `mount-volfs ARGS` (the mount helper) against this daemon.
     pub fn mount_helper(&self, args: &[&str]) -> CmdOut {
         let mut c = Command::new(bin("mount-volfs"));
