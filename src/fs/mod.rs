@@ -189,6 +189,9 @@ pub struct VolumeFs {
     /// Where acknowledged, uncommitted writes are logged (under a supervisor; see
     /// [`crate::writelog`]).
     log: OnceLock<WriteLog>,
+    /// Changes are refused for the reason in `fence_why` (see [`VolumeFs::set_fenced`]).
+    fenced: AtomicBool,
+    fence_why: Mutex<Option<String>>,
 }
 
 impl VolumeFs {
@@ -265,6 +268,8 @@ impl VolumeFs {
             adopted,
             kernel_times: AtomicBool::new(false),
             log: OnceLock::new(),
+            fenced: AtomicBool::new(false),
+            fence_why: Mutex::new(None),
         });
         if !read_only && !adopted {
             fs.clean_orphans()?;
@@ -289,12 +294,38 @@ impl VolumeFs {
         self.handles.len() as u64
     }
 
-    /// Checks that the volume is writable and enters the freeze gate. Every method that
-    /// writes to the index holds the returned guard until its batch is written.
-    fn writer(&self) -> Result<Gate<'_>> {
+    /// Refuses changes from now on (`Some(why)`), or accepts them again (`None`): a host that
+    /// is no longer sure it owns the volume (its cluster lease may have lapsed) stops writing
+    /// before another host can take over. Writes acknowledged before stay and are committed.
+    pub fn set_fenced(&self, why: Option<String>) {
+        self.fenced.store(why.is_some(), Ordering::SeqCst);
+        *self.fence_why.lock() = why;
+    }
+
+    /// Why the volume refuses changes at the moment, if it is fenced.
+    pub fn fenced(&self) -> Option<String> {
+        if !self.fenced.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.fence_why.lock().clone()
+    }
+
+    /// `EROFS` for a read-only volume, or one fenced off (see [`VolumeFs::set_fenced`]).
+    fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly(format!("volume {}", self.name)));
         }
+        if self.fenced.load(Ordering::SeqCst) {
+            let why = self.fence_why.lock().clone().unwrap_or_default();
+            return Err(Error::ReadOnly(format!("volume {} ({why})", self.name)));
+        }
+        Ok(())
+    }
+
+    /// Checks that the volume is writable and enters the freeze gate. Every method that
+    /// writes to the index holds the returned guard until its batch is written.
+    fn writer(&self) -> Result<Gate<'_>> {
+        self.check_writable()?;
         Ok(self.gate.read_recursive())
     }
 
@@ -551,8 +582,8 @@ impl VolumeFs {
     /// Opens a file; returns the handle number.
     pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
         let acc = flags & libc::O_ACCMODE;
-        if acc != libc::O_RDONLY && self.read_only {
-            return Err(Error::ReadOnly(format!("volume {}", self.name)));
+        if acc != libc::O_RDONLY {
+            self.check_writable()?;
         }
         let mut st = self.lock(ino)?;
         if st.rec.kind == Kind::Dir && acc != libc::O_RDONLY {
@@ -771,4 +802,64 @@ pub(crate) fn check_name(name: &[u8]) -> Result<()> {
         return posix(libc::ENAMETOOLONG);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+    use crate::volume::{CreateOptions, Registry};
+
+    fn volume() -> (tempfile::TempDir, Arc<VolumeFs>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), &StoreOptions::default()).unwrap());
+        let reg = Registry::new(store.clone());
+        let rec = reg
+            .create(
+                &VolumeName::new("v").unwrap(),
+                &CreateOptions::default(),
+                None,
+            )
+            .unwrap();
+        (dir, VolumeFs::load(store, &rec).unwrap())
+    }
+
+    #[test]
+    fn a_fenced_volume_refuses_changes_and_commits_what_it_had() {
+        let (_dir, fs) = volume();
+        let who = Caller {
+            uid: 0,
+            gid: 0,
+            pid: 1,
+        };
+        let new = NewNode {
+            kind: Kind::File,
+            perm: 0o644,
+            rdev: 0,
+            target: &[],
+        };
+        let (a, fh) = fs
+            .make(ROOT_INO, b"f", new, who, Some(libc::O_RDWR))
+            .unwrap();
+        fs.write(a.ino, 0, b"before", false).unwrap();
+        fs.set_fenced(Some("lease lapsed".into()));
+        let e = fs.write(a.ino, 6, b"after", false).unwrap_err();
+        assert_eq!(e.errno(), libc::EROFS);
+        assert!(e.to_string().contains("lease lapsed"), "{e}");
+        assert_eq!(
+            fs.open(a.ino, libc::O_WRONLY).unwrap_err().errno(),
+            libc::EROFS
+        );
+        assert_eq!(fs.unlink(ROOT_INO, b"f").unwrap_err().errno(), libc::EROFS);
+        // What was acknowledged before the fence is still committed and durable.
+        fs.fsync(a.ino).unwrap();
+        assert_eq!(fs.read(a.ino, 0, 100).unwrap(), b"before");
+        assert_eq!(fs.fenced().as_deref(), Some("lease lapsed"));
+        fs.set_fenced(None);
+        fs.write(a.ino, 6, b"after", false).unwrap();
+        assert_eq!(fs.read(a.ino, 0, 100).unwrap(), b"beforeafter");
+        if let Some(fh) = fh {
+            fs.release(fh, a.ino).unwrap();
+        }
+    }
 }
