@@ -911,6 +911,9 @@ fn scrub(client: &Client, args: JsonArgs, out: &mut dyn Write) -> Result<i32> {
             human_bytes(r.bytes_verified),
             r.millis
         )?;
+        for p in &r.repaired_from_peers {
+            writeln!(out, "repaired: chunk {} from {}", p.chunk, p.from)?;
+        }
         for c in &r.corrupt {
             writeln!(
                 out,
