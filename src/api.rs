@@ -30,6 +30,9 @@
 //! | POST | /v1/backups | [`BackupRequest`] | NDJSON [`StreamLine`]`<BackupInfo>` |
 //! | POST | /v1/backups/list | [`BackupList`] | `[BackupInfo]` |
 //! | POST | /v1/restore | [`RestoreRequest`] | NDJSON [`StreamLine`]`<VolumeInfo>` |
+//! | GET | /v1/peers | | `[PeerInfo]` (each peer asked now) |
+//! | POST | /v1/peers | [`AddPeer`] | [`PeerInfo`] |
+//! | DELETE | /v1/peers/{name} | | `{}` |
 //!
 //! Volume clones are `POST /v1/volumes` with the option `from=VOLUME[@SNAPSHOT]`; a mount
 //! request's volume may be `VOLUME@SNAPSHOT` (read-only).
@@ -41,7 +44,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::backup::BackupInfo;
 pub use crate::fsck::ScrubReport;
-pub use crate::fsck::{FsckReport, Problem};
+pub use crate::fsck::{FsckReport, PeerRepair, Problem};
 pub use crate::gc::{DfReport, GcReport, VolumeUsage};
 pub use crate::image::LayerInfo;
 pub use crate::progress::ProgressView;
@@ -330,4 +333,36 @@ pub struct CacheDropped {
     pub bytes: u64,
     #[serde(default)]
     pub kernel_inodes: u64,
+}
+
+/// `POST /v1/peers`: a peer host to add (`volfs peer add NAME ADDR`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AddPeer {
+    /// Validated like volume names.
+    pub name: String,
+    /// `host:port` of the peer's `peer_listen`.
+    pub addr: String,
+}
+
+/// A peer and how it answered when asked (`GET /v1/peers`, `volfs peer ls`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerInfo {
+    pub name: String,
+    pub addr: String,
+    /// A TCP connection was made.
+    pub connected: bool,
+    /// The Noise handshake with the cluster key succeeded and the peer said hello.
+    pub authenticated: bool,
+    /// The peer protocol version the two sides chose.
+    #[serde(default)]
+    pub version: Option<u16>,
+    /// The host name the peer gave in its hello.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Round trip of a ping over the channel, in milliseconds.
+    #[serde(default)]
+    pub latency_ms: Option<f64>,
+    /// Why it does not answer (`authentication failed: ...`, `connection refused`, ...).
+    #[serde(default)]
+    pub error: Option<String>,
 }

@@ -726,6 +726,46 @@ fn pack_id_of(name: &str) -> Option<u32> {
     u32::from_str_radix(stem, 16).ok()
 }
 
+/// Somewhere else that may hold an intact copy of a chunk: the daemon's peers. fsck and the
+/// scrub take one as `&dyn ChunkSource` to repair corrupt chunks, so that the core library
+/// does no networking itself.
+pub trait ChunkSource: Sync {
+    /// Fetches chunk `id`. `Ok((data, from))` when a copy was found, `from` naming where it
+    /// came from; implementations verify `data` against `id` before returning it (and
+    /// [`ChunkStore::repair`] checks it again). `Err(why)` says what each place answered.
+    fn fetch(&self, id: &ChunkId) -> std::result::Result<(Vec<u8>, String), String>;
+}
+
+impl ChunkStore {
+    /// Replaces a corrupt chunk with an intact copy from elsewhere: `data` is checked against
+    /// `id`, appended to the current pack like gc's compaction moves a chunk, synced, and the
+    /// chunk's index entry is repointed at it in a synced batch. The old record stays where
+    /// it was until gc compacts its pack. Refused when `data` does not hash to `id` (nothing
+    /// is written), and when the chunk is no longer in the index (gc freed it meanwhile).
+    pub fn repair(&self, id: &ChunkId, data: &[u8]) -> Result<ChunkLoc> {
+        if ChunkId::of(data) != *id {
+            return Err(Error::Invalid(format!(
+                "the copy offered for chunk {id} does not match its hash; not stored"
+            )));
+        }
+        // Shared gc gate: gc cannot sweep the chunk between the check and the index write.
+        let _gate = self.writer();
+        if self.location(id)?.is_none() {
+            return Err(Error::NotFound(format!(
+                "chunk {id} is no longer in the index"
+            )));
+        }
+        let loc = self.append(id, data)?;
+        self.sync()?;
+        let mut b = Batch::new();
+        Self::index(&mut b, id, &loc);
+        self.engine.write(b, true)?;
+        self.cache.remove(id);
+        self.stats.known_corrupt.lock().remove(id);
+        Ok(loc)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -777,5 +817,40 @@ mod tests {
         assert_eq!(err.errno(), libc::EIO);
         assert!(err.to_string().contains(&id.to_hex()));
         assert_eq!(s.stats.corrupt.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn repair_takes_only_the_right_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), Compression::Lz4);
+        let data = b"a chunk that will be damaged and repaired".repeat(50);
+        let (id, loc) = s.put(&data).unwrap();
+        let loc = loc.unwrap();
+        let mut b = Batch::new();
+        ChunkStore::index(&mut b, &id, &loc);
+        s.flush().unwrap();
+        s.engine.write(b, false).unwrap();
+        let f = OpenOptions::new()
+            .write(true)
+            .open(s.pack_path(loc.pack))
+            .unwrap();
+        f.write_all_at(b"\xff\xff", loc.offset + RECORD_HEADER_LEN as u64)
+            .unwrap();
+        s.clear_cache();
+        assert!(s.read_verified(&id).is_err());
+        assert_eq!(s.stats.known_corrupt(), vec![id]);
+        let mut wrong = data.clone();
+        wrong[0] ^= 1;
+        assert!(s.repair(&id, &wrong).is_err(), "wrong bytes are refused");
+        assert_eq!(s.location(&id).unwrap(), Some(loc), "index untouched");
+        let new = s.repair(&id, &data).unwrap();
+        assert_ne!(new, loc);
+        assert_eq!(s.read_verified(&id).unwrap(), data);
+        assert!(s.stats.known_corrupt().is_empty());
+        let gone = ChunkId::of(b"not stored");
+        assert!(
+            s.repair(&gone, b"not stored").is_err(),
+            "only indexed chunks"
+        );
     }
 }

@@ -8,14 +8,22 @@
 //! - an extent that points at a chunk missing from the index is removed from a top-owned
 //!   file (those bytes read as zeros instead of EIO), and the file is named;
 //! - a corrupt chunk nothing uses is dropped from the index;
+//! - a corrupt chunk that files use is fetched from a [`ChunkSource`] (the daemon's peers),
+//!   when one is given and holds an intact copy: the copy is verified against the chunk's id,
+//!   appended to the current pack and the index entry repointed ([`ChunkStore::repair`]);
+//!   this is safe in mounted volumes, snapshots and layers too, because chunks are immutable
+//!   and named by their content;
 //! - leaked trees and chunks are freed by running gc.
 //!
-//! What it cannot fix is listed as such: corrupt chunks that files use (there is no second
-//! copy on this host), damage inside snapshots and layers (they are immutable).
+//! What it cannot fix is listed as such: corrupt chunks that files use and no source holds,
+//! other damage inside snapshots and layers (they are immutable).
+//!
+//! [`ChunkStore::repair`]: crate::chunk::ChunkStore::repair
 use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::chunk::ChunkSource;
 use crate::db::{Batch, Cf};
 use crate::error::Result;
 use crate::gc;
@@ -47,6 +55,35 @@ pub struct FsckReport {
     pub garbage_chunks: u64,
     pub garbage_bytes: u64,
     pub problems: Vec<Problem>,
+    /// Corrupt chunks replaced by an intact copy from a peer (`--repair`).
+    #[serde(default)]
+    pub repaired_from_peers: Vec<PeerRepair>,
+}
+
+/// A corrupt chunk that was replaced by a verified copy from elsewhere.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerRepair {
+    pub chunk: String,
+    /// Where the copy came from (`peer NAME (ADDR)`).
+    pub from: String,
+    /// The first file found using it, `-` when unknown (scrub walks no namespace).
+    pub used_by: String,
+}
+
+/// Fetches an intact copy of `id` from `source` and stores it; `Ok(from)` or why not.
+fn repair_from(
+    store: &Store,
+    source: &dyn ChunkSource,
+    id: &ChunkId,
+) -> std::result::Result<String, String> {
+    let (data, from) = source.fetch(id)?;
+    match store.chunks.repair(id, &data) {
+        Ok(_) => {
+            tracing::info!(chunk = %id, from, "corrupt chunk repaired");
+            Ok(from)
+        }
+        Err(e) => Err(format!("{from}: {e}")),
+    }
 }
 
 struct Walk<'a> {
@@ -187,13 +224,15 @@ impl Walk<'_> {
 }
 
 /// Checks the whole store; with `repair`, fixes what it can (see the module comment).
-/// Volumes named in `mounted` are checked but not repaired (their files are in use).
+/// Volumes named in `mounted` are checked but not repaired (their files are in use), except
+/// for corrupt chunks, which `source` (when given) may replace with a verified copy.
 pub fn check(
     store: &Store,
     registry: &Registry,
     repair: bool,
     mounted: &HashSet<String>,
     progress: &Progress,
+    source: Option<&dyn ChunkSource>,
 ) -> Result<FsckReport> {
     let engine = store.engine.clone();
     let index = gc::chunk_index(&*engine)?;
@@ -249,6 +288,7 @@ pub fn check(
     // Scrub: every chunk in the index, from disk.
     let mut corrupt_unused = Vec::new();
     let mut corrupt_found = Vec::new();
+    let mut from_peers = Vec::new();
     progress.phase("scrub", index.len() as u64);
     for (id, loc) in &index {
         progress.add(1);
@@ -258,14 +298,28 @@ pub fn check(
             Err(e) => {
                 corrupt_found.push(*id);
                 let user = w.users.get(id).cloned();
-                let outcome = match (&user, repair) {
-                    (_, false) => "-",
-                    (None, true) => {
+                let outcome = match (&user, repair, source) {
+                    (_, false, _) => "-".to_string(),
+                    (None, true, _) => {
                         corrupt_unused.push(*id);
-                        "repaired: nothing used it; dropped from the index"
+                        "repaired: nothing used it; dropped from the index".to_string()
                     }
-                    (Some(_), true) => {
-                        "not repaired: no intact copy on this host; restore the file"
+                    (Some(u), true, Some(src)) => match repair_from(store, src, id) {
+                        Ok(from) => {
+                            corrupt_found.retain(|c| c != id);
+                            from_peers.push(PeerRepair {
+                                chunk: id.to_string(),
+                                from: from.clone(),
+                                used_by: u.clone(),
+                            });
+                            format!("repaired: intact copy from {from}")
+                        }
+                        Err(why) => format!(
+                            "not repaired: no intact copy on this host or its peers ({why}); restore the file"
+                        ),
+                    },
+                    (Some(_), true, None) => {
+                        "not repaired: no intact copy on this host; restore the file".to_string()
                     }
                 };
                 w.problem(
@@ -276,7 +330,7 @@ pub fn check(
                         loc.offset,
                         user.as_deref().unwrap_or("nothing")
                     ),
-                    outcome,
+                    &outcome,
                 );
             }
         }
@@ -315,6 +369,7 @@ pub fn check(
     }
     rep.inodes = w.inodes;
     rep.problems = w.problems;
+    rep.repaired_from_peers = from_peers;
     Ok(rep)
 }
 
@@ -326,13 +381,24 @@ pub struct ScrubReport {
     /// Chunks that failed verification (the log says why for each).
     pub corrupt: Vec<String>,
     pub millis: u64,
+    /// Corrupt chunks that files use, replaced by a verified copy from a peer.
+    #[serde(default)]
+    pub repaired_from_peers: Vec<PeerRepair>,
 }
 
 /// Reads every chunk in the index from disk and verifies it against its hash, at most
 /// `max_bytes_per_sec` (0: no limit), so that a background scrub leaves the disk to the
-/// volumes. Unlike [`check`] it walks no namespace and repairs nothing; what it finds
-/// becomes the store's set of known corrupt chunks (status and /metrics report it).
-pub fn scrub(store: &Store, progress: &Progress, max_bytes_per_sec: u64) -> Result<ScrubReport> {
+/// volumes. Unlike [`check`] it walks no namespace; the one repair it makes is of corrupt
+/// chunks that live trees use, from `source` when given (a verified copy from a peer). What
+/// stays corrupt becomes the store's set of known corrupt chunks (status and /metrics
+/// report it).
+pub fn scrub(
+    store: &Store,
+    registry: &Registry,
+    progress: &Progress,
+    max_bytes_per_sec: u64,
+    source: Option<&dyn ChunkSource>,
+) -> Result<ScrubReport> {
     let started = std::time::Instant::now();
     let index = gc::chunk_index(&*store.engine)?;
     let mut rep = ScrubReport::default();
@@ -356,6 +422,32 @@ pub fn scrub(store: &Store, progress: &Progress, max_bytes_per_sec: u64) -> Resu
                 std::thread::sleep(wait);
             }
         }
+    }
+    if let (Some(src), false) = (source, found.is_empty()) {
+        // Only chunks files use are worth fetching; gc frees the others.
+        let live = gc::live_trees(store, registry, &[])?;
+        let used = gc::mark(&*store.engine, &live)?;
+        progress.phase("repair", found.len() as u64);
+        let mut left = Vec::new();
+        for id in found {
+            progress.add(1);
+            if !used.contains(&id) {
+                left.push(id);
+                continue;
+            }
+            match repair_from(store, src, &id) {
+                Ok(from) => rep.repaired_from_peers.push(PeerRepair {
+                    chunk: id.to_string(),
+                    from,
+                    used_by: "-".into(),
+                }),
+                Err(why) => {
+                    tracing::warn!(chunk = %id, "scrub: corrupt chunk not repaired: {why}");
+                    left.push(id);
+                }
+            }
+        }
+        found = left;
     }
     rep.corrupt = found.iter().map(|id| id.to_string()).collect();
     store.chunks.stats.set_known_corrupt(found);

@@ -357,3 +357,121 @@ mod tests {
         assert_eq!(extent_offset(&extent_key(t, 5, 777)).unwrap(), 777);
     }
 }
+
+/// A peer host (`volfs peer add`): the value under [`peer_key`] in the `meta` column family,
+/// record version [`PEER_VERSION`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    pub name: String,
+    /// `host:port` of the peer's listener (`peer_listen` there).
+    pub addr: String,
+    /// Unix seconds when it was added.
+    pub added: i64,
+}
+
+pub const PEER_VERSION: u8 = 1;
+/// The prefix of every peer record's key in the `meta` column family.
+pub const PEER_PREFIX: &[u8] = b"peer/";
+
+/// `peer/<name>`: a peer record's key in the `meta` column family.
+pub fn peer_key(name: &str) -> Vec<u8> {
+    key(&[PEER_PREFIX, name.as_bytes()])
+}
+
+/// Checks a peer name: the rules of volume names.
+pub fn check_peer_name(name: &str) -> Result<()> {
+    crate::ids::VolumeName::new(name).map(|_| ()).map_err(|_| {
+        Error::Invalid(format!(
+            "invalid peer name {name:?}: names must match [a-zA-Z0-9][a-zA-Z0-9_.-]* and be at most 128 characters"
+        ))
+    })
+}
+
+/// Checks a peer address: `host:port`, with a host name, an IPv4 address or a bracketed IPv6
+/// address, and a port from 1 to 65535.
+pub fn check_peer_addr(addr: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Error::Invalid(format!(
+            "invalid peer address {addr:?}: {why}; expected HOST:PORT"
+        ))
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(bad("the port is not a number from 1 to 65535")),
+    }
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err(bad("the host is empty"));
+    }
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let ok = host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(bad("the host is neither an IP address nor a host name"))
+    }
+}
+
+/// Every peer record, by name.
+pub fn peers(engine: &dyn crate::db::Engine) -> Result<Vec<PeerRecord>> {
+    engine
+        .scan_prefix(crate::db::Cf::Meta, PEER_PREFIX)?
+        .into_iter()
+        .map(|(_, v)| decode(PEER_VERSION, "peer record", &v))
+        .collect()
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use super::*;
+
+    #[test]
+    fn peer_names_and_addresses() {
+        assert!(check_peer_name("host-b.1").is_ok());
+        assert!(check_peer_name("-x").is_err());
+        assert!(check_peer_name("a/b").is_err());
+        for ok in [
+            "10.0.0.1:9568",
+            "host-b:1",
+            "b.example.org:9568",
+            "[::1]:9568",
+        ] {
+            assert!(check_peer_addr(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "host",
+            "host:0",
+            "host:x",
+            ":9568",
+            "a b:1",
+            "host:65536",
+            "a..b:1",
+        ] {
+            assert!(check_peer_addr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn peer_record_round_trip() {
+        let r = PeerRecord {
+            name: "b".into(),
+            addr: "10.0.0.2:9568".into(),
+            added: 5,
+        };
+        let v = encode(PEER_VERSION, &r);
+        assert_eq!(v[0], PEER_VERSION);
+        assert_eq!(decode::<PeerRecord>(PEER_VERSION, "peer", &v).unwrap(), r);
+        assert_eq!(peer_key("b"), b"peer/b".to_vec());
+    }
+}

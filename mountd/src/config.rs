@@ -70,6 +70,13 @@ pub struct Config {
     /// Run as a supervisor and a server process, so that a crash of the server keeps every
     /// mount and open file (see docs/ARCHITECTURE.md, "Surviving a crash of the daemon").
     pub supervise: bool,
+    /// Where other volfs daemons connect (TCP host:port; "" turns the listener off). Only
+    /// used when a cluster key is configured.
+    pub peer_listen: String,
+    /// The cluster key shared by all peers: 32 random bytes as 64 hex digits
+    /// (`volfs peer keygen`). A missing file at the default path turns peers off; a missing
+    /// or malformed file that is configured is a start error. "" turns peers off.
+    pub peer_key_file: PathBuf,
 }
 
 impl Default for Config {
@@ -93,6 +100,8 @@ impl Default for Config {
             scrub_interval_secs: 7 * 24 * 3600,
             scrub_max_mb_per_sec: 64,
             supervise: true,
+            peer_listen: crate::peer::DEFAULT_LISTEN.into(),
+            peer_key_file: crate::peer::DEFAULT_KEY_FILE.into(),
         }
     }
 }
@@ -208,6 +217,17 @@ impl Config {
                         self.metrics_listen
                     )
                 }),
+            "peer_listen" if !self.peer_listen.is_empty() => self
+                .peer_listen
+                .parse::<std::net::SocketAddr>()
+                .map(|_| ())
+                .map_err(|_| {
+                    format!(
+                        "{:?}: expected IP:PORT (e.g. {}), or \"\" to turn the peer listener off",
+                        self.peer_listen,
+                        crate::peer::DEFAULT_LISTEN
+                    )
+                }),
             "data_dir" | "socket" | "run_dir" if self.path(key).as_os_str().is_empty() => {
                 Err("the path is empty".into())
             }
@@ -270,7 +290,12 @@ impl Config {
             };
             // An empty variable means "not set", except for keys where "" turns a feature
             // off (the plugin socket, the metrics endpoint).
-            if raw.is_empty() && !matches!(k.as_str(), "plugin_socket" | "metrics_listen") {
+            if raw.is_empty()
+                && !matches!(
+                    k.as_str(),
+                    "plugin_socket" | "metrics_listen" | "peer_listen" | "peer_key_file"
+                )
+            {
                 continue;
             }
             let v = typed(k, &raw, default);
@@ -389,6 +414,52 @@ mod tests {
     #[test]
     fn missing_explicit_file_is_an_error() {
         assert!(Config::load(Some(Path::new("/nonexistent/volfs.toml")), &[]).is_err());
+    }
+
+    #[test]
+    fn peer_listen_is_checked() {
+        let (_d, p) = file("peer_listen = \"somewhere\"\n");
+        let e = Config::load(Some(&p), &[]).unwrap_err().to_string();
+        assert!(e.contains("peer_listen") && e.contains("line 1"), "{e}");
+        let (_d, p) = file("peer_listen = \"\"\n");
+        assert_eq!(Config::load(Some(&p), &[]).unwrap().config.peer_listen, "");
+    }
+
+    #[test]
+    fn peer_key_file_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("peer.key");
+        // The default path, missing: peers off.
+        assert_eq!(
+            crate::peer::load_key(&missing, &Source::Default).unwrap(),
+            None
+        );
+        // Configured and missing: an error naming the key and the source.
+        let src = Source::Env("VOLFS_PEER_KEY_FILE".into());
+        let e = crate::peer::load_key(&missing, &src)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("peer_key_file")
+                && e.contains("VOLFS_PEER_KEY_FILE")
+                && e.contains("peer.key"),
+            "{e}"
+        );
+        std::fs::write(&missing, "abcd\n").unwrap();
+        let e = crate::peer::load_key(&missing, &Source::Default)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("invalid peer key") && e.contains("32 bytes"),
+            "{e}"
+        );
+        std::fs::write(&missing, "zz".repeat(32)).unwrap();
+        assert!(crate::peer::load_key(&missing, &src).is_err());
+        std::fs::write(&missing, format!("{}\n", "0a".repeat(32))).unwrap();
+        assert_eq!(
+            crate::peer::load_key(&missing, &src).unwrap(),
+            Some([10u8; 32])
+        );
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct Daemon {
     pub metrics: Arc<Metrics>,
     /// gc, scrub, fsck: what runs now and how each last ended.
     pub work: Work,
+    /// The cluster key, the peer records, and fetching chunks from peers.
+    pub peers: Arc<crate::peer::Peers>,
 }
 
 pub struct ApiError(Error);
@@ -151,6 +153,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/backups", post(backup))
         .route("/v1/backups/list", post(list_backups))
         .route("/v1/restore", post(restore))
+        .route("/v1/peers", get(list_peers).post(add_peer))
+        .route("/v1/peers/{name}", axum::routing::delete(remove_peer))
         .layer(axum::middleware::from_fn(log_errors))
         // A streamed tarball: not buffered by `log_errors` (the handler logs its errors).
         .route("/v1/volumes/{name}/import", post(import_volume))
@@ -733,10 +737,19 @@ pub fn run_gc(d: &Daemon) -> volfs::Result<api::GcReport> {
 
 /// Verifies every chunk (`max_bytes_per_sec` 0: as fast as the disk goes).
 pub fn run_scrub(d: &Daemon, max_bytes_per_sec: u64) -> volfs::Result<api::ScrubReport> {
-    let store = d.mounts.registry().store().clone();
+    let r = d.mounts.registry();
+    let source = crate::peer::PeerSource::new(&d.peers)?;
     let rep = d.work.run(
         "scrub",
-        |p| volfs::fsck::scrub(&store, p, max_bytes_per_sec),
+        |p| {
+            volfs::fsck::scrub(
+                r.store(),
+                r,
+                p,
+                max_bytes_per_sec,
+                source.as_ref().map(|s| s as &dyn volfs::chunk::ChunkSource),
+            )
+        },
         |s| {
             format!(
                 "verified {} chunks ({} bytes), {} corrupt",
@@ -747,6 +760,10 @@ pub fn run_scrub(d: &Daemon, max_bytes_per_sec: u64) -> volfs::Result<api::Scrub
         },
     )?;
     d.metrics.scrubbed(rep.bytes_verified);
+    d.metrics
+        .peer
+        .repaired
+        .inc_by(rep.repaired_from_peers.len() as u64);
     Ok(rep)
 }
 
@@ -788,16 +805,87 @@ async fn fsck(
     Ok(Json(
         blocking(move || {
             let r = d.mounts.registry();
+            let source = if req.repair {
+                crate::peer::PeerSource::new(&d.peers)?
+            } else {
+                None
+            };
             let rep = d.work.run(
                 "fsck",
-                |p| volfs::fsck::check(r.store(), r, req.repair, &d.mounts.active_volumes(), p),
+                |p| {
+                    volfs::fsck::check(
+                        r.store(),
+                        r,
+                        req.repair,
+                        &d.mounts.active_volumes(),
+                        p,
+                        source.as_ref().map(|s| s as &dyn volfs::chunk::ChunkSource),
+                    )
+                },
                 |f| format!("{} problems", f.problems.len()),
             )?;
             d.metrics.scrubbed(rep.bytes_verified);
+            d.metrics
+                .peer
+                .repaired
+                .inc_by(rep.repaired_from_peers.len() as u64);
             Ok(rep)
         })
         .await?,
     ))
+}
+
+async fn list_peers(State(d): State<Arc<Daemon>>) -> ApiResult<Vec<api::PeerInfo>> {
+    let peers = d.peers.clone();
+    let records = blocking(move || peers.records()).await?;
+    // Every peer asked at once; a probe ends within the connect and handshake timeouts.
+    let probes = records.iter().map(|r| d.peers.probe(r));
+    Ok(Json(futures_join_all(probes).await))
+}
+
+/// Runs futures concurrently on this task and collects their outputs in order.
+async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in fs {
+        set.push(Box::pin(f));
+    }
+    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in set.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
+async fn add_peer(
+    State(d): State<Arc<Daemon>>,
+    Json(req): Json<api::AddPeer>,
+) -> ApiResult<api::PeerInfo> {
+    let peers = d.peers.clone();
+    let rec = blocking(move || peers.add(&req)).await?;
+    Ok(Json(d.peers.probe(&rec).await))
+}
+
+async fn remove_peer(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    let peers = d.peers.clone();
+    blocking(move || peers.remove(&name)).await?;
+    Ok(Json(serde_json::json!({})))
 }
 
 pub fn create(d: &Daemon, req: &CreateVolume) -> volfs::Result<VolumeInfo> {

@@ -6,6 +6,7 @@ mod fuse;
 mod handover;
 mod metrics;
 mod mounts;
+mod peer;
 mod plugin;
 mod systemd;
 mod work;
@@ -277,6 +278,36 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
         "" => None,
         p => Some(bind_socket(Path::new(p))?),
     };
+    // Peers: only with a cluster key; the listener is bound here so that a port in use is a
+    // start error naming the key.
+    let peer_key = peer::load_key(
+        &cfg.peer_key_file,
+        loaded
+            .sources
+            .get("peer_key_file")
+            .unwrap_or(&config::Source::Default),
+    )?;
+    let peers = Arc::new(peer::Peers::new(
+        peer_key,
+        store.clone(),
+        metrics.peer.clone(),
+    ));
+    let peer_listener = match (peer_key, cfg.peer_listen.as_str()) {
+        (None, _) | (_, "") => None,
+        (Some(_), addr) => {
+            let l = std::net::TcpListener::bind(addr).with_context(|| {
+                format!(
+                    "cannot listen for peers on {addr} (config key peer_listen, from {})",
+                    loaded
+                        .sources
+                        .get("peer_listen")
+                        .unwrap_or(&config::Source::Default)
+                )
+            })?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+    };
     let daemon = Arc::new(control::Daemon {
         mounts: mounts.clone(),
         started: Instant::now(),
@@ -290,6 +321,7 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
             ],
         ),
         metrics: metrics.clone(),
+        peers: peers.clone(),
     });
     metrics.attach(&daemon);
     let gc_interval = cfg.gc_interval_secs;
@@ -370,6 +402,11 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
             let l = tokio::net::TcpListener::from_std(l)?;
             tracing::info!(addr = %l.local_addr()?, "metrics endpoint: GET /metrics");
             tokio::spawn(metrics::serve(l, metrics.clone()));
+        }
+        if let Some(l) = peer_listener {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tracing::info!(addr = %l.local_addr()?, "peer listener: Noise_NNpsk0, protocol v1");
+            tokio::spawn(peer::server::serve(l, peers));
         }
         if let Some(l) = plugin_listener {
             let l = tokio::net::UnixListener::from_std(l)?;

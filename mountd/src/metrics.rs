@@ -119,6 +119,20 @@ pub struct Metrics {
     gc_chunk_bytes_freed: Counter,
     gc_disk_bytes_reclaimed: Counter,
     scrub_bytes: Counter,
+    /// Peer traffic and repairs (the peer module counts into clones of these).
+    pub peer: PeerCounters,
+}
+
+/// The peer counters: bytes on peer connections (both directions, listener and client),
+/// handshake failures, chunks repaired from peers and chunks a peer sent that failed
+/// verification.
+#[derive(Clone, Debug, Default)]
+pub struct PeerCounters {
+    pub sent: Counter,
+    pub received: Counter,
+    pub handshake_failures: Counter,
+    pub repaired: Counter,
+    pub rejected: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -185,6 +199,38 @@ impl Metrics {
             "Chunk bytes read back and verified against their hash by scrub and fsck",
             Counter::default(),
         );
+        let peer = PeerCounters {
+            sent: registered(
+                &mut registry,
+                "peer_sent_bytes",
+                "Bytes sent on peer connections (preamble, handshake and encrypted frames)",
+                Counter::default(),
+            ),
+            received: registered(
+                &mut registry,
+                "peer_received_bytes",
+                "Bytes received on peer connections",
+                Counter::default(),
+            ),
+            handshake_failures: registered(
+                &mut registry,
+                "peer_handshake_failures",
+                "Peer connections that failed the version exchange or the Noise handshake (wrong cluster key, not a volfs peer, timeout)",
+                Counter::default(),
+            ),
+            repaired: registered(
+                &mut registry,
+                "peer_chunks_repaired",
+                "Corrupt chunks replaced by a verified copy from a peer (fsck --repair, scrub)",
+                Counter::default(),
+            ),
+            rejected: registered(
+                &mut registry,
+                "peer_chunks_rejected",
+                "Chunks a peer sent that did not match their id (never stored)",
+                Counter::default(),
+            ),
+        };
         registry.register(
             "build",
             "The daemon's version",
@@ -207,6 +253,7 @@ impl Metrics {
             gc_chunk_bytes_freed,
             gc_disk_bytes_reclaimed,
             scrub_bytes,
+            peer,
         }
     }
 

@@ -78,6 +78,9 @@ enum Command {
     /// Read back every chunk and verify its hash (what the background scrub does, now and at
     /// full speed); exits 1 when a chunk fails.
     Scrub(JsonArgs),
+    /// Add, list and remove peer hosts; make a cluster key.
+    #[command(subcommand)]
+    Peer(PeerCommand),
     /// Manage the daemon's caches (`volfs cache drop` empties the decoded-chunk cache, for
     /// cold-cache measurements together with `echo 3 > /proc/sys/vm/drop_caches`).
     #[command(subcommand)]
@@ -274,6 +277,23 @@ struct LayerRmArgs {
     ids: Vec<String>,
 }
 
+#[derive(Debug, Subcommand)]
+enum PeerCommand {
+    /// Add a peer (another volfs-mountd with the same cluster key) and ask it once.
+    Add {
+        /// Name of the peer: [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 128 characters.
+        name: String,
+        /// HOST:PORT of its peer listener (`peer_listen`, default port 9568).
+        addr: String,
+    },
+    /// List the peers and whether each answers: authenticated, latency, or the error.
+    Ls(JsonArgs),
+    /// Remove a peer.
+    Rm { name: String },
+    /// Print a new random cluster key (64 hex digits) for `peer_key_file`.
+    Keygen,
+}
+
 #[derive(Debug, Args)]
 struct JsonArgs {
     /// Print JSON.
@@ -452,6 +472,7 @@ fn run(cli: Cli) -> Result<i32> {
             0
         }
         Command::Scrub(a) => scrub(&client, a, &mut out)?,
+        Command::Peer(c) => peer(&client, c, &mut out)?,
         Command::Fsck(a) => fsck(&client, a, &mut out)?,
         Command::Mount(a) => mount(&client, a)?,
         Command::Umount(a) => umount(&client, a)?,
@@ -1177,6 +1198,63 @@ fn fsck(client: &Client, args: FsckArgs, out: &mut dyn Write) -> Result<i32> {
     Ok(if open > 0 { 1 } else { 0 })
 }
 
+fn peer(client: &Client, cmd: PeerCommand, out: &mut dyn Write) -> Result<i32> {
+    match cmd {
+        PeerCommand::Keygen => {
+            let mut key = [0u8; 32];
+            let mut f = std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
+            io::Read::read_exact(&mut f, &mut key).context("reading /dev/urandom")?;
+            writeln!(out, "{}", hex::encode(key))?;
+            Ok(0)
+        }
+        PeerCommand::Add { name, addr } => {
+            volfs::meta::check_peer_name(&name)?;
+            volfs::meta::check_peer_addr(&addr)?;
+            let p: api::PeerInfo = client.post("/v1/peers", &api::AddPeer { name, addr })?;
+            writeln!(
+                out,
+                "added peer {} ({}): {}",
+                p.name,
+                p.addr,
+                peer_state(&p)
+            )?;
+            Ok(0)
+        }
+        PeerCommand::Rm { name } => {
+            volfs::meta::check_peer_name(&name)?;
+            let _: serde_json::Value = client.delete(&format!("/v1/peers/{name}"))?;
+            Ok(0)
+        }
+        PeerCommand::Ls(a) => {
+            let peers: Vec<api::PeerInfo> = client.get("/v1/peers")?;
+            if a.json {
+                write_json(out, &peers)?;
+                return Ok(0);
+            }
+            let w = peers.iter().map(|p| p.name.len()).max().unwrap_or(4).max(4);
+            let wa = peers.iter().map(|p| p.addr.len()).max().unwrap_or(7).max(7);
+            writeln!(out, "{:<w$}  {:<wa$}  STATE", "NAME", "ADDRESS")?;
+            for p in &peers {
+                writeln!(out, "{:<w$}  {:<wa$}  {}", p.name, p.addr, peer_state(p))?;
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// One peer's state in words.
+fn peer_state(p: &api::PeerInfo) -> String {
+    match (&p.error, p.latency_ms) {
+        (Some(e), _) => one_line(e),
+        (None, Some(ms)) => format!(
+            "authenticated, v{}, host {}, {ms:.1} ms",
+            p.version.unwrap_or(0),
+            p.host.as_deref().unwrap_or("?")
+        ),
+        (None, None) => "unknown".into(),
+    }
+}
+
 fn scrub(client: &Client, args: JsonArgs, out: &mut dyn Write) -> Result<i32> {
     let r: ScrubReport = client.post("/v1/scrub", &serde_json::json!({}))?;
     if args.json {
@@ -1189,6 +1267,9 @@ fn scrub(client: &Client, args: JsonArgs, out: &mut dyn Write) -> Result<i32> {
             human_bytes(r.bytes_verified),
             r.millis
         )?;
+        for p in &r.repaired_from_peers {
+            writeln!(out, "repaired: chunk {} from {}", p.chunk, p.from)?;
+        }
         for c in &r.corrupt {
             writeln!(
                 out,

@@ -457,6 +457,8 @@ pub struct Daemon {
     env: Vec<(String, String)>,
     /// The volfs-mountd binary to run (default: the one cargo built).
     pub exe: PathBuf,
+    /// A network namespace (`ip netns` name) to run the daemon in; its mounts stay visible.
+    pub netns: Option<String>,
 }
 
 impl Daemon {
@@ -495,6 +497,7 @@ impl Daemon {
             watchdog: start_watchdog(root.clone()),
             env: Vec::new(),
             exe: bin("volfs-mountd"),
+            netns: None,
             root,
         };
         for dir in [&d.data, &d.run, &d.mnt] {
@@ -540,7 +543,36 @@ impl Daemon {
         for (k, v) in &self.env {
             c.env(k, v);
         }
+        if let Some(ns) = &self.netns {
+            // Only the network namespace: `ip netns exec` would also give the daemon a mount
+            // namespace of its own, and its FUSE mounts would not be visible to the test.
+            let f = File::open(format!("/run/netns/{ns}"))
+                .unwrap_or_else(|e| panic!("opening network namespace {ns}: {e}"));
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setns is async-signal-safe; the closure only makes that call.
+            unsafe {
+                c.pre_exec(move || {
+                    if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         c
+    }
+
+    /// Like [`Daemon::start_with_env`], in the network namespace `ns` (see [`Daemon::netns`]).
+    pub fn start_in_netns(ns: &str, env: &[(&str, &str)]) -> Daemon {
+        let mut d = Self::prepare();
+        d.netns = Some(ns.to_string());
+        d.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        d.start_again();
+        d
     }
 
     /// This daemon's Docker volume plugin socket.

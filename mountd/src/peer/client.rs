@@ -1,0 +1,155 @@
+//! The side that connects: opens a channel to a peer's listener, exchanges hellos, and asks
+//! (ping, which chunks it has, one chunk). Every chunk received is verified against its id
+//! here, on arrival; one that fails is an error and is never handed on.
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use volfs::ids::ChunkId;
+
+use super::channel::{Channel, Role};
+use super::wire::{MsgV1, WireError, MAX_IDS};
+use crate::metrics::PeerCounters;
+
+/// Connecting (name resolution and TCP) must finish within this.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Each request must be answered within this.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct PeerClient {
+    ch: Channel,
+    /// The host name the peer gave in its hello.
+    pub host: String,
+    counters: PeerCounters,
+}
+
+impl PeerClient {
+    /// Connects to `addr` (`host:port`), runs the handshake and exchanges hellos.
+    pub async fn connect(
+        addr: &str,
+        key: &[u8; 32],
+        me: &str,
+        counters: PeerCounters,
+    ) -> Result<PeerClient, WireError> {
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(WireError::Connect(e.to_string())),
+            Err(_) => {
+                return Err(WireError::Connect(format!(
+                    "no answer within {CONNECT_TIMEOUT:?}"
+                )))
+            }
+        };
+        let mut ch = match Channel::open(stream, key, Role::Initiator, counters.clone()).await {
+            Ok(ch) => ch,
+            Err(e) => {
+                if matches!(e, WireError::Auth(_)) {
+                    counters.handshake_failures.inc();
+                }
+                return Err(e);
+            }
+        };
+        let version = ch.version;
+        ch.send(&MsgV1::Hello {
+            host: me.to_string(),
+            version,
+        })
+        .await?;
+        let host = match ch
+            .recv_within(REQUEST_TIMEOUT, "waiting for the peer's hello")
+            .await?
+        {
+            MsgV1::Hello { host, version: v } if v == version => host,
+            MsgV1::Hello { version: v, .. } => {
+                return Err(WireError::Protocol(format!(
+                    "the peer's hello says version {v}, the channel runs {version}"
+                )))
+            }
+            m => return Err(unexpected(&m)),
+        };
+        Ok(PeerClient { ch, host, counters })
+    }
+
+    pub fn version(&self) -> u16 {
+        self.ch.version
+    }
+
+    /// One request, one answer.
+    async fn ask(&mut self, m: &MsgV1) -> Result<MsgV1, WireError> {
+        self.ch.send(m).await?;
+        match self
+            .ch
+            .recv_within(REQUEST_TIMEOUT, "waiting for an answer")
+            .await?
+        {
+            MsgV1::Error { message } => {
+                Err(WireError::Protocol(format!("the peer refused: {message}")))
+            }
+            a => Ok(a),
+        }
+    }
+
+    /// Round trip of a ping.
+    pub async fn ping(&mut self) -> Result<Duration, WireError> {
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        let t0 = Instant::now();
+        match self.ask(&MsgV1::Ping { nonce }).await? {
+            MsgV1::Pong { nonce: n } if n == nonce => Ok(t0.elapsed()),
+            m => Err(unexpected(&m)),
+        }
+    }
+
+    /// Which of `ids` the peer holds (asked in requests of at most [`MAX_IDS`]).
+    pub async fn has_chunks(&mut self, ids: &[ChunkId]) -> Result<Vec<bool>, WireError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for part in ids.chunks(MAX_IDS) {
+            let ask = MsgV1::HasChunks {
+                ids: part.iter().map(|i| i.0).collect(),
+            };
+            match self.ask(&ask).await? {
+                MsgV1::Have { which } if which.len() == part.len() => out.extend(which),
+                m => return Err(unexpected(&m)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Chunk `id` from the peer, verified: `None` when it holds no intact copy; an error
+    /// ([`WireError::Rejected`]) when it sends bytes that do not hash to `id`.
+    pub async fn get_chunk(&mut self, id: &ChunkId) -> Result<Option<Vec<u8>>, WireError> {
+        match self.ask(&MsgV1::GetChunk { id: id.0 }).await? {
+            MsgV1::Chunk { id: got, data } => {
+                if got != id.0 {
+                    self.counters.rejected.inc();
+                    return Err(WireError::Rejected(format!(
+                        "sent chunk {} when asked for {id} (rejected)",
+                        ChunkId(got)
+                    )));
+                }
+                if ChunkId::of(&data) != *id {
+                    self.counters.rejected.inc();
+                    tracing::warn!(chunk = %id, remote = %self.ch.remote, "a peer sent bytes that do not match the chunk's hash; rejected");
+                    return Err(WireError::Rejected(
+                        "sent bytes that do not match the chunk's hash (rejected, not stored)"
+                            .into(),
+                    ));
+                }
+                Ok(Some(data))
+            }
+            MsgV1::Missing { id: got } if got == id.0 => Ok(None),
+            m => Err(unexpected(&m)),
+        }
+    }
+}
+
+fn unexpected(m: &MsgV1) -> WireError {
+    let name = format!("{m:?}");
+    let name = name
+        .split([' ', '{', '('])
+        .next()
+        .unwrap_or("?")
+        .to_string();
+    WireError::Protocol(format!("unexpected message {name}"))
+}

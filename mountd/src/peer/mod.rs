@@ -1,0 +1,277 @@
+//! Peers: other volfs daemons that share this host's cluster key. This module owns the
+//! cluster key (`peer_key_file`), the peer records in the index (`peer/<name>` in the `meta`
+//! column family), probing peers for `volfs peer ls`, and [`PeerSource`], the
+//! [`ChunkSource`] through which fsck and the scrub fetch intact copies of corrupt chunks.
+//! The wire is in [`wire`], the encrypted channel in [`channel`], the listener in [`server`]
+//! and the connecting side in [`client`].
+pub mod channel;
+pub mod client;
+pub mod server;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use volfs::api::{AddPeer, PeerInfo};
+use volfs::chunk::ChunkSource;
+use volfs::db::{Batch, Cf};
+use volfs::ids::ChunkId;
+use volfs::meta::{self, PeerRecord};
+use volfs::store::Store;
+use volfs::Error;
+
+use crate::metrics::PeerCounters;
+use client::PeerClient;
+
+/// Default of the `peer_key_file` config key.
+pub const DEFAULT_KEY_FILE: &str = "/etc/volfs/peer.key";
+/// Default of the `peer_listen` config key.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9568";
+
+pub struct Peers {
+    /// The cluster key; `None`: peers are off (no listener, nothing to connect with).
+    pub key: Option<[u8; 32]>,
+    /// This host's name, sent in hellos.
+    pub host: String,
+    pub store: Arc<Store>,
+    pub counters: PeerCounters,
+}
+
+/// Parses a key file's text: 64 hex digits (32 bytes), surrounding whitespace ignored.
+pub fn parse_key(text: &str) -> Result<[u8; 32], String> {
+    let t = text.trim();
+    let bytes = hex::decode(t).map_err(|_| {
+        format!(
+            "expected 64 hex digits (32 bytes, as `volfs peer keygen` prints), found {} characters that are not all hex",
+            t.len()
+        )
+    })?;
+    bytes.try_into().map_err(|b: Vec<u8>| {
+        format!(
+            "expected 32 bytes (64 hex digits, as `volfs peer keygen` prints), found {}",
+            b.len()
+        )
+    })
+}
+
+/// Reads the cluster key. A missing file at the default path turns peers off (`Ok(None)`);
+/// an explicitly configured file that is missing, unreadable or malformed is an error naming
+/// the key and where its value came from. An empty path turns peers off too.
+pub fn load_key(path: &Path, source: &crate::config::Source) -> anyhow::Result<Option<[u8; 32]>> {
+    if path.as_os_str().is_empty() {
+        tracing::info!("peers are off: peer_key_file is empty");
+        return Ok(None);
+    }
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && *source == crate::config::Source::Default =>
+        {
+            tracing::info!(
+                "peers are off: no cluster key at {} (config key peer_key_file; `volfs peer keygen` makes one)",
+                path.display()
+            );
+            return Ok(None);
+        }
+        Err(e) => anyhow::bail!(
+            "cannot read the peer key {} (config key peer_key_file, from {source}): {e}",
+            path.display()
+        ),
+    };
+    parse_key(&text).map(Some).map_err(|why| {
+        anyhow::anyhow!(
+            "invalid peer key {} (config key peer_key_file, from {source}): {why}",
+            path.display()
+        )
+    })
+}
+
+/// This host's name (for hellos).
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or
+    // truncates, and we stop at the first NUL or the end.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+impl Peers {
+    pub fn new(key: Option<[u8; 32]>, store: Arc<Store>, counters: PeerCounters) -> Peers {
+        Peers {
+            key,
+            host: hostname(),
+            store,
+            counters,
+        }
+    }
+
+    /// The peer records, by name (blocking: reads the index).
+    pub fn records(&self) -> volfs::Result<Vec<PeerRecord>> {
+        meta::peers(&*self.store.engine)
+    }
+
+    /// Adds or replaces a peer record (blocking).
+    pub fn add(&self, req: &AddPeer) -> volfs::Result<PeerRecord> {
+        meta::check_peer_name(&req.name)?;
+        meta::check_peer_addr(&req.addr)?;
+        let rec = PeerRecord {
+            name: req.name.clone(),
+            addr: req.addr.clone(),
+            added: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        };
+        let mut b = Batch::new();
+        b.put(
+            Cf::Meta,
+            meta::peer_key(&rec.name),
+            meta::encode(meta::PEER_VERSION, &rec),
+        );
+        self.store.engine.write(b, true)?;
+        tracing::info!(peer = rec.name, addr = rec.addr, "peer added");
+        Ok(rec)
+    }
+
+    /// Removes a peer record (blocking).
+    pub fn remove(&self, name: &str) -> volfs::Result<()> {
+        meta::check_peer_name(name)?;
+        let key = meta::peer_key(name);
+        if self.store.engine.get(Cf::Meta, &key)?.is_none() {
+            return Err(Error::NotFound(format!("no peer named {name:?}")));
+        }
+        let mut b = Batch::new();
+        b.delete(Cf::Meta, key);
+        self.store.engine.write(b, true)?;
+        tracing::info!(peer = name, "peer removed");
+        Ok(())
+    }
+
+    /// Connects to a peer and says hello.
+    pub async fn connect(&self, addr: &str) -> Result<PeerClient, wire::WireError> {
+        let Some(key) = self.key else {
+            return Err(wire::WireError::Auth(
+                "peers are off on this host: no cluster key (config key peer_key_file)".into(),
+            ));
+        };
+        PeerClient::connect(addr, &key, &self.host, self.counters.clone()).await
+    }
+
+    /// Asks one peer now: connect, handshake, hello, ping.
+    pub async fn probe(&self, rec: &PeerRecord) -> PeerInfo {
+        let mut info = PeerInfo {
+            name: rec.name.clone(),
+            addr: rec.addr.clone(),
+            connected: false,
+            authenticated: false,
+            version: None,
+            host: None,
+            latency_ms: None,
+            error: None,
+        };
+        let r = async {
+            let mut c = self.connect(&rec.addr).await?;
+            info.connected = true;
+            info.authenticated = true;
+            info.version = Some(c.version());
+            info.host = Some(c.host.clone());
+            c.ping().await
+        }
+        .await;
+        match r {
+            Ok(rtt) => info.latency_ms = Some(rtt.as_secs_f64() * 1000.0),
+            Err(e) => {
+                if !matches!(e, wire::WireError::Connect(_)) {
+                    info.connected = true;
+                }
+                if matches!(e, wire::WireError::Auth(_)) {
+                    info.authenticated = false;
+                }
+                info.error = Some(e.to_string());
+            }
+        }
+        info
+    }
+}
+
+/// Fetches chunks from the configured peers, in name order, for fsck and the scrub. It runs
+/// on a blocking thread and drives the async client on the daemon's runtime. One connection
+/// per peer is kept for the run; a peer that failed to connect is not asked again in it.
+pub struct PeerSource {
+    peers: Arc<Peers>,
+    rt: tokio::runtime::Handle,
+    records: Vec<PeerRecord>,
+    conns: parking_lot::Mutex<HashMap<String, Result<PeerClient, String>>>,
+}
+
+impl PeerSource {
+    /// `None` when peers are off or none is configured. Call on a blocking thread of the
+    /// daemon's runtime.
+    pub fn new(peers: &Arc<Peers>) -> volfs::Result<Option<PeerSource>> {
+        if peers.key.is_none() {
+            return Ok(None);
+        }
+        let records = peers.records()?;
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return Ok(None);
+        };
+        if records.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(PeerSource {
+            peers: peers.clone(),
+            rt,
+            records,
+            conns: parking_lot::Mutex::new(HashMap::new()),
+        }))
+    }
+}
+
+impl ChunkSource for PeerSource {
+    fn fetch(&self, id: &ChunkId) -> Result<(Vec<u8>, String), String> {
+        let mut why = Vec::new();
+        let mut conns = self.conns.lock();
+        for rec in &self.records {
+            let from = format!("peer {} ({})", rec.name, rec.addr);
+            let entry = conns.entry(rec.name.clone()).or_insert_with(|| {
+                self.rt
+                    .block_on(self.peers.connect(&rec.addr))
+                    .map_err(|e| e.to_string())
+            });
+            let client = match entry {
+                Ok(c) => c,
+                Err(e) => {
+                    why.push(format!("peer {}: {e}", rec.name));
+                    continue;
+                }
+            };
+            let asked = self.rt.block_on(async {
+                if client.has_chunks(&[*id]).await?.first() != Some(&true) {
+                    return Ok(None);
+                }
+                client.get_chunk(id).await
+            });
+            match asked {
+                Ok(Some(data)) => return Ok((data, from)),
+                Ok(None) => why.push(format!("peer {}: does not hold it", rec.name)),
+                Err(e) => {
+                    why.push(format!("peer {}: {e}", rec.name));
+                    // The connection's state is unknown after an error: do not reuse it.
+                    if !matches!(e, wire::WireError::Rejected(_)) {
+                        *entry = Err(e.to_string());
+                    }
+                }
+            }
+        }
+        if why.is_empty() {
+            why.push("no peers".into());
+        }
+        Err(why.join("; "))
+    }
+}

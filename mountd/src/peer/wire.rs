@@ -1,0 +1,272 @@
+//! Peer protocol v1 on the wire (docs/FORMAT.md, "Peer protocol v1"): the plaintext preamble
+//! with which both sides offer their protocol versions, the length-prefixed frames of the
+//! Noise handshake and of the encrypted messages, the message enum of version 1, and the
+//! limits every reader enforces before it allocates.
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The first bytes each side sends.
+pub const MAGIC: &[u8; 8] = b"VOLFSPR\0";
+/// The protocol versions this build speaks, lowest first.
+pub const VERSIONS: &[u16] = &[1];
+/// At most this many versions in a preamble.
+pub const MAX_VERSIONS: usize = 32;
+/// Largest encrypted frame (the ciphertext after the 4-byte length): a 256 KiB chunk, its
+/// encoding and the tags, with room to spare.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Largest Noise message (handshake or transport).
+pub const NOISE_MAX: usize = 65535;
+/// Noise's authentication tag per transport message.
+pub const TAG: usize = 16;
+/// At most this many chunk ids in one `HasChunks`.
+pub const MAX_IDS: usize = 4096;
+
+/// A failure of the wire: the connection is closed after it.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a volfs peer (bad magic {0:02x?})")]
+    Magic(Vec<u8>),
+    #[error("no common peer protocol version: this host speaks {ours:?}, the peer {theirs:?}")]
+    NoCommonVersion { ours: Vec<u16>, theirs: Vec<u16> },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("frame of {0} bytes is over the limit of {MAX_FRAME}")]
+    Oversized(usize),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The peer sent data that failed verification; it was not stored.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// Encodes a preamble: magic, count u8, versions u16 BE.
+pub fn preamble(versions: &[u16]) -> Vec<u8> {
+    let mut v = MAGIC.to_vec();
+    v.push(versions.len() as u8);
+    for x in versions {
+        v.extend(x.to_be_bytes());
+    }
+    v
+}
+
+/// Reads the other side's preamble; the versions it offers.
+pub async fn read_preamble<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u16>, WireError> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head).await?;
+    if &head[..8] != MAGIC {
+        return Err(WireError::Magic(head[..8].to_vec()));
+    }
+    let n = head[8] as usize;
+    if n == 0 || n > MAX_VERSIONS {
+        return Err(WireError::Malformed(format!(
+            "{n} versions in the preamble"
+        )));
+    }
+    let mut raw = vec![0u8; 2 * n];
+    r.read_exact(&mut raw).await?;
+    Ok(raw
+        .chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect())
+}
+
+/// The highest version both offer.
+pub fn choose(ours: &[u16], theirs: &[u16]) -> Result<u16, WireError> {
+    ours.iter()
+        .filter(|v| theirs.contains(v))
+        .max()
+        .copied()
+        .ok_or_else(|| WireError::NoCommonVersion {
+            ours: ours.to_vec(),
+            theirs: theirs.to_vec(),
+        })
+}
+
+/// The Noise prologue: binds the negotiated version and both preambles (initiator's first)
+/// into the handshake, so that a changed offer makes the handshake fail.
+pub fn prologue(version: u16, initiator: &[u8], responder: &[u8]) -> Vec<u8> {
+    let mut p = b"volfs peer protocol".to_vec();
+    p.extend(version.to_be_bytes());
+    p.extend(initiator);
+    p.extend(responder);
+    p
+}
+
+/// Writes a handshake message: length u16 BE, bytes.
+pub async fn write_handshake<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &[u8],
+) -> Result<(), WireError> {
+    let len = u16::try_from(msg.len())
+        .map_err(|_| WireError::Malformed("handshake message over 64 KiB".into()))?;
+    let mut buf = len.to_be_bytes().to_vec();
+    buf.extend_from_slice(msg);
+    w.write_all(&buf).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads a handshake message.
+pub async fn read_handshake<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, WireError> {
+    let mut len = [0u8; 2];
+    r.read_exact(&mut len).await?;
+    let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+    r.read_exact(&mut msg).await?;
+    Ok(msg)
+}
+
+/// Writes an encrypted frame: ciphertext length u32 BE, ciphertext.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, ct: &[u8]) -> Result<(), WireError> {
+    if ct.len() > MAX_FRAME {
+        return Err(WireError::Oversized(ct.len()));
+    }
+    let mut buf = Vec::with_capacity(4 + ct.len());
+    buf.extend((ct.len() as u32).to_be_bytes());
+    buf.extend_from_slice(ct);
+    w.write_all(&buf).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads an encrypted frame, refusing one over [`MAX_FRAME`] before reading it.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, WireError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(WireError::Oversized(len));
+    }
+    if len == 0 {
+        return Err(WireError::Malformed("empty frame".into()));
+    }
+    let mut ct = vec![0u8; len];
+    r.read_exact(&mut ct).await?;
+    Ok(ct)
+}
+
+/// A chunk id on the wire.
+pub type Id = [u8; 32];
+
+/// The messages of protocol version 1 (postcard-encoded, one per frame). Requests are
+/// answered in order on the connection that asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MsgV1 {
+    /// First message of each side after the handshake.
+    Hello {
+        host: String,
+        version: u16,
+    },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    /// Which of these chunks the peer holds (at most [`MAX_IDS`]).
+    HasChunks {
+        ids: Vec<Id>,
+    },
+    /// One flag per id asked, in order.
+    Have {
+        which: Vec<bool>,
+    },
+    GetChunk {
+        id: Id,
+    },
+    /// The chunk's uncompressed bytes.
+    Chunk {
+        id: Id,
+        data: Vec<u8>,
+    },
+    /// The peer holds no intact copy.
+    Missing {
+        id: Id,
+    },
+    /// The request was refused; the connection stays usable.
+    Error {
+        message: String,
+    },
+}
+
+impl MsgV1 {
+    pub fn encode(&self) -> Vec<u8> {
+        // postcard only fails on writer errors, which a Vec never has.
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+    pub fn decode(b: &[u8]) -> Result<MsgV1, WireError> {
+        postcard::from_bytes(b).map_err(|e| WireError::Malformed(format!("message: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_choice() {
+        assert_eq!(choose(&[1, 2, 3], &[2, 3, 4]).unwrap(), 3);
+        assert_eq!(choose(&[1], &[1]).unwrap(), 1);
+        let e = choose(&[1], &[2, 3]).unwrap_err().to_string();
+        assert!(
+            e.contains("no common") && e.contains("[1]") && e.contains("[2, 3]"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn preamble_round_trip_and_garbage() {
+        let p = preamble(&[1, 7]);
+        assert_eq!(read_preamble(&mut &p[..]).await.unwrap(), vec![1, 7]);
+        let e = read_preamble(&mut &b"GET / HTTP/1.1\r\n"[..])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, WireError::Magic(_)), "{e}");
+        let mut bad = MAGIC.to_vec();
+        bad.push(0);
+        assert!(matches!(
+            read_preamble(&mut &bad[..]).await.unwrap_err(),
+            WireError::Malformed(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_is_refused_before_reading() {
+        let mut b = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+        b.extend([0u8; 8]);
+        assert!(matches!(
+            read_frame(&mut &b[..]).await.unwrap_err(),
+            WireError::Oversized(_)
+        ));
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        for m in [
+            MsgV1::Hello {
+                host: "a".into(),
+                version: 1,
+            },
+            MsgV1::HasChunks {
+                ids: vec![[1; 32], [2; 32]],
+            },
+            MsgV1::Have {
+                which: vec![true, false],
+            },
+            MsgV1::Chunk {
+                id: [3; 32],
+                data: vec![9; 1000],
+            },
+        ] {
+            assert_eq!(MsgV1::decode(&m.encode()).unwrap(), m);
+        }
+        assert!(MsgV1::decode(&[200, 1, 2]).is_err());
+    }
+}
