@@ -357,3 +357,8 @@ mod tests {
         assert_eq!(extent_offset(&extent_key(t, 5, 777)).unwrap(), 777);
     }
 }
+
+/// `meta` key of this host's cluster state (JSON, see docs/FORMAT.md, "Cluster state in etcd
+/// v1": the lease id, and which local volumes this host owns or holds as replicas), so that
+/// a restarted server keeps its lease and ownerships.
+pub const CLUSTER_STATE_KEY: &[u8] = b"cluster/v1";

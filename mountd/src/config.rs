@@ -70,6 +70,16 @@ pub struct Config {
     /// Run as a supervisor and a server process, so that a crash of the server keeps every
     /// mount and open file (see docs/ARCHITECTURE.md, "Surviving a crash of the daemon").
     pub supervise: bool,
+    /// etcd endpoints, comma-separated (`http://10.0.0.5:2379,http://10.0.0.6:2379`); empty
+    /// (the default) is a single host: no etcd, no peers (see docs/ARCHITECTURE.md, "Cluster
+    /// state and ownership").
+    pub etcd_endpoints: String,
+    /// This host's name in the cluster; empty means the machine's hostname. Validated like a
+    /// volume name.
+    pub host_name: String,
+    /// Seconds an ownership lease lives without a keep-alive (at least 3). The owner stops
+    /// writing after half of it without a successful keep-alive.
+    pub lease_ttl_secs: u64,
 }
 
 impl Default for Config {
@@ -93,6 +103,9 @@ impl Default for Config {
             scrub_interval_secs: 7 * 24 * 3600,
             scrub_max_mb_per_sec: 64,
             supervise: true,
+            etcd_endpoints: String::new(),
+            host_name: String::new(),
+            lease_ttl_secs: 10,
         }
     }
 }
@@ -208,6 +221,20 @@ impl Config {
                         self.metrics_listen
                     )
                 }),
+            "lease_ttl_secs" if self.lease_ttl_secs < 3 || self.lease_ttl_secs > 3600 => Err(
+                format!("{} seconds: expected 3 to 3600", self.lease_ttl_secs),
+            ),
+            "host_name" if !self.host_name.is_empty() => {
+                volfs::ids::VolumeName::new(&self.host_name)
+                    .map(|_| ())
+                    .map_err(|_| {
+                        format!(
+                            "{:?}: expected [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 128 bytes",
+                            self.host_name
+                        )
+                    })
+            }
+            "etcd_endpoints" => crate::cluster::parse_endpoints(&self.etcd_endpoints).map(|_| ()),
             "data_dir" | "socket" | "run_dir" if self.path(key).as_os_str().is_empty() => {
                 Err("the path is empty".into())
             }
@@ -270,7 +297,12 @@ impl Config {
             };
             // An empty variable means "not set", except for keys where "" turns a feature
             // off (the plugin socket, the metrics endpoint).
-            if raw.is_empty() && !matches!(k.as_str(), "plugin_socket" | "metrics_listen") {
+            if raw.is_empty()
+                && !matches!(
+                    k.as_str(),
+                    "plugin_socket" | "metrics_listen" | "etcd_endpoints"
+                )
+            {
                 continue;
             }
             let v = typed(k, &raw, default);
