@@ -912,14 +912,18 @@ impl Cluster {
 
     /// `GET /v1/cluster`.
     pub fn status(self: &Arc<Self>, local: Vec<String>) -> volfs::api::ClusterStatus {
+        let (lease_id, last_error) = {
+            let i = self.inner.lock();
+            (i.lease, i.last_error.clone())
+        };
         let mut st = volfs::api::ClusterStatus {
             mode: "etcd".into(),
             host: self.host.clone(),
             endpoints: self.endpoints.clone(),
             connected: self.lease_fresh(),
-            lease_id: self.inner.lock().lease,
+            lease_id,
             lease_ttl_secs: self.ttl,
-            last_error: self.inner.lock().last_error.clone(),
+            last_error,
             ..Default::default()
         };
         let me = self.clone();
