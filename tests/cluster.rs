@@ -1,6 +1,5 @@
 //! Cluster mode against a real etcd (Debian's etcd-server) and real daemons: ownership,
 //! replicas, fencing on a partition, promote, and a server restart that keeps the lease.
-#[allow(dead_code)]
 mod common;
 
 use std::io::Write;

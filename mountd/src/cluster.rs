@@ -543,7 +543,8 @@ impl Cluster {
                 Err(_) => return Err(etcd_err("keep-alive", "no answer (etcd unreachable?)")),
             }
             rounds += 1;
-            if rounds % 3 == 0 {
+            if rounds == 3 {
+                rounds = 0;
                 self.refresh(&mut client).await?;
             }
         }
