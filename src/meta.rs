@@ -362,4 +362,3 @@ mod tests {
         assert_eq!(extent_offset(&extent_key(t, 5, 777)).unwrap(), 777);
     }
 }
-
