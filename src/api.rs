@@ -33,6 +33,8 @@
 //! | GET | /v1/peers | | `[PeerInfo]` (each peer asked now) |
 //! | POST | /v1/peers | [`AddPeer`] | [`PeerInfo`] |
 //! | DELETE | /v1/peers/{name} | | `{}` |
+//! | GET | /v1/cluster | | [`ClusterStatus`] |
+//! | POST | /v1/volumes/{name}/promote | | [`Promoted`] |
 //!
 //! Volume clones are `POST /v1/volumes` with the option `from=VOLUME[@SNAPSHOT]`; a mount
 //! request's volume may be `VOLUME@SNAPSHOT` (read-only).
@@ -132,6 +134,15 @@ pub struct VolumeInfo {
     /// The image layers it was created on (`--layers`), bottom first.
     #[serde(default)]
     pub image: Vec<String>,
+    /// Cluster mode only: the host that owns the volume for writing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Cluster mode only: the fencing token of that ownership.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<i64>,
+    /// Cluster mode only: the hosts placed to hold replicas.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -245,6 +256,9 @@ pub struct Status {
     pub background: Vec<BackgroundTask>,
     /// Things that need attention; `volfs status` exits non-zero when there are any.
     pub warnings: Vec<String>,
+    /// One line on the cluster: `single host`, or the host, etcd and lease state.
+    #[serde(default)]
+    pub cluster: String,
 }
 
 /// One kind of background or maintenance work in [`Status`].
@@ -365,4 +379,68 @@ pub struct PeerInfo {
     /// Why it does not answer (`authentication failed: ...`, `connection refused`, ...).
     #[serde(default)]
     pub error: Option<String>,
+}
+
+/// `GET /v1/cluster`: this host's view of the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ClusterStatus {
+    /// `single host` (no etcd configured) or `etcd`.
+    pub mode: String,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Did the last keep-alive succeed within half the lease TTL?
+    #[serde(default)]
+    pub connected: bool,
+    #[serde(default)]
+    pub lease_id: i64,
+    #[serde(default)]
+    pub lease_ttl_secs: u64,
+    /// Why etcd could not be used, if it could not.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub hosts: Vec<ClusterHost>,
+    #[serde(default)]
+    pub volumes: Vec<ClusterVolume>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ClusterHost {
+    pub host: String,
+    #[serde(default)]
+    pub peer: Option<String>,
+    #[serde(default)]
+    pub version: String,
+    /// Seconds left on the host's lease (-1: unknown).
+    pub ttl_left: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ClusterVolume {
+    pub name: String,
+    /// The owner host, if the volume has one now.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// The fencing token of the ownership (the owner key's etcd create_revision).
+    #[serde(default)]
+    pub token: Option<i64>,
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    /// This host's role: `owner`, `replica`, or `-` (not here).
+    #[serde(default)]
+    pub local: String,
+}
+
+/// `POST /v1/volumes/{name}/promote`: the answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Promoted {
+    pub volume: String,
+    pub host: String,
+    pub token: i64,
+    /// RFC 3339: the point in time the local copy holds.
+    pub point_in_time: String,
+    /// What that time is: `snapshot NAME`, or `volume created` when it has no snapshot.
+    pub basis: String,
 }

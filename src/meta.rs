@@ -298,6 +298,11 @@ pub fn u64_at(k: &[u8], at: usize) -> Result<u64> {
         .ok_or_else(|| Error::Encoding("short key".into()))
 }
 
+/// `meta` key of this host's cluster state (JSON, see docs/FORMAT.md, "Cluster state in etcd
+/// v1": the lease id, and which local volumes this host owns or holds as replicas), so that
+/// a restarted server keeps its lease and ownerships.
+pub const CLUSTER_STATE_KEY: &[u8] = b"cluster/v1";
+
 #[cfg(test)]
 mod tests {
     use super::*;

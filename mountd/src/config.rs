@@ -77,6 +77,16 @@ pub struct Config {
     /// (`volfs peer keygen`). A missing file at the default path turns peers off; a missing
     /// or malformed file that is configured is a start error. "" turns peers off.
     pub peer_key_file: PathBuf,
+    /// etcd endpoints, comma-separated (`http://10.0.0.5:2379,http://10.0.0.6:2379`); empty
+    /// (the default) is a single host: no etcd, no peers (see docs/ARCHITECTURE.md, "Cluster
+    /// state and ownership").
+    pub etcd_endpoints: String,
+    /// This host's name in the cluster; empty means the machine's hostname. Validated like a
+    /// volume name.
+    pub host_name: String,
+    /// Seconds an ownership lease lives without a keep-alive (at least 3). The owner stops
+    /// writing after half of it without a successful keep-alive.
+    pub lease_ttl_secs: u64,
 }
 
 impl Default for Config {
@@ -102,6 +112,9 @@ impl Default for Config {
             supervise: true,
             peer_listen: crate::peer::DEFAULT_LISTEN.into(),
             peer_key_file: crate::peer::DEFAULT_KEY_FILE.into(),
+            etcd_endpoints: String::new(),
+            host_name: String::new(),
+            lease_ttl_secs: 10,
         }
     }
 }
@@ -228,6 +241,20 @@ impl Config {
                         crate::peer::DEFAULT_LISTEN
                     )
                 }),
+            "lease_ttl_secs" if self.lease_ttl_secs < 3 || self.lease_ttl_secs > 3600 => Err(
+                format!("{} seconds: expected 3 to 3600", self.lease_ttl_secs),
+            ),
+            "host_name" if !self.host_name.is_empty() => {
+                volfs::ids::VolumeName::new(&self.host_name)
+                    .map(|_| ())
+                    .map_err(|_| {
+                        format!(
+                            "{:?}: expected [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 128 bytes",
+                            self.host_name
+                        )
+                    })
+            }
+            "etcd_endpoints" => crate::cluster::parse_endpoints(&self.etcd_endpoints).map(|_| ()),
             "data_dir" | "socket" | "run_dir" if self.path(key).as_os_str().is_empty() => {
                 Err("the path is empty".into())
             }
@@ -293,7 +320,11 @@ impl Config {
             if raw.is_empty()
                 && !matches!(
                     k.as_str(),
-                    "plugin_socket" | "metrics_listen" | "peer_listen" | "peer_key_file"
+                    "plugin_socket"
+                        | "metrics_listen"
+                        | "peer_listen"
+                        | "peer_key_file"
+                        | "etcd_endpoints"
                 )
             {
                 continue;

@@ -155,6 +155,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/restore", post(restore))
         .route("/v1/peers", get(list_peers).post(add_peer))
         .route("/v1/peers/{name}", axum::routing::delete(remove_peer))
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/volumes/{name}/promote", post(promote_volume))
         .layer(axum::middleware::from_fn(log_errors))
         // A streamed tarball: not buffered by `log_errors` (the handler logs its errors).
         .route("/v1/volumes/{name}/import", post(import_volume))
@@ -196,6 +198,13 @@ pub fn volume_info(d: &Daemon, rec: &VolumeRecord) -> volfs::Result<VolumeInfo> 
             .collect(),
         layers: rec.lower.len(),
         image: rec.image.iter().map(|l| l.to_hex()).collect(),
+        owner: d.mounts.cluster().and_then(|c| c.owner(&rec.name)),
+        token: d.mounts.cluster().and_then(|c| c.token(&rec.name)),
+        replicas: d
+            .mounts
+            .cluster()
+            .map(|c| c.replicas(&rec.name))
+            .unwrap_or_default(),
     })
 }
 
@@ -560,7 +569,9 @@ async fn import_volume(
                 rx,
                 cur: Default::default(),
             };
-            let rec = volfs::backup::import_volume(d2.mounts.registry(), &vol, &mut r)?;
+            let rec = with_claim(&d2, &vol, 0, || {
+                volfs::backup::import_volume(d2.mounts.registry(), &vol, &mut r)
+            })?;
             volume_info(&d2, &rec)
         });
         let mut body = body;
@@ -699,6 +710,10 @@ async fn restore(
     .await?;
     Ok(stream_lines("restore", vol.to_string(), move |progress| {
         let rec = volfs::backup::restore(d.mounts.registry(), &repo, &backup, &vol, progress)?;
+        // Cluster mode: the name's owner keeps it; then the restored copy is a replica here.
+        if let Some(c) = d.mounts.cluster() {
+            c.claim_or_replica(vol.as_str())?;
+        }
         volume_info(&d, &rec)
     }))
 }
@@ -895,11 +910,55 @@ pub fn create(d: &Daemon, req: &CreateVolume) -> volfs::Result<VolumeInfo> {
         read_only: req.read_only,
         ..Default::default()
     };
+    let mut replicas = 0;
     for (k, v) in &req.opts {
+        if k == "replicas" {
+            replicas = parse_replicas(v)?;
+            continue;
+        }
         opts.set_opt(k, v)?;
     }
-    let rec = d.mounts.create_volume(&name, &opts)?;
+    let rec = with_claim(d, &name, replicas, || d.mounts.create_volume(&name, &opts))?;
     volume_info(d, &rec)
+}
+
+/// `--opt replicas=N`: how many other hosts hold replicas (cluster mode).
+fn parse_replicas(v: &str) -> volfs::Result<usize> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| *n <= 16)
+        .ok_or_else(|| Error::Invalid(format!("replicas={v:?}: expected a number from 0 to 16")))
+}
+
+/// Cluster mode: claims the volume's name for this host (refused if another host owns it),
+/// then runs `make`; a failed `make` releases the claim again.
+fn with_claim<T>(
+    d: &Daemon,
+    name: &VolumeName,
+    replicas: usize,
+    make: impl FnOnce() -> volfs::Result<T>,
+) -> volfs::Result<T> {
+    let Some(c) = d.mounts.cluster() else {
+        if replicas > 0 {
+            return Err(Error::Invalid(
+                "replicas: a single host has no peers (set etcd_endpoints)".into(),
+            ));
+        }
+        return make();
+    };
+    if d.mounts.registry().get(name)?.is_some() {
+        return Err(Error::Exists(format!("volume {name}")));
+    }
+    c.claim_new(name.as_str(), replicas)?;
+    match make() {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            if let Err(r) = c.release(name.as_str()) {
+                tracing::warn!(volume = %name, "cluster: releasing the claim of a volume that was not created: {r}");
+            }
+            Err(e)
+        }
+    }
 }
 
 pub fn remove_volume(d: &Daemon, name: &str, force: bool) -> volfs::Result<()> {
@@ -924,7 +983,64 @@ pub fn remove_volume(d: &Daemon, name: &str, force: bool) -> volfs::Result<()> {
     d.mounts.detach_volume(name.as_str())?;
     d.mounts.registry().remove(&name)?;
     d.metrics.forget_volume(name.as_str());
+    if let Some(c) = d.mounts.cluster() {
+        c.release(name.as_str())?;
+    }
     Ok(())
+}
+
+/// `POST /v1/volumes/{name}/promote`.
+pub fn promote(d: &Daemon, name: &str) -> volfs::Result<api::Promoted> {
+    let name = VolumeName::new(name)?;
+    let Some(c) = d.mounts.cluster() else {
+        return Err(Error::Invalid(
+            "promote: a single host owns all its volumes (no etcd_endpoints)".into(),
+        ));
+    };
+    let rec = d.mounts.registry().require(&name)?;
+    let token = c.promote(name.as_str())?;
+    c.apply_fences(&d.mounts);
+    let snaps = d.mounts.registry().snapshots(&name)?;
+    let (at, basis) = match snaps.iter().max_by_key(|s| s.created) {
+        Some(s) => (s.created, format!("snapshot {}", s.name)),
+        None => (rec.created, "volume created (no snapshot)".to_string()),
+    };
+    Ok(api::Promoted {
+        volume: name.to_string(),
+        host: c.host().to_string(),
+        token,
+        point_in_time: api::rfc3339(at),
+        basis,
+    })
+}
+
+async fn promote_volume(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> ApiResult<api::Promoted> {
+    Ok(Json(blocking(move || promote(&d, &name)).await?))
+}
+
+async fn cluster_status(State(d): State<Arc<Daemon>>) -> ApiResult<api::ClusterStatus> {
+    Ok(Json(
+        blocking(move || {
+            let Some(c) = d.mounts.cluster() else {
+                return Ok(api::ClusterStatus {
+                    mode: "single host".into(),
+                    ..Default::default()
+                });
+            };
+            let local = d
+                .mounts
+                .registry()
+                .list()?
+                .into_iter()
+                .map(|r| r.name)
+                .collect();
+            Ok(c.status(local))
+        })
+        .await?,
+    ))
 }
 
 /// The daemon's state as status and /metrics show it.
@@ -981,6 +1097,14 @@ pub fn state(d: &Daemon) -> volfs::Result<DaemonState> {
             }
         }
     }
+    let cluster = match d.mounts.cluster() {
+        Some(c) => {
+            let (line, w) = c.summary();
+            warnings.extend(w);
+            line
+        }
+        None => "single host".to_string(),
+    };
     for t in &background {
         if t.last_ok == Some(false) {
             warnings.push(format!(
@@ -1015,6 +1139,7 @@ pub fn state(d: &Daemon) -> volfs::Result<DaemonState> {
             },
             background,
             warnings,
+            cluster,
         },
         engine: store.engine.stats(),
         chunk_cache_bytes: store.chunks.cache_bytes(),

@@ -1,5 +1,6 @@
 //! `volfs-mountd`: the volfs daemon. It owns the data dir (index + packs), serves each mounted
 //! volume over FUSE (see `fuse` and `mounts`) and answers the control API (see `control`).
+mod cluster;
 mod config;
 mod control;
 mod fuse;
@@ -273,6 +274,11 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
     };
     let link = handover::Link::from_env();
     let mounts = mounts::Mounts::new(registry, &cfg.run_dir, fuse_opts, metrics.clone(), link)?;
+    // Cluster mode (etcd_endpoints set): the lease keeper and the fencer, before any volume
+    // is taken over or mounted, so each is fenced unless this host owns it.
+    if let Some(c) = cluster::Cluster::start(&cfg, store.clone(), mounts.clone())? {
+        mounts.set_cluster(c);
+    }
     let listener = bind_socket(&cfg.socket)?;
     let plugin_listener = match cfg.plugin_socket.as_str() {
         "" => None,

@@ -69,6 +69,8 @@ pub struct Mounts {
     /// The supervisor, which keeps a copy of every connection fd (see `handover`).
     link: Option<Link>,
     active: Mutex<HashMap<String, Active>>,
+    /// Cluster mode: who may write which volume (see `cluster`).
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 fn cstr(p: &Path) -> Result<CString> {
@@ -195,6 +197,7 @@ impl Mounts {
             metrics,
             link,
             active: Mutex::new(HashMap::new()),
+            cluster: std::sync::OnceLock::new(),
         }))
     }
 
@@ -212,6 +215,25 @@ impl Mounts {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// Cluster mode: from now on volumes are fenced unless this host owns them.
+    pub fn set_cluster(&self, c: Arc<crate::cluster::Cluster>) {
+        let _ = self.cluster.set(c);
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.get()
+    }
+
+    /// The loaded volumes (not snapshot views), for the fencer.
+    pub fn primaries(&self) -> Vec<(String, Arc<VolumeFs>)> {
+        self.active
+            .lock()
+            .iter()
+            .filter(|(k, _)| !k.contains('@'))
+            .map(|(k, a)| (k.clone(), a.fs.clone()))
+            .collect()
     }
 
     /// FUSE options for one volume. A volume with a size limit runs without the kernel's
@@ -246,6 +268,11 @@ impl Mounts {
                 VolumeFs::load_snapshot(store, &rec, &s)?
             }
         };
+        if vol.snapshot.is_none() {
+            if let Some(c) = self.cluster() {
+                fs.set_fenced(c.fence_reason(vol.volume.as_str()));
+            }
+        }
         Ok((fs, rec))
     }
 
@@ -500,6 +527,11 @@ impl Mounts {
                 "mount target {} is not a directory",
                 target.display()
             )));
+        }
+        if !read_only && vol.snapshot.is_none() {
+            if let Some(c) = self.cluster() {
+                c.check_rw_mount(vol.volume.as_str())?;
+            }
         }
         let primary = self.activate(vol)?;
         let dev = self

@@ -68,6 +68,9 @@ enum Command {
     Umount(UmountArgs),
     /// Show the daemon's state; exits 1 when it reports warnings.
     Status(StatusArgs),
+    /// Cluster state in etcd: hosts, their leases, volume owners and fencing tokens.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Show logical and stored bytes, the dedup ratio, and each volume's exclusive and shared
     /// bytes.
     Df(JsonArgs),
@@ -90,6 +93,18 @@ enum Command {
     /// Write man pages for volfs and its subcommands into a directory.
     #[command(hide = true)]
     Manpages { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// List hosts (with the time left on their leases) and volumes with owners and tokens.
+    Status(JsonArgs),
+}
+
+#[derive(Debug, Args)]
+struct PromoteArgs {
+    /// The local replica to make writable.
+    volume: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +144,9 @@ enum VolumeCommand {
     Export(VolumeExportArgs),
     /// Create a new volume from a tarball on standard input (GNU tar, PAX, volume export).
     Import(VolumeImportArgs),
+    /// Make this host's replica of a volume writable, once its owner's lease has lapsed;
+    /// prints the new fencing token and the point in time the local copy holds.
+    Promote(PromoteArgs),
 }
 
 #[derive(Debug, Args)]
@@ -477,6 +495,8 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Mount(a) => mount(&client, a)?,
         Command::Umount(a) => umount(&client, a)?,
         Command::Status(a) => status(&client, a, &mut out)?,
+        Command::Cluster(ClusterCommand::Status(a)) => cluster_status(&client, a, &mut out)?,
+        Command::Volume(VolumeCommand::Promote(a)) => volume_promote(&client, a, &mut out)?,
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -1298,6 +1318,92 @@ fn umount(client: &Client, args: UmountArgs) -> Result<i32> {
     Ok(0)
 }
 
+fn cluster_status(client: &Client, args: JsonArgs, out: &mut dyn Write) -> Result<i32> {
+    let st: api::ClusterStatus = client.get("/v1/cluster")?;
+    if args.json {
+        write_json(out, &st)?;
+        return Ok(0);
+    }
+    if st.mode != "etcd" {
+        writeln!(
+            out,
+            "single host (no etcd_endpoints): this host owns all its volumes"
+        )?;
+        return Ok(0);
+    }
+    writeln!(
+        out,
+        "host {} in etcd {}: lease {:x} (ttl {} s), {}",
+        st.host,
+        st.endpoints.join(","),
+        st.lease_id,
+        st.lease_ttl_secs,
+        if st.connected {
+            "connected"
+        } else {
+            "NOT connected"
+        }
+    )?;
+    if let Some(e) = &st.last_error {
+        writeln!(out, "last error: {e}")?;
+    }
+    let rows: Vec<Vec<String>> = st
+        .hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.host.clone(),
+                if h.ttl_left >= 0 {
+                    format!("{} s", h.ttl_left)
+                } else {
+                    "?".into()
+                },
+                h.version.clone(),
+                h.peer.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    write_table(out, &["HOST", "LEASE LEFT", "VERSION", "PEER"], &rows)?;
+    writeln!(out)?;
+    let rows: Vec<Vec<String>> = st
+        .volumes
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.owner.clone().unwrap_or_else(|| "-".into()),
+                v.token.map_or_else(|| "-".into(), |t| t.to_string()),
+                if v.replicas.is_empty() {
+                    "-".into()
+                } else {
+                    v.replicas.join(",")
+                },
+                v.local.clone(),
+            ]
+        })
+        .collect();
+    write_table(
+        out,
+        &["VOLUME", "OWNER", "TOKEN", "REPLICAS", "HERE"],
+        &rows,
+    )?;
+    Ok(0)
+}
+
+fn volume_promote(client: &Client, args: PromoteArgs, out: &mut dyn Write) -> Result<i32> {
+    let name = volume_name(&args.volume)?;
+    let p: api::Promoted = client.post(
+        &format!("/v1/volumes/{name}/promote"),
+        &serde_json::json!({}),
+    )?;
+    writeln!(
+        out,
+        "{}: owned by host {} now, fencing token {}; writable at {} ({})",
+        p.volume, p.host, p.token, p.point_in_time, p.basis
+    )?;
+    Ok(0)
+}
+
 fn status(client: &Client, args: StatusArgs, out: &mut dyn Write) -> Result<i32> {
     let st: Status = client.get("/v1/status")?;
     if args.json {
@@ -1320,6 +1426,9 @@ fn write_status(out: &mut dyn Write, st: &Status) -> io::Result<()> {
         writeln!(out, "pid:            {}", st.pid)?;
     }
     writeln!(out, "uptime:         {}", human_duration(st.uptime_secs))?;
+    if !st.cluster.is_empty() {
+        writeln!(out, "cluster:        {}", st.cluster)?;
+    }
     writeln!(
         out,
         "data dir:       {} ({} free of {})",
@@ -1437,6 +1546,13 @@ fn parse_opts(list: &[String], read_only: bool) -> Result<BTreeMap<String, Strin
         ..CreateOptions::default()
     };
     for (k, v) in &opts {
+        if k == "replicas" {
+            // Checked by the daemon (cluster mode: how many other hosts hold replicas).
+            if v.parse::<usize>().is_err() {
+                bail!("invalid option replicas={v:?}: expected a number");
+            }
+            continue;
+        }
         check.set_opt(k, v).map_err(invalid)?;
     }
     if read_only && !check.read_only {

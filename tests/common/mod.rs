@@ -478,6 +478,19 @@ impl Daemon {
         d
     }
 
+    /// Like [`Daemon::start_with_env`], running `exe` (e.g. a wrapper that enters a network
+    /// namespace and execs volfs-mountd, keeping the pid) instead of volfs-mountd.
+    pub fn start_with_exe(env: &[(&str, &str)], exe: PathBuf) -> Daemon {
+        let mut d = Self::prepare();
+        d.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        d.exe = exe;
+        d.start_again();
+        d
+    }
+
     /// The temp dir layout without a running daemon.
     pub fn prepare() -> Daemon {
         let root = tempfile::Builder::new()
