@@ -247,6 +247,18 @@ fn ownership_replica_partition_promote_restart() {
     assert_eq!(info["replicas"], serde_json::json!(["b"]), "{info}");
     let out = b.cli(&["volume", "create", "v"]);
     assert!(!out.success() && out.stderr.contains("host a"), "{out}");
+    // Volumes Docker creates through the plugin are claimed the same way.
+    let plugin_create = |name: &str| {
+        let body = serde_json::json!({"Name": name, "Opts": {}}).to_string();
+        let (status, reply) =
+            unix_http_post(&b.plugin_socket(), "/VolumeDriver.Create", body.as_bytes()).unwrap();
+        (status, String::from_utf8_lossy(&reply).into_owned())
+    };
+    let (status, reply) = plugin_create("dv");
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(b.inspect("dv").unwrap()["owner"], "b");
+    let (status, reply) = plugin_create("v");
+    assert!(status != 200 && reply.contains("host a"), "{status} {reply}");
     for d in [&a, &b] {
         let out = d.cli_ok(&["cluster", "status"]).stdout;
         assert!(

@@ -931,8 +931,9 @@ fn parse_replicas(v: &str) -> volfs::Result<usize> {
 }
 
 /// Cluster mode: claims the volume's name for this host (refused if another host owns it),
-/// then runs `make`; a failed `make` releases the claim again.
-fn with_claim<T>(
+/// then runs `make`; a failed `make` releases the claim again. Every way of creating a volume
+/// (the API, the Docker plugin) goes through here.
+pub fn with_claim<T>(
     d: &Daemon,
     name: &VolumeName,
     replicas: usize,

@@ -182,7 +182,7 @@ fn create(d: &Daemon, req: Req) -> volfs::Result<Value> {
         // Docker may ask again for a volume it already knows.
         return Ok(json!({"Err": ""}));
     }
-    d.mounts.create_volume(&n, &opts)?;
+    crate::control::with_claim(d, &n, 0, || d.mounts.create_volume(&n, &opts))?;
     Ok(json!({"Err": ""}))
 }
 
