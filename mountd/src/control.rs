@@ -129,7 +129,11 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/prune", post(prune))
-        .route("/v1/volumes/{name}", get(inspect).delete(remove))
+        .route(
+            "/v1/volumes/{name}",
+            get(inspect).delete(remove).patch(update_volume),
+        )
+        .route("/v1/volumes/{name}/update", post(update_volume))
         .route("/v1/mounts", get(list_mounts).post(mount))
         .route("/v1/unmount", post(unmount))
         .route(
@@ -163,6 +167,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
 
 /// Builds the API view of a volume.
 pub fn volume_info(d: &Daemon, rec: &VolumeRecord) -> volfs::Result<VolumeInfo> {
+    let inbound = volfs::replica::inbound(&*d.mounts.registry().store().engine, &rec.name)?;
     let fs = d.mounts.volume_fs(&rec.name);
     let bytes_used = match &fs {
         Some(fs) => fs.used_bytes(),
@@ -174,6 +179,14 @@ pub fn volume_info(d: &Daemon, rec: &VolumeRecord) -> volfs::Result<VolumeInfo> 
     }
     if rec.read_only {
         options.insert("ro".to_string(), "true".to_string());
+    }
+    if let Some(s) = volfs::replica::settings(&*d.mounts.registry().store().engine, &rec.name)? {
+        if s.replicas > 0 {
+            options.insert("replicas".to_string(), s.replicas.to_string());
+        }
+        if s.rpo_secs > 0 {
+            options.insert("rpo".to_string(), format!("{}s", s.rpo_secs));
+        }
     }
     Ok(VolumeInfo {
         name: rec.name.clone(),
@@ -196,7 +209,90 @@ pub fn volume_info(d: &Daemon, rec: &VolumeRecord) -> volfs::Result<VolumeInfo> 
             .collect(),
         layers: rec.lower.len(),
         image: rec.image.iter().map(|l| l.to_hex()).collect(),
+        replication: replication_info(d, rec)?,
+        replica_of: inbound.as_ref().map(|i| i.origin.clone()),
+        replica_snapshot: inbound.map(|i| i.last),
     })
+}
+
+/// The replication view of a volume: settings, and per replica peer its progress and live
+/// state.
+fn replication_info(d: &Daemon, rec: &VolumeRecord) -> volfs::Result<Option<api::ReplicationInfo>> {
+    let store = d.mounts.registry().store();
+    let Some(s) = volfs::replica::settings(&*store.engine, &rec.name)? else {
+        return Ok(None);
+    };
+    if s.replicas == 0 && s.rpo_secs == 0 {
+        return Ok(None);
+    }
+    let targets =
+        crate::replication::placement(&d.peers.records()?, &rec.name, s.replicas as usize);
+    let live = d.peers.replication.lock().clone();
+    let peers = targets
+        .iter()
+        .map(|p| {
+            let pr = s.progress.get(&p.name);
+            let l = live
+                .get(&(rec.name.clone(), p.name.clone()))
+                .cloned()
+                .unwrap_or_default();
+            api::ReplicaStatus {
+                peer: p.name.clone(),
+                last_snapshot: pr.and_then(|pr| pr.last.as_ref().map(|l| l.0.clone())),
+                last_snapshot_time: pr.and_then(|pr| pr.last.as_ref().map(|l| api::rfc3339(l.1))),
+                lag_secs: l.lag_secs,
+                state: if l.state.is_empty() {
+                    "idle".into()
+                } else {
+                    l.state.to_string()
+                },
+                sent_bytes: l.sent_bytes,
+                total_bytes: l.total_bytes,
+                error: l.last_error,
+            }
+        })
+        .collect();
+    Ok(Some(api::ReplicationInfo {
+        replicas: s.replicas,
+        rpo_secs: s.rpo_secs,
+        peers,
+    }))
+}
+
+async fn update_volume(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    Json(req): Json<api::UpdateVolume>,
+) -> ApiResult<VolumeInfo> {
+    Ok(Json(
+        blocking(move || {
+            let vname = VolumeName::new(&name)?;
+            let rec = d.mounts.registry().require(&vname)?;
+            let store = d.mounts.registry().store().clone();
+            let (n, rpo, rest) = crate::replication::split_opts(&req.opts)?;
+            if let Some(k) = rest.keys().next() {
+                return Err(Error::Invalid(format!(
+                    "option {k:?} cannot be changed with volume update (known: replicas, rpo)"
+                )));
+            }
+            if let Some(i) = volfs::replica::inbound(&*store.engine, &name)? {
+                return Err(Error::ReadOnly(format!(
+                    "volume {name} is a replica of {}: change it there",
+                    i.origin
+                )));
+            }
+            crate::replication::update_settings(&store, &name, |s| {
+                if let Some(n) = n {
+                    s.replicas = n;
+                }
+                if let Some(r) = rpo {
+                    s.rpo_secs = r;
+                }
+            })?;
+            volume_info(&d, &rec)
+        })
+        .await?,
+    ))
 }
 
 fn snapshot_info(
@@ -895,16 +991,35 @@ pub fn create(d: &Daemon, req: &CreateVolume) -> volfs::Result<VolumeInfo> {
         read_only: req.read_only,
         ..Default::default()
     };
-    for (k, v) in &req.opts {
+    let (replicas, rpo, rest) = crate::replication::split_opts(&req.opts)?;
+    for (k, v) in &rest {
         opts.set_opt(k, v)?;
     }
     let rec = d.mounts.create_volume(&name, &opts)?;
+    if replicas.is_some() || rpo.is_some() {
+        crate::replication::update_settings(d.mounts.registry().store(), name.as_str(), |s| {
+            *s = volfs::replica::ReplSettings {
+                replicas: replicas.unwrap_or(0),
+                rpo_secs: rpo.unwrap_or(0),
+                progress: Default::default(),
+            };
+        })?;
+    }
     volume_info(d, &rec)
 }
 
 pub fn remove_volume(d: &Daemon, name: &str, force: bool) -> volfs::Result<()> {
     let name = VolumeName::new(name)?;
     d.mounts.registry().require(&name)?;
+    let store = d.mounts.registry().store().clone();
+    if let Some(i) = volfs::replica::inbound(&*store.engine, name.as_str())? {
+        if !force {
+            return Err(Error::ReadOnly(format!(
+                "volume {name} is a replica of {} (remove it there, or use --force)",
+                i.origin
+            )));
+        }
+    }
     let held = d.mounts.holders(name.as_str())?;
     if held > 0 && !force {
         return Err(Error::Busy(format!(
@@ -923,6 +1038,14 @@ pub fn remove_volume(d: &Daemon, name: &str, force: bool) -> volfs::Result<()> {
     }
     d.mounts.detach_volume(name.as_str())?;
     d.mounts.registry().remove(&name)?;
+    let mut b = volfs::db::Batch::new();
+    for k in [
+        volfs::replica::settings_key(name.as_str()),
+        volfs::replica::inbound_key(name.as_str()),
+    ] {
+        b.delete(volfs::db::Cf::Meta, k);
+    }
+    store.engine.write(b, true)?;
     d.metrics.forget_volume(name.as_str());
     Ok(())
 }
