@@ -104,7 +104,9 @@ fn set_xattr(p: &Path, name: &str, v: &[u8]) {
 
 /// Every entry under `root`: relative path -> (mode, content hash or link target, xattrs,
 /// hard-link group: the first path with the same inode).
-fn walk(root: &Path) -> BTreeMap<String, (u32, String, BTreeMap<String, Vec<u8>>, String)> {
+type Entry = (u32, String, BTreeMap<String, Vec<u8>>, String);
+
+fn walk(root: &Path) -> BTreeMap<String, Entry> {
     let mut out = BTreeMap::new();
     let mut inos: BTreeMap<u64, String> = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];

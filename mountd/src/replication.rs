@@ -68,10 +68,11 @@ pub fn update_settings(
     Ok(s)
 }
 
+/// `replicas`, `rpo` (seconds), and the other options.
+pub type SplitOpts = (Option<u32>, Option<u64>, BTreeMap<String, String>);
+
 /// Applies `replicas` and `rpo` options (the keys this module owns); returns the others.
-pub fn split_opts(
-    opts: &BTreeMap<String, String>,
-) -> volfs::Result<(Option<u32>, Option<u64>, BTreeMap<String, String>)> {
+pub fn split_opts(opts: &BTreeMap<String, String>) -> volfs::Result<SplitOpts> {
     let mut rest = BTreeMap::new();
     let (mut n, mut rpo) = (None, None);
     for (k, v) in opts {
@@ -461,8 +462,8 @@ async fn ship_one(
                     ino_hw: rec.ino_hw,
                 });
             }
-            for i in 0..out.len() {
-                out[i].parent = layers.get(i + 1).copied();
+            for (i, m) in out.iter_mut().enumerate() {
+                m.parent = layers.get(i + 1).copied();
             }
             Ok(out)
         })
