@@ -149,7 +149,6 @@ pub struct ReplicationMetrics {
     pub sent: Counter,
     pub received: Counter,
     pub shipped: Counter,
-    pub lag: Family<ReplicaLabels, prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -266,12 +265,6 @@ impl Metrics {
                 "replication_snapshots_shipped",
                 "Snapshots committed on a replica peer",
                 Counter::default(),
-            ),
-            lag: registered(
-                &mut registry,
-                "replication_lag_seconds",
-                "Seconds between now and the last snapshot a replica holds (or the oldest change it lacks), by volume and replica peer",
-                Family::default(),
             ),
         };
         registry.register(
@@ -538,6 +531,20 @@ impl Collector for StateCollector {
                 .filter_map(|v| f(v).map(|x| (v.name.clone(), x)))
                 .collect()
         };
+        // Replication lag, from the workers' live table (always described, even when empty).
+        {
+            let live = d.peers.replication.lock().clone();
+            let mut m = enc.encode_descriptor(
+                "replication_lag_seconds",
+                "0 when a replica is up to date, else seconds since the last snapshot it holds, by volume and replica peer",
+                None,
+                MetricType::Gauge,
+            )?;
+            for ((volume, replica), l) in live {
+                ConstGauge::new(l.lag_secs as i64)
+                    .encode(m.encode_family(&ReplicaLabels { volume, replica })?)?;
+            }
+        }
         volume_gauges(
             &mut enc,
             "volume_used_bytes",

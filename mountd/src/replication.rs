@@ -17,7 +17,6 @@ use volfs::replica::{self, Incoming, ReplSettings, TreeMeta};
 use volfs::Error;
 
 use crate::control::Daemon;
-use crate::metrics::ReplicaLabels;
 use crate::peer::client::PeerClient;
 
 /// How often each volume's worker looks for work.
@@ -230,14 +229,6 @@ async fn run_volume(d: Arc<Daemon>, vol: String) {
                             l.state = "idle";
                         }
                     });
-                    d.metrics
-                        .replication
-                        .lag
-                        .get_or_create(&ReplicaLabels {
-                            volume: vol.clone(),
-                            replica: peer,
-                        })
-                        .set(lag as i64);
                 }
             }
             Err(e) => tracing::warn!(volume = %vol, "replication: {e}"),
