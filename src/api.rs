@@ -8,6 +8,7 @@
 //! | POST | /v1/volumes | [`CreateVolume`] | [`VolumeInfo`] |
 //! | GET | /v1/volumes/{name} | | [`VolumeInfo`] |
 //! | DELETE | /v1/volumes/{name}?force=true | | `{}` |
+//! | PATCH | /v1/volumes/{name} (or POST /v1/volumes/{name}/update) | [`UpdateVolume`] | [`VolumeInfo`] |
 //! | POST | /v1/volumes/prune | [`PruneRequest`] | [`PruneReply`] |
 //! | GET | /v1/mounts | | `[MountInfo]` |
 //! | POST | /v1/mounts | [`MountRequest`] | [`MountInfo`] |
@@ -143,6 +144,48 @@ pub struct VolumeInfo {
     /// Cluster mode only: the hosts placed to hold replicas.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<String>,
+    /// Replication of this volume to peers (`replicas`, `rpo`), if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationInfo>,
+    /// Set when this volume is a read-only replica: the origin host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_of: Option<String>,
+    /// On a replica: the last snapshot received from the origin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_snapshot: Option<String>,
+}
+
+/// `PATCH /v1/volumes/{name}` (also `POST /v1/volumes/{name}/update`): change options.
+/// Known keys: `replicas`, `rpo`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct UpdateVolume {
+    #[serde(default)]
+    pub opts: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReplicationInfo {
+    pub replicas: u32,
+    /// 0: no automatic snapshots.
+    pub rpo_secs: u64,
+    /// One per replica peer (placement order).
+    pub peers: Vec<ReplicaStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaStatus {
+    pub peer: String,
+    /// The newest snapshot the replica holds, and its time (RFC 3339).
+    pub last_snapshot: Option<String>,
+    pub last_snapshot_time: Option<String>,
+    /// Seconds of changes the replica lacks: now minus its last snapshot's time while
+    /// something newer is unshipped; 0 when it is up to date.
+    pub lag_secs: u64,
+    /// `idle`, `sending`, `error`.
+    pub state: String,
+    pub sent_bytes: u64,
+    pub total_bytes: u64,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]

@@ -34,6 +34,7 @@ pub mod image;
 pub mod layer;
 pub mod meta;
 pub mod progress;
+pub mod replica;
 pub mod store;
 pub mod volume;
 pub mod writelog;

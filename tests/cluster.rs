@@ -258,7 +258,10 @@ fn ownership_replica_partition_promote_restart() {
     assert_eq!(status, 200, "{reply}");
     assert_eq!(b.inspect("dv").unwrap()["owner"], "b");
     let (status, reply) = plugin_create("v");
-    assert!(status != 200 && reply.contains("host a"), "{status} {reply}");
+    assert!(
+        status != 200 && reply.contains("host a"),
+        "{status} {reply}"
+    );
     for d in [&a, &b] {
         let out = d.cli_ok(&["cluster", "status"]).stdout;
         assert!(

@@ -7,191 +7,21 @@
 #![allow(dead_code)]
 
 mod common;
+#[path = "common/netns.rs"]
+mod netns;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
+use netns::*;
 use serde::{Deserialize, Serialize};
 
 // ---------------------------------------------------------------------------------------------
 // Network namespaces
 // ---------------------------------------------------------------------------------------------
-
-static NEXT_NET: AtomicUsize = AtomicUsize::new(0);
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `n` network namespaces, each pair joined by a veth pair. Removed on drop (with the veths).
-struct Net {
-    ns: Vec<String>,
-    /// (i, j, k): namespaces i < j on subnet 10.231.k.0/24 (i has .1, j has .2).
-    links: Vec<(usize, usize, usize)>,
-}
-
-impl Net {
-    fn new(n: usize) -> Net {
-        let tag = format!(
-            "{:x}{:x}",
-            std::process::id() % 0x10000,
-            NEXT_NET.fetch_add(1, Ordering::SeqCst)
-        );
-        let mut net = Net {
-            ns: Vec::new(),
-            links: Vec::new(),
-        };
-        for i in 0..n {
-            let ns = format!("volfs-peers-{tag}-{i}");
-            ip(&["netns", "add", &ns]);
-            net.ns.push(ns.clone());
-            ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        }
-        let mut k = 1;
-        for i in 0..n {
-            for j in i + 1..n {
-                let (a, b) = (format!("vp{tag}{i}{j}a"), format!("vp{tag}{i}{j}b"));
-                ip(&[
-                    "link", "add", &a, "netns", &net.ns[i], "type", "veth", "peer", "name", &b,
-                    "netns", &net.ns[j],
-                ]);
-                for (ns, dev, host) in [(&net.ns[i], &a, 1), (&net.ns[j], &b, 2)] {
-                    ip(&[
-                        "-n",
-                        ns,
-                        "addr",
-                        "add",
-                        &format!("10.231.{k}.{host}/24"),
-                        "dev",
-                        dev,
-                    ]);
-                    ip(&["-n", ns, "link", "set", dev, "up"]);
-                }
-                net.links.push((i, j, k));
-                k += 1;
-            }
-        }
-        net
-    }
-
-    /// The address of namespace `to` as seen from namespace `from`.
-    fn ip_of(&self, from: usize, to: usize) -> String {
-        let &(i, _, k) = self
-            .links
-            .iter()
-            .find(|(i, j, _)| (*i, *j) == (from.min(to), from.max(to)))
-            .expect("no link");
-        format!("10.231.{k}.{}", if to == i { 1 } else { 2 })
-    }
-
-    fn peer_addr(&self, from: usize, to: usize) -> String {
-        format!("{}:9568", self.ip_of(from, to))
-    }
-
-    /// Runs `f` on a thread inside namespace `i`.
-    fn run_in<T: Send + 'static>(&self, i: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.ns[i]);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).unwrap();
-            use std::os::fd::AsRawFd;
-            // SAFETY: plain syscall on an fd we own; affects this thread only.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-
-    /// GET /metrics of a daemon in namespace `i`.
-    fn metrics(&self, i: usize, d: &Daemon) -> String {
-        let addr = d.metrics_addr();
-        self.run_in(i, move || http_get(&addr, "/metrics"))
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in &self.ns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-/// The value of a counter in an OpenMetrics text.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Keys and daemons
-// ---------------------------------------------------------------------------------------------
-
-fn keygen() -> String {
-    let out = run_with_timeout(
-        Command::new(bin("volfs")).args(["peer", "keygen"]),
-        Duration::from_secs(10),
-    );
-    assert!(out.success(), "volfs peer keygen: {}", out.stderr);
-    let k = out.stdout.trim().to_string();
-    assert_eq!(k.len(), 64, "{k}");
-    assert!(k.chars().all(|c| c.is_ascii_hexdigit()), "{k}");
-    k
-}
-
-fn key_bytes(hex: &str) -> [u8; 32] {
-    let mut k = [0u8; 32];
-    for (i, b) in k.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
-    }
-    k
-}
-
-/// A key file in a fresh temp dir (kept while the returned guard lives).
-fn key_file(hex: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("peer.key");
-    std::fs::write(&p, format!("{hex}\n")).unwrap();
-    (dir, p)
-}
-
-fn daemon(net: &Net, i: usize, key: &Path) -> Daemon {
-    let key = key.display().to_string();
-    Daemon::start_in_netns(&net.ns[i], &[("VOLFS_PEER_KEY_FILE", key.as_str())])
-}
-
-fn peers_json(d: &Daemon) -> Vec<serde_json::Value> {
-    d.cli_ok(&["peer", "ls", "--json"])
-        .json()
-        .as_array()
-        .cloned()
-        .unwrap()
-}
-
-fn wait_for_log(d: &Daemon, what: &str) {
-    for _ in 0..100 {
-        if d.log().contains(what) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the daemon log never said {what:?}:\n{}", d.log());
-}
 
 // ---------------------------------------------------------------------------------------------
 // Pack surgery
@@ -417,13 +247,13 @@ fn peer_add_ls_rm_round_trip() {
         "{}",
         ls.stdout
     );
-    assert!(ls.stdout.contains("authenticated, v1"), "{}", ls.stdout);
+    assert!(ls.stdout.contains("authenticated, v2"), "{}", ls.stdout);
     let j = peers_json(&a);
     assert_eq!(j.len(), 1, "{j:?}");
     assert_eq!(j[0]["name"], "b");
     assert_eq!(j[0]["connected"], true, "{j:?}");
     assert_eq!(j[0]["authenticated"], true, "{j:?}");
-    assert_eq!(j[0]["version"], 1, "{j:?}");
+    assert_eq!(j[0]["version"], 2, "{j:?}");
     assert!(j[0]["latency_ms"].as_f64().is_some(), "{j:?}");
     assert!(j[0]["error"].is_null(), "{j:?}");
 
@@ -496,11 +326,14 @@ fn a_different_key_is_refused_both_ways() {
     }
     let ma = net.metrics(0, &a);
     assert!(
-        metric(&ma, "volfs_peer_handshake_failures_total") >= 2.0,
+        counter(&ma, "volfs_peer_handshake_failures_total") >= 2.0,
         "{ma}"
     );
-    assert!(metric(&ma, "volfs_peer_sent_bytes_total") > 0.0, "{ma}");
-    assert!(metric(&ma, "volfs_peer_received_bytes_total") > 0.0, "{ma}");
+    assert!(counter(&ma, "volfs_peer_sent_bytes_total") > 0.0, "{ma}");
+    assert!(
+        counter(&ma, "volfs_peer_received_bytes_total") > 0.0,
+        "{ma}"
+    );
 
     // Nothing is readable with the wrong key: a corrupt chunk on A is not fetched from B.
     let data = pseudo_random(300_000, 7);
@@ -684,8 +517,11 @@ fn corrupt_chunk_is_repaired_from_a_peer_and_bad_copies_are_refused() {
     let j = a.cli_ok(&["fsck", "--json"]).json();
     assert!(j["problems"].as_array().unwrap().is_empty(), "{j}");
     let m = net.metrics(0, &a);
-    assert_eq!(metric(&m, "volfs_peer_chunks_repaired_total"), 1.0, "{m}");
-    assert!(metric(&m, "volfs_peer_chunks_rejected_total") >= 1.0, "{m}");
+    assert_eq!(counter(&m, "volfs_peer_chunks_repaired_total"), 1.0, "{m}");
+    assert!(
+        counter(&m, "volfs_peer_chunks_rejected_total") >= 1.0,
+        "{m}"
+    );
     let packs_after: u64 = pack_files(&a)
         .iter()
         .map(|p| std::fs::metadata(p).unwrap().len())

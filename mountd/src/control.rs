@@ -129,7 +129,11 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/prune", post(prune))
-        .route("/v1/volumes/{name}", get(inspect).delete(remove))
+        .route(
+            "/v1/volumes/{name}",
+            get(inspect).delete(remove).patch(update_volume),
+        )
+        .route("/v1/volumes/{name}/update", post(update_volume))
         .route("/v1/mounts", get(list_mounts).post(mount))
         .route("/v1/unmount", post(unmount))
         .route(
@@ -165,6 +169,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
 
 /// Builds the API view of a volume.
 pub fn volume_info(d: &Daemon, rec: &VolumeRecord) -> volfs::Result<VolumeInfo> {
+    let inbound = volfs::replica::inbound(&*d.mounts.registry().store().engine, &rec.name)?;
     let fs = d.mounts.volume_fs(&rec.name);
     let bytes_used = match &fs {
         Some(fs) => fs.used_bytes(),
@@ -176,6 +181,14 @@ pub fn volume_info(d: &Daemon, rec: &VolumeRecord) -> volfs::Result<VolumeInfo> 
     }
     if rec.read_only {
         options.insert("ro".to_string(), "true".to_string());
+    }
+    if let Some(s) = volfs::replica::settings(&*d.mounts.registry().store().engine, &rec.name)? {
+        if s.replicas > 0 {
+            options.insert("replicas".to_string(), s.replicas.to_string());
+        }
+        if s.rpo_secs > 0 {
+            options.insert("rpo".to_string(), format!("{}s", s.rpo_secs));
+        }
     }
     Ok(VolumeInfo {
         name: rec.name.clone(),
@@ -205,7 +218,90 @@ pub fn volume_info(d: &Daemon, rec: &VolumeRecord) -> volfs::Result<VolumeInfo> 
             .cluster()
             .map(|c| c.replicas(&rec.name))
             .unwrap_or_default(),
+        replication: replication_info(d, rec)?,
+        replica_of: inbound.as_ref().map(|i| i.origin.clone()),
+        replica_snapshot: inbound.map(|i| i.last),
     })
+}
+
+/// The replication view of a volume: settings, and per replica peer its progress and live
+/// state.
+fn replication_info(d: &Daemon, rec: &VolumeRecord) -> volfs::Result<Option<api::ReplicationInfo>> {
+    let store = d.mounts.registry().store();
+    let Some(s) = volfs::replica::settings(&*store.engine, &rec.name)? else {
+        return Ok(None);
+    };
+    if s.replicas == 0 && s.rpo_secs == 0 {
+        return Ok(None);
+    }
+    let targets =
+        crate::replication::placement(&d.peers.records()?, &rec.name, s.replicas as usize);
+    let live = d.peers.replication.lock().clone();
+    let peers = targets
+        .iter()
+        .map(|p| {
+            let pr = s.progress.get(&p.name);
+            let l = live
+                .get(&(rec.name.clone(), p.name.clone()))
+                .cloned()
+                .unwrap_or_default();
+            api::ReplicaStatus {
+                peer: p.name.clone(),
+                last_snapshot: pr.and_then(|pr| pr.last.as_ref().map(|l| l.0.clone())),
+                last_snapshot_time: pr.and_then(|pr| pr.last.as_ref().map(|l| api::rfc3339(l.1))),
+                lag_secs: l.lag_secs,
+                state: if l.state.is_empty() {
+                    "idle".into()
+                } else {
+                    l.state.to_string()
+                },
+                sent_bytes: l.sent_bytes,
+                total_bytes: l.total_bytes,
+                error: l.last_error,
+            }
+        })
+        .collect();
+    Ok(Some(api::ReplicationInfo {
+        replicas: s.replicas,
+        rpo_secs: s.rpo_secs,
+        peers,
+    }))
+}
+
+async fn update_volume(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    Json(req): Json<api::UpdateVolume>,
+) -> ApiResult<VolumeInfo> {
+    Ok(Json(
+        blocking(move || {
+            let vname = VolumeName::new(&name)?;
+            let rec = d.mounts.registry().require(&vname)?;
+            let store = d.mounts.registry().store().clone();
+            let (n, rpo, rest) = crate::replication::split_opts(&req.opts)?;
+            if let Some(k) = rest.keys().next() {
+                return Err(Error::Invalid(format!(
+                    "option {k:?} cannot be changed with volume update (known: replicas, rpo)"
+                )));
+            }
+            if let Some(i) = volfs::replica::inbound(&*store.engine, &name)? {
+                return Err(Error::ReadOnly(format!(
+                    "volume {name} is a replica of {}: change it there",
+                    i.origin
+                )));
+            }
+            crate::replication::update_settings(&store, &name, |s| {
+                if let Some(n) = n {
+                    s.replicas = n;
+                }
+                if let Some(r) = rpo {
+                    s.rpo_secs = r;
+                }
+            })?;
+            volume_info(&d, &rec)
+        })
+        .await?,
+    ))
 }
 
 fn snapshot_info(
@@ -910,24 +1006,23 @@ pub fn create(d: &Daemon, req: &CreateVolume) -> volfs::Result<VolumeInfo> {
         read_only: req.read_only,
         ..Default::default()
     };
-    let mut replicas = 0;
-    for (k, v) in &req.opts {
-        if k == "replicas" {
-            replicas = parse_replicas(v)?;
-            continue;
-        }
+    let (replicas, rpo, rest) = crate::replication::split_opts(&req.opts)?;
+    for (k, v) in &rest {
         opts.set_opt(k, v)?;
     }
-    let rec = with_claim(d, &name, replicas, || d.mounts.create_volume(&name, &opts))?;
+    let rec = with_claim(d, &name, replicas.unwrap_or(0) as usize, || {
+        d.mounts.create_volume(&name, &opts)
+    })?;
+    if replicas.is_some() || rpo.is_some() {
+        crate::replication::update_settings(d.mounts.registry().store(), name.as_str(), |s| {
+            *s = volfs::replica::ReplSettings {
+                replicas: replicas.unwrap_or(0),
+                rpo_secs: rpo.unwrap_or(0),
+                progress: Default::default(),
+            };
+        })?;
+    }
     volume_info(d, &rec)
-}
-
-/// `--opt replicas=N`: how many other hosts hold replicas (cluster mode).
-fn parse_replicas(v: &str) -> volfs::Result<usize> {
-    v.parse::<usize>()
-        .ok()
-        .filter(|n| *n <= 16)
-        .ok_or_else(|| Error::Invalid(format!("replicas={v:?}: expected a number from 0 to 16")))
 }
 
 /// Cluster mode: claims the volume's name for this host (refused if another host owns it),
@@ -940,10 +1035,12 @@ pub fn with_claim<T>(
     make: impl FnOnce() -> volfs::Result<T>,
 ) -> volfs::Result<T> {
     let Some(c) = d.mounts.cluster() else {
-        if replicas > 0 {
-            return Err(Error::Invalid(
-                "replicas: a single host has no peers (set etcd_endpoints)".into(),
-            ));
+        // A single host replicates to its configured peers (`volfs peer add`).
+        let peers = d.peers.records()?.len();
+        if replicas > peers {
+            return Err(Error::Invalid(format!(
+                "replicas={replicas}: this single host has {peers} peer(s) to replicate to (volfs peer add NAME ADDR, or set etcd_endpoints)"
+            )));
         }
         return make();
     };
@@ -965,6 +1062,15 @@ pub fn with_claim<T>(
 pub fn remove_volume(d: &Daemon, name: &str, force: bool) -> volfs::Result<()> {
     let name = VolumeName::new(name)?;
     d.mounts.registry().require(&name)?;
+    let store = d.mounts.registry().store().clone();
+    if let Some(i) = volfs::replica::inbound(&*store.engine, name.as_str())? {
+        if !force {
+            return Err(Error::ReadOnly(format!(
+                "volume {name} is a replica of {} (remove it there, or use --force)",
+                i.origin
+            )));
+        }
+    }
     let held = d.mounts.holders(name.as_str())?;
     if held > 0 && !force {
         return Err(Error::Busy(format!(
@@ -983,6 +1089,14 @@ pub fn remove_volume(d: &Daemon, name: &str, force: bool) -> volfs::Result<()> {
     }
     d.mounts.detach_volume(name.as_str())?;
     d.mounts.registry().remove(&name)?;
+    let mut b = volfs::db::Batch::new();
+    for k in [
+        volfs::replica::settings_key(name.as_str()),
+        volfs::replica::inbound_key(name.as_str()),
+    ] {
+        b.delete(volfs::db::Cf::Meta, k);
+    }
+    store.engine.write(b, true)?;
     d.metrics.forget_volume(name.as_str());
     if let Some(c) = d.mounts.cluster() {
         c.release(name.as_str())?;

@@ -9,6 +9,7 @@ mod metrics;
 mod mounts;
 mod peer;
 mod plugin;
+mod replication;
 mod systemd;
 mod work;
 
@@ -409,9 +410,11 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
             tracing::info!(addr = %l.local_addr()?, "metrics endpoint: GET /metrics");
             tokio::spawn(metrics::serve(l, metrics.clone()));
         }
+        // Snapshot replication: one worker per replicated volume (and receiving replicas).
+        replication::start(daemon.clone());
         if let Some(l) = peer_listener {
             let l = tokio::net::TcpListener::from_std(l)?;
-            tracing::info!(addr = %l.local_addr()?, "peer listener: Noise_NNpsk0, protocol v1");
+            tracing::info!(addr = %l.local_addr()?, "peer listener: Noise_NNpsk0, protocol v1, v2");
             tokio::spawn(peer::server::serve(l, peers));
         }
         if let Some(l) = plugin_listener {

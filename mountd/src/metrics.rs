@@ -121,6 +121,7 @@ pub struct Metrics {
     scrub_bytes: Counter,
     /// Peer traffic and repairs (the peer module counts into clones of these).
     pub peer: PeerCounters,
+    pub replication: ReplicationMetrics,
 }
 
 /// The peer counters: bytes on peer connections (both directions, listener and client),
@@ -133,6 +134,21 @@ pub struct PeerCounters {
     pub handshake_failures: Counter,
     pub repaired: Counter,
     pub rejected: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabels {
+    pub volume: String,
+    pub replica: String,
+}
+
+/// Replication: bytes of replication messages on the wire (sent by this host's workers,
+/// received by its listener), snapshots shipped, and the lag of each replica.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicationMetrics {
+    pub sent: Counter,
+    pub received: Counter,
+    pub shipped: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -231,6 +247,26 @@ impl Metrics {
                 Counter::default(),
             ),
         };
+        let replication = ReplicationMetrics {
+            sent: registered(
+                &mut registry,
+                "replication_sent_bytes",
+                "Bytes of replication messages (layer queries, chunks, tree rows, commits) sent to replica peers",
+                Counter::default(),
+            ),
+            received: registered(
+                &mut registry,
+                "replication_received_bytes",
+                "Bytes of replication messages received from origin peers",
+                Counter::default(),
+            ),
+            shipped: registered(
+                &mut registry,
+                "replication_snapshots_shipped",
+                "Snapshots committed on a replica peer",
+                Counter::default(),
+            ),
+        };
         registry.register(
             "build",
             "The daemon's version",
@@ -254,6 +290,7 @@ impl Metrics {
             gc_disk_bytes_reclaimed,
             scrub_bytes,
             peer,
+            replication,
         }
     }
 
@@ -494,6 +531,20 @@ impl Collector for StateCollector {
                 .filter_map(|v| f(v).map(|x| (v.name.clone(), x)))
                 .collect()
         };
+        // Replication lag, from the workers' live table (always described, even when empty).
+        {
+            let live = d.peers.replication.lock().clone();
+            let mut m = enc.encode_descriptor(
+                "replication_lag_seconds",
+                "0 when a replica is up to date, else seconds since the last snapshot it holds, by volume and replica peer",
+                None,
+                MetricType::Gauge,
+            )?;
+            for ((volume, replica), l) in live {
+                ConstGauge::new(l.lag_secs as i64)
+                    .encode(m.encode_family(&ReplicaLabels { volume, replica })?)?;
+            }
+        }
         volume_gauges(
             &mut enc,
             "volume_used_bytes",

@@ -147,6 +147,19 @@ enum VolumeCommand {
     /// Make this host's replica of a volume writable, once its owner's lease has lapsed;
     /// prints the new fencing token and the point in time the local copy holds.
     Promote(PromoteArgs),
+    /// Change a volume's replication: --opt replicas=N (peers to replicate to), --opt
+    /// rpo=30s (take and ship snapshots this often; 0 turns it off).
+    Update(UpdateArgs),
+}
+
+#[derive(Debug, Args)]
+struct UpdateArgs {
+    name: String,
+    /// KEY=VALUE: replicas=N, rpo=DURATION (30s, 5m, 1h).
+    #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE", required = true)]
+    opts: Vec<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -459,6 +472,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Volume(VolumeCommand::Create(a)) => volume_create(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Ls(a)) => volume_ls(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Inspect(a)) => volume_inspect(&client, a, &mut out)?,
+        Command::Volume(VolumeCommand::Update(a)) => volume_update(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Rm(a)) => volume_rm(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Prune(a)) => volume_prune(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Clone(a)) => volume_clone(&client, a, &mut out)?,
@@ -561,11 +575,60 @@ fn volume_ls(client: &Client, args: LsArgs, out: &mut dyn Write) -> Result<i32> 
                 human_bytes(v.bytes_used),
                 v.mountpoints.len().to_string(),
                 format_labels(&v.labels),
+                replication_summary(v),
             ]
         })
         .collect();
-    write_table(out, &["NAME", "SIZE", "USED", "MOUNTS", "LABELS"], &rows)?;
+    write_table(
+        out,
+        &["NAME", "SIZE", "USED", "MOUNTS", "LABELS", "REPLICATION"],
+        &rows,
+    )?;
     Ok(0)
+}
+
+fn volume_update(client: &Client, args: UpdateArgs, out: &mut dyn Write) -> Result<i32> {
+    let name = volume_name(&args.name)?;
+    let opts = parse_opts(&args.opts, false)?;
+    if let Some(k) = opts
+        .keys()
+        .find(|k| !REPLICATION_KEYS.contains(&k.as_str()))
+    {
+        bail!("option {k:?} cannot be changed with volume update (known: replicas, rpo)");
+    }
+    let v: VolumeInfo = client.post(
+        &format!("/v1/volumes/{name}/update"),
+        &api::UpdateVolume { opts },
+    )?;
+    if args.json {
+        write_json(out, &v)?;
+    } else {
+        writeln!(out, "{}: {}", v.name, replication_summary(&v))?;
+    }
+    Ok(0)
+}
+
+/// The options the replication worker owns (checked here, not by `CreateOptions`).
+const REPLICATION_KEYS: [&str; 2] = ["replicas", "rpo"];
+
+/// One line about a volume's replication, for `volume ls` and `volume update`.
+fn replication_summary(v: &VolumeInfo) -> String {
+    if let Some(o) = &v.replica_of {
+        return format!("replica of {o}");
+    }
+    match &v.replication {
+        None => "-".into(),
+        Some(r) => {
+            let mut s = format!("{} replica(s)", r.replicas);
+            if r.rpo_secs > 0 {
+                s.push_str(&format!(", rpo {}s", r.rpo_secs));
+            }
+            for p in &r.peers {
+                s.push_str(&format!(" [{}: {}, lag {}s]", p.peer, p.state, p.lag_secs));
+            }
+            s
+        }
+    }
 }
 
 fn volume_inspect(client: &Client, args: InspectArgs, out: &mut dyn Write) -> Result<i32> {
@@ -1546,14 +1609,17 @@ fn parse_opts(list: &[String], read_only: bool) -> Result<BTreeMap<String, Strin
         ..CreateOptions::default()
     };
     for (k, v) in &opts {
-        if k == "replicas" {
-            // Checked by the daemon (cluster mode: how many other hosts hold replicas).
-            if v.parse::<usize>().is_err() {
-                bail!("invalid option replicas={v:?}: expected a number");
+        match k.as_str() {
+            "replicas" => {
+                v.trim().parse::<u32>().map_err(|_| {
+                    anyhow!("invalid option replicas: {v:?} is not a number of peers")
+                })?;
             }
-            continue;
+            "rpo" => {
+                volfs::replica::parse_duration(v).map_err(invalid)?;
+            }
+            _ => check.set_opt(k, v).map_err(invalid)?,
         }
-        check.set_opt(k, v).map_err(invalid)?;
     }
     if read_only && !check.read_only {
         bail!("--read-only conflicts with a read-only option set to false");

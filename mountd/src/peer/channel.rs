@@ -31,6 +31,9 @@ pub struct Channel {
     pub version: u16,
     pub remote: SocketAddr,
     counters: PeerCounters,
+    /// Bytes of encrypted frames sent and received on this channel (after the handshake).
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
 }
 
 fn noise_err(e: snow::Error) -> WireError {
@@ -145,6 +148,8 @@ impl Channel {
             version,
             remote,
             counters,
+            sent_bytes: 0,
+            received_bytes: 0,
         })
     }
 
@@ -164,6 +169,7 @@ impl Channel {
         }
         wire::write_frame(&mut self.stream, &ct).await?;
         self.counters.sent.inc_by(ct.len() as u64 + 4);
+        self.sent_bytes += ct.len() as u64 + 4;
         Ok(())
     }
 
@@ -172,6 +178,7 @@ impl Channel {
     pub async fn recv(&mut self) -> Result<MsgV1, WireError> {
         let ct = wire::read_frame(&mut self.stream).await?;
         self.counters.received.inc_by(ct.len() as u64 + 4);
+        self.received_bytes += ct.len() as u64 + 4;
         let mut plain = Vec::with_capacity(ct.len());
         let mut piece = vec![0u8; NOISE_MAX];
         for p in ct.chunks(NOISE_MAX) {

@@ -144,6 +144,134 @@ impl PeerClient {
     }
 }
 
+/// At most this many `PutChunk`s in flight before their answers are read.
+pub const PUT_WINDOW: usize = 8;
+
+impl PeerClient {
+    /// Bytes of encrypted frames sent and received on this connection so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.ch.sent_bytes, self.ch.received_bytes)
+    }
+
+    fn need_v2(&self) -> Result<(), WireError> {
+        if self.ch.version < super::wire::REPLICATION_VERSION {
+            return Err(WireError::Protocol(format!(
+                "the peer speaks protocol version {} and cannot receive replicas (needs {})",
+                self.ch.version,
+                super::wire::REPLICATION_VERSION
+            )));
+        }
+        Ok(())
+    }
+
+    /// Which of these layers the peer holds.
+    pub async fn has_layers(
+        &mut self,
+        ids: &[volfs::ids::LayerId],
+    ) -> Result<Vec<bool>, WireError> {
+        self.need_v2()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for part in ids.chunks(MAX_IDS) {
+            let ask = MsgV1::HasLayers {
+                ids: part.iter().map(|i| i.0).collect(),
+            };
+            match self.ask(&ask).await? {
+                MsgV1::Have { which } if which.len() == part.len() => out.extend(which),
+                m => return Err(unexpected(&m)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends chunks for a replica, up to [`PUT_WINDOW`] in flight; each answer must say the
+    /// chunk is stored. `on_stored(bytes)` is called per chunk stored.
+    pub async fn put_chunks(
+        &mut self,
+        volume: &str,
+        token: u64,
+        chunks: &[(ChunkId, std::sync::Arc<Vec<u8>>)],
+        on_stored: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<(), WireError> {
+        self.need_v2()?;
+        for window in chunks.chunks(PUT_WINDOW) {
+            for (id, data) in window {
+                self.ch
+                    .send(&MsgV1::PutChunk {
+                        volume: volume.to_string(),
+                        token,
+                        id: id.0,
+                        data: data.to_vec(),
+                    })
+                    .await?;
+            }
+            for (id, data) in window {
+                match self
+                    .ch
+                    .recv_within(REQUEST_TIMEOUT, "waiting for a chunk to be stored")
+                    .await?
+                {
+                    MsgV1::Stored { id: got, .. } if got == id.0 => on_stored(data.len() as u64),
+                    MsgV1::Error { message } => {
+                        return Err(WireError::Protocol(format!("the peer refused: {message}")))
+                    }
+                    m => return Err(unexpected(&m)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages the rows of one tree on the peer, in messages of at most
+    /// [`super::wire::MAX_ROWS_BYTES`].
+    pub async fn tree_rows(
+        &mut self,
+        volume: &str,
+        token: u64,
+        layer: &volfs::ids::LayerId,
+        rows: &[volfs::replica::Row],
+    ) -> Result<(), WireError> {
+        self.need_v2()?;
+        let mut start = 0;
+        loop {
+            let mut end = start;
+            let mut n = 0;
+            while end < rows.len()
+                && (end == start || n + rows[end].len() <= super::wire::MAX_ROWS_BYTES)
+            {
+                n += rows[end].len();
+                end += 1;
+            }
+            let m = MsgV1::TreeRows {
+                volume: volume.to_string(),
+                token,
+                layer: layer.0,
+                rows: rows[start..end].to_vec(),
+            };
+            match self.ask(&m).await? {
+                MsgV1::Staged { .. } => {}
+                m => return Err(unexpected(&m)),
+            }
+            start = end;
+            if start >= rows.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Commits a snapshot on the peer: `(new trees, already there)`.
+    pub async fn commit(
+        &mut self,
+        token: u64,
+        snapshot: volfs::replica::Incoming,
+    ) -> Result<(u32, bool), WireError> {
+        self.need_v2()?;
+        match self.ask(&MsgV1::Commit { token, snapshot }).await? {
+            MsgV1::Committed { new_trees, already } => Ok((new_trees, already)),
+            m => Err(unexpected(&m)),
+        }
+    }
+}
+
 fn unexpected(m: &MsgV1) -> WireError {
     let name = format!("{m:?}");
     let name = name

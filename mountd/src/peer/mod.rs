@@ -36,6 +36,13 @@ pub struct Peers {
     pub host: String,
     pub store: Arc<Store>,
     pub counters: PeerCounters,
+    /// The volume registry, set when the replication worker starts (receiving replicas
+    /// needs it; until then v2 replication requests are refused).
+    pub registry: std::sync::OnceLock<Arc<volfs::volume::Registry>>,
+    /// What each replica of each local volume is doing now (for inspect and metrics).
+    pub replication: parking_lot::Mutex<crate::replication::LiveTable>,
+    /// Replication metrics.
+    pub repl_metrics: std::sync::OnceLock<crate::metrics::ReplicationMetrics>,
 }
 
 /// Parses a key file's text: 64 hex digits (32 bytes), surrounding whitespace ignored.
@@ -108,6 +115,9 @@ impl Peers {
             host: hostname(),
             store,
             counters,
+            registry: std::sync::OnceLock::new(),
+            replication: parking_lot::Mutex::new(Default::default()),
+            repl_metrics: std::sync::OnceLock::new(),
         }
     }
 

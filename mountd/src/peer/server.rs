@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use volfs::ids::ChunkId;
 
 use super::channel::{Channel, Role};
-use super::wire::{MsgV1, WireError, MAX_IDS};
+use super::wire::{MsgV1, WireError, MAX_IDS, REPLICATION_VERSION};
 use super::Peers;
 
 pub const MAX_CONNECTIONS: usize = 64;
@@ -77,12 +77,16 @@ async fn serve_channel(ch: &mut Channel, peers: &Peers) -> Result<(), WireError>
         }
     };
     tracing::debug!(remote = %ch.remote, host, version, "peer connected");
+    // Tree rows staged by `TreeRows` until `Commit` (this connection only: a cut connection
+    // drops them, and nothing references them).
+    let mut staged = Staging::default();
     ch.send(&MsgV1::Hello {
         host: peers.host.clone(),
         version,
     })
     .await?;
     loop {
+        let received_before = ch.received_bytes;
         let msg = match ch.recv_within(IDLE_TIMEOUT, "idle").await {
             Ok(m) => m,
             Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
@@ -138,6 +142,21 @@ async fn serve_channel(ch: &mut Channel, peers: &Peers) -> Result<(), WireError>
                     },
                 }
             }
+            m @ (MsgV1::HasLayers { .. }
+            | MsgV1::PutChunk { .. }
+            | MsgV1::TreeRows { .. }
+            | MsgV1::Commit { .. }) => {
+                if version < REPLICATION_VERSION {
+                    return Err(WireError::Protocol(format!(
+                        "a replication message on a version {version} channel"
+                    )));
+                }
+                if let Some(rm) = peers.repl_metrics.get() {
+                    rm.received
+                        .inc_by(ch.received_bytes.saturating_sub(received_before));
+                }
+                replication_request(m, &host, peers, &mut staged).await?
+            }
             m => {
                 return Err(WireError::Protocol(format!(
                     "unexpected message from a client: {}",
@@ -147,4 +166,139 @@ async fn serve_channel(ch: &mut Channel, peers: &Peers) -> Result<(), WireError>
         };
         ch.send(&answer).await?;
     }
+}
+
+/// Tree rows staged on one connection.
+#[derive(Default)]
+struct Staging {
+    rows: std::collections::HashMap<volfs::ids::LayerId, Vec<volfs::replica::Row>>,
+    bytes: usize,
+}
+
+/// At most this many bytes of tree rows staged on one connection.
+pub const MAX_STAGED: usize = 1 << 30;
+
+/// Answers one replication request (protocol v2). Refusals (a lower fencing token, a chunk
+/// that does not match its id, a name taken by a local volume) are `Error` answers; the
+/// connection stays usable.
+async fn replication_request(
+    m: MsgV1,
+    host: &str,
+    peers: &Peers,
+    staged: &mut Staging,
+) -> Result<MsgV1, WireError> {
+    let Some(registry) = peers.registry.get().cloned() else {
+        return Ok(MsgV1::Error {
+            message: "this host does not receive replicas yet (starting)".into(),
+        });
+    };
+    let store = peers.store.clone();
+    let refused = |e: volfs::Error| MsgV1::Error {
+        message: e.to_string(),
+    };
+    let worker_failed = |e: tokio::task::JoinError| MsgV1::Error {
+        message: format!("worker failed: {e}"),
+    };
+    Ok(match m {
+        MsgV1::HasLayers { ids } => {
+            if ids.len() > MAX_IDS {
+                return Err(WireError::Protocol(format!(
+                    "{} ids in one request, over the limit of {MAX_IDS}",
+                    ids.len()
+                )));
+            }
+            let r = tokio::task::spawn_blocking(move || {
+                let ids: Vec<volfs::ids::LayerId> =
+                    ids.into_iter().map(volfs::ids::LayerId).collect();
+                volfs::replica::has_layers(&*store.engine, &ids)
+            })
+            .await;
+            match r {
+                Ok(Ok(which)) => MsgV1::Have { which },
+                Ok(Err(e)) => refused(e),
+                Err(e) => worker_failed(e),
+            }
+        }
+        MsgV1::PutChunk {
+            volume,
+            token,
+            id,
+            data,
+        } => {
+            let counters = peers.counters.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                volfs::replica::check_fence(&*store.engine, &volume, token)?;
+                let cid = ChunkId(id);
+                if ChunkId::of(&data) != cid {
+                    counters.rejected.inc();
+                    tracing::warn!(chunk = %cid, volume, "a peer sent replica bytes that do not match the chunk's hash; rejected");
+                }
+                volfs::replica::store_chunk(&store, &cid, &data)
+            })
+            .await;
+            match r {
+                Ok(Ok(new)) => MsgV1::Stored { id, new },
+                Ok(Err(e)) => refused(e),
+                Err(e) => worker_failed(e),
+            }
+        }
+        MsgV1::TreeRows {
+            volume,
+            token,
+            layer,
+            rows,
+        } => {
+            let check = tokio::task::spawn_blocking(move || {
+                volfs::replica::check_fence(&*store.engine, &volume, token)
+            })
+            .await;
+            match check {
+                Ok(Ok(())) => {
+                    let n: usize = rows.iter().map(|r| r.len()).sum();
+                    if staged.bytes + n > MAX_STAGED {
+                        return Err(WireError::Protocol(format!(
+                            "over {MAX_STAGED} bytes of tree rows staged on one connection"
+                        )));
+                    }
+                    staged.bytes += n;
+                    let e = staged.rows.entry(volfs::ids::LayerId(layer)).or_default();
+                    e.extend(rows);
+                    MsgV1::Staged {
+                        rows: e.len() as u64,
+                    }
+                }
+                Ok(Err(e)) => refused(e),
+                Err(e) => worker_failed(e),
+            }
+        }
+        MsgV1::Commit {
+            token,
+            mut snapshot,
+        } => {
+            // The origin is the authenticated peer's hello name, not what the message says.
+            snapshot.origin = host.to_string();
+            let rows = std::mem::take(&mut staged.rows);
+            staged.bytes = 0;
+            let r = tokio::task::spawn_blocking(move || {
+                volfs::replica::check_fence(&*store.engine, &snapshot.volume, token)?;
+                volfs::replica::apply(&registry, &snapshot, &rows)
+            })
+            .await;
+            match r {
+                Ok(Ok(volfs::replica::Applied::New(n))) => MsgV1::Committed {
+                    new_trees: n as u32,
+                    already: false,
+                },
+                Ok(Ok(volfs::replica::Applied::Already)) => MsgV1::Committed {
+                    new_trees: 0,
+                    already: true,
+                },
+                Ok(Err(e)) => refused(e),
+                Err(e) => worker_failed(e),
+            }
+        }
+        _ => MsgV1::Error {
+            message: "not a replication request".into(),
+        },
+    })
 }

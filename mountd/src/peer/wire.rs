@@ -1,14 +1,18 @@
-//! Peer protocol v1 on the wire (docs/FORMAT.md, "Peer protocol v1"): the plaintext preamble
-//! with which both sides offer their protocol versions, the length-prefixed frames of the
-//! Noise handshake and of the encrypted messages, the message enum of version 1, and the
-//! limits every reader enforces before it allocates.
+//! The peer protocol on the wire (docs/FORMAT.md, "Peer protocol v1" and "Peer protocol v2"):
+//! the plaintext preamble with which both sides offer their protocol versions, the
+//! length-prefixed frames of the Noise handshake and of the encrypted messages, the message
+//! enum (version 1's messages, then version 2's, appended so that v1's encodings do not
+//! change), and the limits every reader enforces before it allocates. Version 2 adds snapshot
+//! replication; a v2 message is only ever sent on a channel that negotiated version 2.
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The first bytes each side sends.
 pub const MAGIC: &[u8; 8] = b"VOLFSPR\0";
 /// The protocol versions this build speaks, lowest first.
-pub const VERSIONS: &[u16] = &[1];
+pub const VERSIONS: &[u16] = &[1, 2];
+/// The first version that can receive replicas.
+pub const REPLICATION_VERSION: u16 = 2;
 /// At most this many versions in a preamble.
 pub const MAX_VERSIONS: usize = 32;
 /// Largest encrypted frame (the ciphertext after the 4-byte length): a 256 KiB chunk, its
@@ -20,6 +24,8 @@ pub const NOISE_MAX: usize = 65535;
 pub const TAG: usize = 16;
 /// At most this many chunk ids in one `HasChunks`.
 pub const MAX_IDS: usize = 4096;
+/// At most this many bytes of rows in one `TreeRows` (well under [`MAX_FRAME`]).
+pub const MAX_ROWS_BYTES: usize = 512 << 10;
 
 /// A failure of the wire: the connection is closed after it.
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +199,44 @@ pub enum MsgV1 {
     /// The request was refused; the connection stays usable.
     Error {
         message: String,
+    },
+    // ---- version 2: replication (each message that changes a replica carries the volume
+    // and the origin's fencing token) ----
+    /// Which of these layers (sealed trees, by LayerId) the peer holds.
+    HasLayers {
+        ids: Vec<Id>,
+    },
+    /// A chunk for a replica; the receiver verifies it against `id` before storing it.
+    PutChunk {
+        volume: String,
+        token: u64,
+        id: Id,
+        data: Vec<u8>,
+    },
+    /// The chunk is stored (`new`: it was not there before).
+    Stored {
+        id: Id,
+        new: bool,
+    },
+    /// Rows of a tree to stage on this connection until `Commit` (several messages per tree).
+    TreeRows {
+        volume: String,
+        token: u64,
+        layer: Id,
+        rows: Vec<volfs::replica::Row>,
+    },
+    /// The rows are staged.
+    Staged {
+        rows: u64,
+    },
+    /// Make the snapshot (its trees staged or held) a snapshot of the replica, atomically.
+    Commit {
+        token: u64,
+        snapshot: volfs::replica::Incoming,
+    },
+    Committed {
+        new_trees: u32,
+        already: bool,
     },
 }
 

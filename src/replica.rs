@@ -1,0 +1,564 @@
+//! Snapshot replication, the parts that are not networking: the replication records in the
+//! index, reading a frozen tree as a stream of rows, and applying a received snapshot (its
+//! trees and the replica volume's records) atomically on the receiving host. The daemon's
+//! worker (`mountd/src/replication.rs`) and the peer protocol v2 (`mountd/src/peer/`) move
+//! these between hosts.
+//!
+//! Layout (all in the `meta` column family, versioned records, no schema change; see
+//! docs/FORMAT.md "Replication records"):
+//! ```text
+//! repl/<volume>        ReplSettings: replicas, rpo, per-replica progress   (origin host)
+//! repl-in/<volume>     InboundRecord: origin host, last applied snapshot    (receiving host)
+//! repl-fence/<volume>  u64 LE: the highest fencing token seen for the volume (receiving host)
+//! ```
+//! A row on the wire is `(cf index into layer::TREE_CFS, key without the 8-byte tree prefix,
+//! value)`: exactly what [`crate::layer::layer_id_of`] hashes, so the receiver recomputes the
+//! tree's [`LayerId`] from the rows and refuses a tree whose rows do not hash to its id.
+//!
+//! Durability contract: received chunks are stored as any chunk is (record flushed to the OS
+//! before its index entry is written); [`apply`] syncs the chunk store and then writes every
+//! row of every new tree, the tree and layer records, the replica volume's record, its
+//! snapshot record and the inbound record in one synced batch. Nothing references a tree
+//! before that batch, so a transfer cut at any point leaves only (verified, durable) chunks
+//! behind. A snapshot already applied (same name, same top LayerId) is not applied again.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::db::{Batch, Cf, Engine};
+use crate::error::{Error, Result};
+use crate::ids::{ChunkId, LayerId, TreeId, VolumeId};
+use crate::layer::{self, SnapshotRecord, TreeKind, TreeRecord, SNAPSHOT_VERSION, TREE_CFS};
+use crate::meta::{self, Extent, InodeRecord, Kind, VolumeRecord, EXTENT_VERSION, INODE_VERSION};
+use crate::volume::Registry;
+
+pub const REPL_VERSION: u8 = 1;
+pub const INBOUND_VERSION: u8 = 1;
+/// Snapshots the replication worker takes for `rpo` start with this.
+pub const AUTO_PREFIX: &str = "auto-";
+
+/// `repl/<volume>` on the origin: what the user asked and how far each replica got.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplSettings {
+    /// Number of replica peers (0: not replicated).
+    pub replicas: u32,
+    /// Take and ship a snapshot this often when the volume changed (0: only user snapshots).
+    pub rpo_secs: u64,
+    /// Per replica peer (by peer name).
+    pub progress: BTreeMap<String, ReplicaProgress>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaProgress {
+    /// Snapshot names the replica holds -> the top LayerId shipped for them.
+    pub shipped: BTreeMap<String, LayerId>,
+    /// The newest snapshot shipped: name and creation time (unix seconds).
+    pub last: Option<(String, i64)>,
+}
+
+/// `repl-in/<volume>` on a receiving host: this volume is a replica.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboundRecord {
+    /// The origin host (its hello name).
+    pub origin: String,
+    /// The last applied snapshot, its creation time on the origin, when it was applied.
+    pub last: String,
+    pub last_created: i64,
+    pub applied: i64,
+}
+
+pub fn settings_key(vol: &str) -> Vec<u8> {
+    format!("repl/{vol}").into_bytes()
+}
+pub fn inbound_key(vol: &str) -> Vec<u8> {
+    format!("repl-in/{vol}").into_bytes()
+}
+pub fn fence_key(vol: &str) -> Vec<u8> {
+    format!("repl-fence/{vol}").into_bytes()
+}
+
+pub fn settings(engine: &dyn Engine, vol: &str) -> Result<Option<ReplSettings>> {
+    engine
+        .get(Cf::Meta, &settings_key(vol))?
+        .map(|v| meta::decode(REPL_VERSION, "replication settings", &v))
+        .transpose()
+}
+
+pub fn put_settings(engine: &dyn Engine, vol: &str, s: &ReplSettings) -> Result<()> {
+    let mut b = Batch::new();
+    b.put(Cf::Meta, settings_key(vol), meta::encode(REPL_VERSION, s));
+    engine.write(b, true)
+}
+
+/// Every volume with replication settings, by name.
+pub fn all_settings(engine: &dyn Engine) -> Result<Vec<(String, ReplSettings)>> {
+    let mut out = Vec::new();
+    for (k, v) in engine.scan_prefix(Cf::Meta, b"repl/")? {
+        let name = String::from_utf8_lossy(&k[5..]).into_owned();
+        out.push((
+            name,
+            meta::decode(REPL_VERSION, "replication settings", &v)?,
+        ));
+    }
+    Ok(out)
+}
+
+pub fn inbound(engine: &dyn Engine, vol: &str) -> Result<Option<InboundRecord>> {
+    engine
+        .get(Cf::Meta, &inbound_key(vol))?
+        .map(|v| meta::decode(INBOUND_VERSION, "replica record", &v))
+        .transpose()
+}
+
+pub fn fence(engine: &dyn Engine, vol: &str) -> Result<u64> {
+    match engine.get(Cf::Meta, &fence_key(vol))? {
+        None => Ok(0),
+        Some(v) => {
+            Ok(u64::from_le_bytes(v.as_slice().try_into().map_err(
+                |_| Error::Encoding("replication fencing token".into()),
+            )?))
+        }
+    }
+}
+
+/// Checks a fencing token against the highest seen for `vol` and persists it (synced) when
+/// it is higher. A lower token is refused, naming both.
+pub fn check_fence(engine: &dyn Engine, vol: &str, token: u64) -> Result<()> {
+    let seen = fence(engine, vol)?;
+    if token < seen {
+        return Err(Error::Invalid(format!(
+            "fencing token {token} for volume {vol} is lower than {seen}, the highest this host has seen: refused (a newer owner exists)"
+        )));
+    }
+    if token > seen {
+        let mut b = Batch::new();
+        b.put(Cf::Meta, fence_key(vol), token.to_le_bytes().to_vec());
+        engine.write(b, true)?;
+    }
+    Ok(())
+}
+
+/// Parses an rpo like `30s`, `5m`, `1h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        Error::Invalid(format!(
+            "duration {s:?}: expected a number with an optional unit (s, m, h)"
+        ))
+    })?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        u => {
+            return Err(Error::Invalid(format!(
+                "duration {s:?}: unknown unit {u:?}"
+            )))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| Error::Invalid(format!("duration {s:?} is out of range")))
+}
+
+/// One row of a tree (see the module header).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    pub cf: u8,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+impl Row {
+    pub fn len(&self) -> usize {
+        self.key.len() + self.value.len() + 8
+    }
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// All rows of tree `t`, in canonical order (column family of [`TREE_CFS`], then key).
+pub fn tree_rows(engine: &dyn Engine, t: TreeId) -> Result<Vec<Row>> {
+    let p = meta::tree_prefix(t);
+    let mut out = Vec::new();
+    for (i, cf) in TREE_CFS.iter().enumerate() {
+        engine.scan(*cf, &p, &crate::db::prefix_end(&p), &mut |k, v| {
+            out.push(Row {
+                cf: i as u8,
+                key: k[p.len()..].to_vec(),
+                value: v.to_vec(),
+            });
+            Ok(true)
+        })?;
+    }
+    Ok(out)
+}
+
+/// Does tree `t` hold any row (has the volume changed since its last freeze)?
+pub fn tree_has_rows(engine: &dyn Engine, t: TreeId) -> Result<bool> {
+    let p = meta::tree_prefix(t);
+    let mut any = false;
+    for cf in TREE_CFS {
+        engine.scan(cf, &p, &crate::db::prefix_end(&p), &mut |_, _| {
+            any = true;
+            Ok(false)
+        })?;
+        if any {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn extents_index() -> u8 {
+    TREE_CFS.iter().position(|c| *c == Cf::Extents).unwrap_or(2) as u8
+}
+
+/// The chunks the extents among `rows` reference.
+pub fn chunks_of(rows: &[Row]) -> Result<BTreeSet<ChunkId>> {
+    let ext = extents_index();
+    let mut out = BTreeSet::new();
+    for r in rows.iter().filter(|r| r.cf == ext && !r.value.is_empty()) {
+        let e: Extent = meta::decode(EXTENT_VERSION, "extent", &r.value)?;
+        out.insert(e.chunk);
+    }
+    Ok(out)
+}
+
+/// The LayerId of a tree made of `rows` on top of `parent`, as
+/// [`crate::layer::layer_id_of`] computes it from the index; with the logical bytes.
+pub fn layer_id_of_rows(rows: &[Row], parent: Option<LayerId>) -> Result<(LayerId, u64)> {
+    let mut sorted: Vec<&Row> = rows.iter().collect();
+    sorted.sort_by(|a, b| (a.cf, &a.key).cmp(&(b.cf, &b.key)));
+    let mut h = blake3::Hasher::new();
+    h.update(b"volfs-layer\0");
+    h.update(&[1]);
+    h.update(&parent.map(|p| p.0).unwrap_or([0; 32]));
+    let mut bytes = 0u64;
+    for r in sorted {
+        if r.cf as usize >= TREE_CFS.len() {
+            return Err(Error::Invalid(format!(
+                "row of unknown column family {}",
+                r.cf
+            )));
+        }
+        h.update(&[r.cf]);
+        h.update(&(r.key.len() as u32).to_le_bytes());
+        h.update(&r.key);
+        h.update(&(r.value.len() as u32).to_le_bytes());
+        h.update(&r.value);
+        if TREE_CFS[r.cf as usize] == Cf::Inodes && !r.value.is_empty() {
+            if let Ok(i) = meta::decode::<InodeRecord>(INODE_VERSION, "inode", &r.value) {
+                if i.kind == Kind::File {
+                    bytes += i.size;
+                }
+            }
+        }
+    }
+    Ok((LayerId(*h.finalize().as_bytes()), bytes))
+}
+
+/// What the receiver is told about one tree of a shipped snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeMeta {
+    pub layer: LayerId,
+    pub parent: Option<LayerId>,
+    pub kind: TreeKind,
+    pub created: i64,
+    pub ino_hw: u64,
+}
+
+/// A snapshot to apply on the receiver.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incoming {
+    pub volume: String,
+    /// The origin host.
+    pub origin: String,
+    pub snapshot: String,
+    pub created: i64,
+    pub used: i64,
+    /// The snapshot's trees, topmost first.
+    pub trees: Vec<TreeMeta>,
+    /// Snapshot names of the origin still to keep on the replica (others are dropped).
+    pub keep: Vec<String>,
+}
+
+/// What [`apply`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// New trees written (their number).
+    New(usize),
+    /// The snapshot was already there.
+    Already,
+}
+
+/// The layers of `ids` this host holds (as sealed trees).
+pub fn has_layers(engine: &dyn Engine, ids: &[LayerId]) -> Result<Vec<bool>> {
+    ids.iter()
+        .map(|id| layer::layer_tree(engine, id).map(|t| t.is_some()))
+        .collect()
+}
+
+/// Applies a received snapshot (see the module header): `staged` holds the rows of every
+/// tree of `inc` this host does not hold yet, by LayerId. Refuses a name taken by a local
+/// (non-replica) volume or a replica of another origin, a broken parent chain, rows that do
+/// not hash to their LayerId, and extents whose chunks are not here.
+pub fn apply(
+    reg: &Registry,
+    inc: &Incoming,
+    staged: &HashMap<LayerId, Vec<Row>>,
+) -> Result<Applied> {
+    let name = crate::ids::VolumeName::new(&inc.volume)?;
+    layer::check_snapshot_name(&inc.snapshot)?;
+    if inc.trees.is_empty() {
+        return Err(Error::Invalid("a snapshot without trees".into()));
+    }
+    for (i, t) in inc.trees.iter().enumerate() {
+        let below = inc.trees.get(i + 1).map(|b| b.layer);
+        if t.parent != below {
+            return Err(Error::Invalid(format!(
+                "tree {} of snapshot {}: its parent is not the tree below it",
+                t.layer, inc.snapshot
+            )));
+        }
+    }
+    let store = reg.store().clone();
+    let engine = &*store.engine;
+    reg.locked(|| {
+        let existing = reg.get(&name)?;
+        let inb = inbound(engine, &inc.volume)?;
+        if let Some(rec) = &existing {
+            match &inb {
+                None => {
+                    return Err(Error::Exists(format!(
+                        "volume {} on this host is a local volume, not a replica of {}",
+                        inc.volume, inc.origin
+                    )))
+                }
+                Some(i) if i.origin != inc.origin => {
+                    return Err(Error::Exists(format!(
+                        "volume {} on this host is a replica of {}, not of {}",
+                        inc.volume, i.origin, inc.origin
+                    )))
+                }
+                Some(_) => {}
+            }
+            if let Some(s) = layer::get_snapshot(engine, rec.id, &inc.snapshot)? {
+                let top = layer::get_tree(engine, s.tree)?.and_then(|t| t.layer);
+                if top == Some(inc.trees[0].layer) {
+                    return Ok(Applied::Already);
+                }
+                return Err(Error::Exists(format!(
+                    "replica {}@{} exists with other contents",
+                    inc.volume, inc.snapshot
+                )));
+            }
+        }
+        let mut b = Batch::new();
+        // Bottom first, so each tree's parent is known locally.
+        let mut local: Vec<TreeId> = Vec::with_capacity(inc.trees.len());
+        let mut new = 0usize;
+        for t in inc.trees.iter().rev() {
+            let parent_tree = local.last().copied();
+            if let Some(tree) = layer::layer_tree(engine, &t.layer)? {
+                local.push(tree);
+                continue;
+            }
+            let rows = staged.get(&t.layer).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "tree {} of snapshot {} was neither sent nor held here",
+                    t.layer, inc.snapshot
+                ))
+            })?;
+            let (id, bytes) = layer_id_of_rows(rows, t.parent)?;
+            if id != t.layer {
+                return Err(Error::Invalid(format!(
+                    "the rows sent for tree {} hash to {id}: refused",
+                    t.layer
+                )));
+            }
+            for c in chunks_of(rows)? {
+                if !store.chunks.contains(&c)? {
+                    return Err(Error::Invalid(format!(
+                        "tree {} references chunk {c}, which has not arrived",
+                        t.layer
+                    )));
+                }
+            }
+            let tree = TreeId(store.next_id("tree")?);
+            let p = meta::tree_prefix(tree);
+            for r in rows {
+                let mut k = p.clone();
+                k.extend_from_slice(&r.key);
+                b.put(TREE_CFS[r.cf as usize], k, r.value.clone());
+            }
+            layer::put_tree(
+                &mut b,
+                tree,
+                &TreeRecord {
+                    kind: t.kind,
+                    created: t.created,
+                    ino_hw: t.ino_hw,
+                    parent: parent_tree,
+                    layer: Some(t.layer),
+                    origin: format!("{}:{}", inc.origin, inc.volume),
+                    bytes,
+                },
+            );
+            b.put(Cf::Layers, t.layer.0.to_vec(), tree.0.to_be_bytes().to_vec());
+            local.push(tree);
+            new += 1;
+        }
+        local.reverse();
+        let top_hw = inc.trees[0].ino_hw;
+        let rec = match existing {
+            Some(mut rec) => {
+                rec.lower = local.clone();
+                rec.read_only = true;
+                rec
+            }
+            None => VolumeRecord {
+                id: VolumeId(store.next_id("volume")?),
+                name: inc.volume.clone(),
+                created: meta::Ts::now().secs,
+                labels: BTreeMap::new(),
+                size: None,
+                read_only: true,
+                top: TreeId(store.next_id("tree")?),
+                lower: local.clone(),
+                image: Vec::new(),
+            },
+        };
+        let hw = match engine.get(Cf::Meta, &meta::ino_hw_key(rec.top))? {
+            Some(v) if v.len() == 8 => {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&v);
+                u64::from_le_bytes(a).max(top_hw)
+            }
+            _ => top_hw,
+        };
+        b.put(Cf::Meta, meta::ino_hw_key(rec.top), hw.to_le_bytes().to_vec());
+        b.delete(Cf::Counters, meta::used_key(rec.id));
+        b.add(Cf::Counters, meta::used_key(rec.id), inc.used);
+        b.put(Cf::Volumes, inc.volume.as_bytes().to_vec(), rec.encode());
+        let snap = SnapshotRecord {
+            name: inc.snapshot.clone(),
+            created: inc.created,
+            tree: local[0],
+            lower: local[1..].to_vec(),
+            used: inc.used,
+        };
+        b.put(
+            Cf::Snapshots,
+            layer::snapshot_key(rec.id, &inc.snapshot),
+            meta::encode(SNAPSHOT_VERSION, &snap),
+        );
+        for s in layer::snapshots(engine, rec.id)? {
+            if s.name != inc.snapshot && !inc.keep.contains(&s.name) {
+                b.delete(Cf::Snapshots, layer::snapshot_key(rec.id, &s.name));
+            }
+        }
+        b.put(
+            Cf::Meta,
+            inbound_key(&inc.volume),
+            meta::encode(
+                INBOUND_VERSION,
+                &InboundRecord {
+                    origin: inc.origin.clone(),
+                    last: inc.snapshot.clone(),
+                    last_created: inc.created,
+                    applied: meta::Ts::now().secs,
+                },
+            ),
+        );
+        // Chunks first: nothing may reference a chunk less durable than the reference.
+        store.chunks.sync()?;
+        store.engine.write(b, true)?;
+        tracing::info!(volume = %inc.volume, origin = %inc.origin, snapshot = %inc.snapshot, new_trees = new, "replica snapshot applied");
+        Ok(Applied::New(new))
+    })
+}
+
+/// Stores a chunk received from a peer: verified against `id` first (a mismatch is refused
+/// and nothing is written), then appended, flushed to the OS and indexed. Returns whether it
+/// was new.
+pub fn store_chunk(store: &crate::store::Store, id: &ChunkId, data: &[u8]) -> Result<bool> {
+    if ChunkId::of(data) != *id {
+        return Err(Error::Invalid(format!(
+            "the bytes sent for chunk {id} do not match its hash: rejected, not stored"
+        )));
+    }
+    let _gate = store.chunks.writer();
+    let (_, loc) = store.chunks.put_hashed(*id, data)?;
+    match loc {
+        None => Ok(false),
+        Some(loc) => {
+            store.chunks.flush()?;
+            let mut b = Batch::new();
+            crate::chunk::ChunkStore::index(&mut b, id, &loc);
+            store.engine.write(b, false)?;
+            Ok(true)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::MemEngine;
+
+    #[test]
+    fn rows_hash_like_the_index() {
+        let e = MemEngine::default();
+        let t = TreeId(7);
+        let mut b = Batch::new();
+        let mut r = InodeRecord::new(Kind::File, 0o644, 0, 0);
+        r.size = 42;
+        b.put(
+            Cf::Inodes,
+            meta::inode_key(t, 3),
+            meta::encode(INODE_VERSION, &r),
+        );
+        b.put(Cf::Dirents, meta::dirent_key(t, 1, b"x"), vec![1, 2, 3]);
+        b.put(Cf::Xattrs, meta::xattr_key(t, 3, b"user.a"), vec![9]);
+        b.put(Cf::Inodes, meta::inode_key(t, 4), Vec::new());
+        b.put(Cf::Inodes, meta::inode_key(TreeId(8), 4), vec![5]);
+        e.write(b, false).unwrap();
+        let rows = tree_rows(&e, t).unwrap();
+        assert_eq!(rows.len(), 4);
+        let parent = Some(LayerId([3; 32]));
+        let want = layer::layer_id_of(&e, t, parent).unwrap();
+        let mut shuffled = rows.clone();
+        shuffled.reverse();
+        assert_eq!(layer_id_of_rows(&shuffled, parent).unwrap(), want);
+        assert_ne!(layer_id_of_rows(&rows, None).unwrap().0, want.0);
+        assert!(tree_has_rows(&e, t).unwrap());
+        assert!(!tree_has_rows(&e, TreeId(9)).unwrap());
+    }
+
+    #[test]
+    fn fence_refuses_lower_tokens() {
+        let e = MemEngine::default();
+        check_fence(&e, "db", 0).unwrap();
+        check_fence(&e, "db", 5).unwrap();
+        assert_eq!(fence(&e, "db").unwrap(), 5);
+        let err = check_fence(&e, "db", 4).unwrap_err().to_string();
+        assert!(
+            err.contains("fencing token 4") && err.contains('5'),
+            "{err}"
+        );
+        check_fence(&e, "db", 5).unwrap();
+        check_fence(&e, "other", 1).unwrap();
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30s").unwrap(), 30);
+        assert_eq!(parse_duration("5m").unwrap(), 300);
+        assert_eq!(parse_duration("2").unwrap(), 2);
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("3d").is_err());
+    }
+}
