@@ -10,9 +10,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// The first bytes each side sends.
 pub const MAGIC: &[u8; 8] = b"VOLFSPR\0";
 /// The protocol versions this build speaks, lowest first.
-pub const VERSIONS: &[u16] = &[1, 2];
+pub const VERSIONS: &[u16] = &[1, 2, 3];
 /// The first version that can receive replicas.
 pub const REPLICATION_VERSION: u16 = 2;
+/// The first version that can receive lazily shipped snapshots (`CommitLazy`).
+pub const LAZY_VERSION: u16 = 3;
 /// At most this many versions in a preamble.
 pub const MAX_VERSIONS: usize = 32;
 /// Largest encrypted frame (the ciphertext after the 4-byte length): a 256 KiB chunk, its
@@ -237,6 +239,13 @@ pub enum MsgV1 {
     Committed {
         new_trees: u32,
         already: bool,
+    },
+    // ---- version 3: lazy shipping ----
+    /// `Commit` of a snapshot whose chunks are not all sent: the receiver records the ones it
+    /// lacks as missing and fetches them later (reads, `volume pull`). Answer `Committed`.
+    CommitLazy {
+        token: u64,
+        snapshot: volfs::replica::Incoming,
     },
 }
 
