@@ -53,7 +53,12 @@ fn chunk_ids(d: &Daemon) -> Vec<String> {
         let mut at = 16;
         while at + 48 <= pack.len() && &pack[at..at + 4] == b"VFSC" {
             let stored = u32::from_le_bytes(pack[at + 12..at + 16].try_into().unwrap()) as usize;
-            out.push(pack[at + 16..at + 48].iter().map(|b| format!("{b:02x}")).collect());
+            out.push(
+                pack[at + 16..at + 48]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+            );
             at += 48 + stored;
         }
     }
@@ -136,7 +141,9 @@ fn a_lazy_replica_mounts_first_reads_fetch_and_pull_fetches_the_rest() {
 
     // Mounted before the chunks are there; a read fetches what it needs.
     let rm = b.mount("big", true);
+    let t0 = Instant::now();
     assert_eq!(hash_of(&rm.join("f1")), blake3::hash(&files[1].1));
+    eprintln!("reading 25 MiB on B took {:?}", t0.elapsed());
     let after_read = pack_bytes(&b) - packs0;
     eprintln!("B's pack bytes after reading a 25 MiB file: {after_read}");
     assert!(
@@ -147,8 +154,16 @@ fn a_lazy_replica_mounts_first_reads_fetch_and_pull_fetches_the_rest() {
     let on_read = metric(&m, "volfs_chunk_bytes_fetched_on_read_total", &[]).unwrap();
     assert!(on_read >= (25 << 20) as f64, "{on_read}");
 
-    // Pull fetches the rest: about 75 MiB.
-    let out = b.cli(&["volume", "pull", "big", "--json"]);
+    // Pull fetches the rest: about 75 MiB (a debug build encrypts slowly: a long timeout).
+    let t0 = Instant::now();
+    let out = {
+        let mut c = std::process::Command::new(bin("volfs"));
+        scrub_env(&mut c);
+        c.env("VOLFS_SOCKET", &b.socket)
+            .args(["volume", "pull", "big", "--json"]);
+        run_with_timeout(&mut c, Duration::from_secs(400))
+    };
+    eprintln!("volume pull took {:?}", t0.elapsed());
     assert_eq!(out.code(), Some(0), "{out}");
     let r = out.json();
     let pulled = r["fetched_bytes"].as_u64().unwrap();
@@ -263,7 +278,10 @@ fn a_chunk_no_peer_can_give_is_eio_within_the_deadline() {
         chunk_ids(&a).iter().any(|id| line.contains(id.as_str())),
         "the log line names no chunk of the file: {line}"
     );
-    assert!(line.contains("peer a") && line.contains("peer hang"), "{line}");
+    assert!(
+        line.contains("peer a") && line.contains("peer hang"),
+        "{line}"
+    );
     let m = net.metrics(1, &b);
     assert!(metric(&m, "volfs_chunk_fetch_failures_total", &[]).unwrap() >= 1.0);
     // Pull reports what no peer had and exits 1.
@@ -421,9 +439,15 @@ fn a_peer_sending_wrong_bytes_is_passed_over_and_nothing_is_stored() {
 
     // The liar is asked first, rejected; the origin serves the right bytes.
     assert_eq!(hash_of(&rm.join("one")), blake3::hash(&one));
-    assert!(served.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the liar was not asked");
+    assert!(
+        served.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the liar was not asked"
+    );
     let m = net.metrics(1, &b);
-    assert!(counter(&m, "volfs_peer_chunks_rejected_total") >= 1.0, "{m}");
+    assert!(
+        counter(&m, "volfs_peer_chunks_rejected_total") >= 1.0,
+        "{m}"
+    );
 
     // Only the liar left: EIO, and its bytes are not stored.
     b.cli_ok(&["peer", "rm", "origin"]);

@@ -1061,6 +1061,9 @@ async fn pull_volume(
     }))
 }
 
+/// Chunk fetches `volume pull` keeps in flight.
+const PULL_WORKERS: usize = 4;
+
 /// `volume pull`: fetches every chunk the volume (all its snapshots) references that is not
 /// local, through the store's fallback (the peers), with progress in bytes.
 pub fn pull(
@@ -1093,17 +1096,38 @@ pub fn pull(
     // Fetched in groups, stored with one sync and one synced batch per group.
     for group in lacking.chunks(64) {
         let mut got: Vec<(volfs::ids::ChunkId, Vec<u8>)> = Vec::with_capacity(group.len());
-        for (id, n) in group {
-            match store.chunks.fetch_only(id, &*src) {
-                Ok((data, _)) => got.push((*id, data)),
+        // PULL_WORKERS fetches in flight (each on its own pooled peer connection).
+        let results: Vec<(volfs::ids::ChunkId, u32, volfs::Result<Vec<u8>>)> =
+            std::thread::scope(|sc| {
+                let parts: Vec<_> = group
+                    .chunks(group.len().div_ceil(PULL_WORKERS))
+                    .map(|part| {
+                        let src = &src;
+                        sc.spawn(move || {
+                            part.iter()
+                                .map(|(id, n)| {
+                                    (*id, *n, store.chunks.fetch_only(id, &**src).map(|r| r.0))
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                parts
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_default())
+                    .collect()
+            });
+        for (id, n, r) in results {
+            match r {
+                Ok(data) => got.push((id, data)),
                 Err(e) => report.failed.push(api::PullFailure {
                     chunk: id.to_hex(),
                     why: e.to_string(),
                 }),
             }
-            done += *n as u64;
-            progress(done, total);
+            done += n as u64;
         }
+        progress(done, total);
         let refs: Vec<(volfs::ids::ChunkId, &[u8])> =
             got.iter().map(|(i, d)| (*i, d.as_slice())).collect();
         store.chunks.store_fetched(&refs)?;
