@@ -429,7 +429,7 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
         replication::start(daemon.clone());
         if let Some(l) = peer_listener {
             let l = tokio::net::TcpListener::from_std(l)?;
-            tracing::info!(addr = %l.local_addr()?, "peer listener: Noise_NNpsk0, protocol v1, v2, v3");
+            tracing::info!(addr = %l.local_addr()?, "peer listener: Noise_NNpsk0, protocol v1, v2");
             tokio::spawn(peer::server::serve(l, peers));
         }
         if let Some(l) = plugin_listener {

@@ -274,7 +274,7 @@ impl PeerClient {
 
 impl PeerClient {
     /// Commits a lazily shipped snapshot (its chunks not all sent) on the peer: `(new
-    /// trees, already there)`. Needs protocol v3.
+    /// trees, already there)`. Needs protocol v2 with `CommitLazy`.
     pub async fn commit_lazy(
         &mut self,
         token: u64,
