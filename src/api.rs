@@ -36,6 +36,7 @@
 //! | DELETE | /v1/peers/{name} | | `{}` |
 //! | GET | /v1/cluster | | [`ClusterStatus`] |
 //! | POST | /v1/volumes/{name}/promote | | [`Promoted`] |
+//! | POST | /v1/volumes/{name}/pull | | NDJSON [`StreamLine`]`<PullReport>` |
 //!
 //! Volume clones are `POST /v1/volumes` with the option `from=VOLUME[@SNAPSHOT]`; a mount
 //! request's volume may be `VOLUME@SNAPSHOT` (read-only).
@@ -153,6 +154,28 @@ pub struct VolumeInfo {
     /// On a replica: the last snapshot received from the origin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica_snapshot: Option<String>,
+}
+
+/// `POST /v1/volumes/{name}/pull`'s result: the chunks of a (lazily shipped) replica that
+/// were not local, fetched from peers. Progress lines count bytes (`done`/`total`).
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct PullReport {
+    pub volume: String,
+    /// Chunks the volume (every snapshot) references that were not local.
+    pub lacking_chunks: u64,
+    /// Chunks and bytes fetched (and stored) now.
+    pub fetched_chunks: u64,
+    pub fetched_bytes: u64,
+    /// Chunks no peer could give: `{chunk, why}`. Non-empty: the CLI exits 1.
+    #[serde(default)]
+    pub failed: Vec<PullFailure>,
+    pub millis: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PullFailure {
+    pub chunk: String,
+    pub why: String,
 }
 
 /// `PATCH /v1/volumes/{name}` (also `POST /v1/volumes/{name}/update`): change options.

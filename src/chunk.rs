@@ -240,6 +240,33 @@ pub struct ChunkStore {
     /// copy) until the index batch that references the chunks is written
     /// ([`ChunkStore::writer`]); gc holds it exclusively while it marks and sweeps.
     gc_gate: RwLock<()>,
+    /// Where a read gets a chunk that is not in the index (a lazily shipped replica's chunks
+    /// are fetched from peers): set by the daemon, `None` in the core's own use.
+    fallback: RwLock<Option<Arc<dyn ChunkSource + Send>>>,
+}
+
+/// `meta` key of a chunk a replica references but does not hold yet: `missing/` + the
+/// chunk id (32 bytes). The value is [`MISSING_VERSION`] + postcard of [`MissingChunk`].
+pub fn missing_key(id: &ChunkId) -> Vec<u8> {
+    let mut k = b"missing/".to_vec();
+    k.extend_from_slice(&id.0);
+    k
+}
+
+/// Prefix of every [`missing_key`].
+pub const MISSING_PREFIX: &[u8] = b"missing/";
+pub const MISSING_VERSION: u8 = 1;
+
+/// What a replica knows about a chunk it lacks (see [`missing_key`]): written in the commit
+/// batch of a lazily shipped snapshot, deleted in the batch that indexes the chunk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingChunk {
+    /// The replica volume that referenced it first.
+    pub volume: String,
+    /// The replica's origin host (asked first).
+    pub origin: String,
+    /// The bytes its extents cover (a lower bound of its length, for progress).
+    pub len: u32,
 }
 
 /// Counters since the store opened (for /metrics and status; not persisted).
@@ -254,6 +281,15 @@ pub struct ChunkStats {
     /// The distinct chunks known to fail verification: added by every failed read, replaced
     /// by what each complete scrub finds (so a repaired store reads healthy again).
     known_corrupt: parking_lot::Mutex<std::collections::BTreeSet<ChunkId>>,
+    /// Chunks (and their bytes) that were not local, fetched through the fallback
+    /// [`ChunkSource`] by a read ([`ChunkStore::get`]).
+    pub fetched_on_read: AtomicU64,
+    pub fetched_on_read_bytes: AtomicU64,
+    /// Chunks (and bytes) `volfs volume pull` fetched.
+    pub fetched_by_pull: AtomicU64,
+    pub fetched_by_pull_bytes: AtomicU64,
+    /// Chunks the fallback could not get (no source had a verified copy, or the deadline).
+    pub fetch_failures: AtomicU64,
 }
 
 impl ChunkStats {
@@ -308,6 +344,7 @@ impl ChunkStore {
             ),
             stats: ChunkStats::default(),
             gc_gate: RwLock::new(()),
+            fallback: RwLock::new(None),
         })
     }
 
@@ -550,23 +587,159 @@ impl ChunkStore {
             .transpose()
     }
 
-    /// Reads and verifies a chunk.
+    /// Reads and verifies a chunk. A chunk that is not in the index is fetched through the
+    /// fallback source when one is set ([`ChunkStore::set_fallback`]): verified against its
+    /// id, stored and indexed (synced), so the next read is local.
     pub fn get(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
         if let Some(d) = self.cache.get(id) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(d);
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
-        let data = Arc::new(self.read_verified(id)?);
+        let data = match self.location(id)? {
+            Some(loc) => self.read_at(id, loc)?,
+            None => {
+                let src = self.fallback.read().clone();
+                match src {
+                    Some(src) => return self.fetch_missing(id, &*src).map(|(d, _)| d),
+                    None => return Err(self.corrupt(id, "missing from the chunk index".into())),
+                }
+            }
+        };
+        let data = Arc::new(data);
         self.cache.insert(*id, data.clone());
         Ok(data)
     }
 
+    /// Sets (or clears) where reads get chunks that are not local.
+    pub fn set_fallback(&self, src: Option<Arc<dyn ChunkSource + Send>>) {
+        *self.fallback.write() = src;
+    }
+
+    /// The fallback source, if one is set.
+    pub fn fallback(&self) -> Option<Arc<dyn ChunkSource + Send>> {
+        self.fallback.read().clone()
+    }
+
+    /// What the index says about a chunk a replica lacks, if anything.
+    pub fn missing_record(&self, id: &ChunkId) -> Result<Option<MissingChunk>> {
+        self.engine
+            .get(Cf::Meta, &missing_key(id))?
+            .map(|v| match v.split_first() {
+                Some((&MISSING_VERSION, rest)) => Ok(postcard::from_bytes(rest)?),
+                _ => Err(Error::Encoding(
+                    "missing-chunk record with unknown version".into(),
+                )),
+            })
+            .transpose()
+    }
+
+    /// Fetches a chunk that is not local from `src` (the replica's origin asked first, by
+    /// its `missing/` record), then stores it like [`ChunkStore::repair`] does: checked
+    /// against `id`, appended to the current pack, synced, indexed in a synced batch that
+    /// also deletes its `missing/` record. Returns the bytes and where they came from. A
+    /// chunk no source can give is an error (EIO) logged with the chunk id and what each
+    /// source answered. Counted as fetched on read; [`ChunkStore::fetch_counted`] lets a
+    /// caller (pull) count elsewhere.
+    pub fn fetch_missing(
+        &self,
+        id: &ChunkId,
+        src: &(dyn ChunkSource + Send),
+    ) -> Result<(Arc<Vec<u8>>, String)> {
+        let r = self.fetch_counted(id, src)?;
+        self.stats.fetched_on_read.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .fetched_on_read_bytes
+            .fetch_add(r.0.len() as u64, Ordering::Relaxed);
+        Ok(r)
+    }
+
+    /// [`ChunkStore::fetch_missing`] without counting it as fetched on read.
+    pub fn fetch_counted(
+        &self,
+        id: &ChunkId,
+        src: &(dyn ChunkSource + Send),
+    ) -> Result<(Arc<Vec<u8>>, String)> {
+        let (data, from) = self.fetch_only(id, src)?;
+        self.store_fetched(&[(*id, &data)])?;
+        let data = Arc::new(data);
+        self.cache.insert(*id, data.clone());
+        Ok((data, from))
+    }
+
+    /// Fetches and verifies a chunk that is not local, without storing it (pull stores many
+    /// at once with [`ChunkStore::store_fetched`]).
+    pub fn fetch_only(
+        &self,
+        id: &ChunkId,
+        src: &(dyn ChunkSource + Send),
+    ) -> Result<(Vec<u8>, String)> {
+        let origin = self.missing_record(id).ok().flatten().map(|m| m.origin);
+        let (data, from) = match src.fetch_preferring(id, origin.as_deref()) {
+            Ok(x) => x,
+            Err(why) => {
+                self.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(chunk = %id, "chunk is not local and no peer could give it: {why}");
+                return Err(Error::io(
+                    format!("chunk {id} is not local and no peer could give it ({why})"),
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
+        };
+        if ChunkId::of(&data) != *id {
+            self.stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(chunk = %id, from, "fetched bytes do not match the chunk's hash; not stored");
+            return Err(Error::io(
+                format!("chunk {id}: the bytes from {from} do not match its hash (not stored)"),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok((data, from))
+    }
+
+    /// Stores verified chunks that were not local: appended, synced once, indexed in one
+    /// synced batch that also deletes their `missing/` records. Chunks another reader stored
+    /// meanwhile are skipped; bytes that do not hash to their id are refused (nothing is
+    /// written).
+    pub fn store_fetched(&self, chunks: &[(ChunkId, &[u8])]) -> Result<()> {
+        for (id, data) in chunks {
+            if ChunkId::of(data) != *id {
+                return Err(Error::Invalid(format!(
+                    "the bytes offered for chunk {id} do not match its hash; not stored"
+                )));
+            }
+        }
+        let _gate = self.writer();
+        let mut b = Batch::new();
+        let mut n = 0u64;
+        for (id, data) in chunks {
+            if self.location(id)?.is_some() {
+                continue;
+            }
+            let loc = self.append(id, data)?;
+            Self::index(&mut b, id, &loc);
+            b.delete(Cf::Meta, missing_key(id));
+            n += 1;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.sync()?;
+        self.engine.write(b, true)?;
+        self.stats.written.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Reads a chunk from disk, bypassing the cache, and checks it against its id.
     pub fn read_verified(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let mut loc = self
+        let loc = self
             .location(id)?
             .ok_or_else(|| self.corrupt(id, "missing from the chunk index".into()))?;
+        self.read_at(id, loc)
+    }
+
+    /// [`ChunkStore::read_verified`] at a location just looked up.
+    fn read_at(&self, id: &ChunkId, mut loc: ChunkLoc) -> Result<Vec<u8>> {
         let f = match self.reader(loc.pack) {
             Ok(f) => f,
             Err(_) => {
@@ -734,6 +907,17 @@ pub trait ChunkSource: Sync {
     /// came from; implementations verify `data` against `id` before returning it (and
     /// [`ChunkStore::repair`] checks it again). `Err(why)` says what each place answered.
     fn fetch(&self, id: &ChunkId) -> std::result::Result<(Vec<u8>, String), String>;
+
+    /// [`ChunkSource::fetch`], asking the place named `first` (a replica's origin host)
+    /// before the others when the source knows it.
+    fn fetch_preferring(
+        &self,
+        id: &ChunkId,
+        first: Option<&str>,
+    ) -> std::result::Result<(Vec<u8>, String), String> {
+        let _ = first;
+        self.fetch(id)
+    }
 }
 
 impl ChunkStore {
@@ -852,5 +1036,83 @@ mod tests {
             s.repair(&gone, b"not stored").is_err(),
             "only indexed chunks"
         );
+    }
+
+    struct Fake {
+        answers: Vec<(String, Option<Vec<u8>>)>,
+        asked: Mutex<Vec<String>>,
+    }
+    impl ChunkSource for Fake {
+        fn fetch(&self, id: &ChunkId) -> std::result::Result<(Vec<u8>, String), String> {
+            let mut why = Vec::new();
+            for (name, a) in &self.answers {
+                self.asked.lock().push(name.clone());
+                match a {
+                    Some(d) if ChunkId::of(d) == *id => return Ok((d.clone(), name.clone())),
+                    Some(_) => why.push(format!("{name}: wrong bytes, rejected")),
+                    None => why.push(format!("{name}: does not hold it")),
+                }
+            }
+            Err(why.join("; "))
+        }
+    }
+
+    #[test]
+    fn a_missing_chunk_is_fetched_through_the_fallback_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), Compression::None);
+        let data = b"a chunk that only a peer holds".repeat(100);
+        let id = ChunkId::of(&data);
+        let mut b = Batch::new();
+        b.put(Cf::Meta, missing_key(&id), {
+            let mut v = vec![MISSING_VERSION];
+            v.extend(
+                postcard::to_stdvec(&MissingChunk {
+                    volume: "db".into(),
+                    origin: "a".into(),
+                    len: data.len() as u32,
+                })
+                .unwrap(),
+            );
+            v
+        });
+        s.engine.write(b, false).unwrap();
+        assert_eq!(s.missing_record(&id).unwrap().unwrap().origin, "a");
+        // No fallback: EIO, as before.
+        assert_eq!(s.get(&id).unwrap_err().errno(), libc::EIO);
+        let mut wrong = data.clone();
+        wrong[3] ^= 1;
+        let src = Arc::new(Fake {
+            answers: vec![
+                ("liar".into(), Some(wrong)),
+                ("empty".into(), None),
+                ("good".into(), Some(data.clone())),
+            ],
+            asked: Mutex::new(Vec::new()),
+        });
+        s.set_fallback(Some(src.clone()));
+        assert_eq!(&*s.get(&id).unwrap(), &data[..]);
+        assert_eq!(src.asked.lock().len(), 3);
+        assert!(s.location(&id).unwrap().is_some(), "stored and indexed");
+        assert!(s.missing_record(&id).unwrap().is_none(), "record deleted");
+        assert_eq!(s.stats.fetched_on_read.load(Ordering::Relaxed), 1);
+        s.clear_cache();
+        assert_eq!(s.read_verified(&id).unwrap(), data);
+        assert_eq!(&*s.get(&id).unwrap(), &data[..]);
+        assert_eq!(src.asked.lock().len(), 3, "the second read is local");
+
+        // Nobody has it (or only wrong bytes): EIO naming the chunk, nothing stored.
+        let other = b"nobody has this one".to_vec();
+        let oid = ChunkId::of(&other);
+        s.set_fallback(Some(Arc::new(Fake {
+            answers: vec![("liar".into(), Some(b"not it".to_vec()))],
+            asked: Mutex::new(Vec::new()),
+        })));
+        let e = s.get(&oid).unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        assert!(e.to_string().contains(&oid.to_hex()), "{e}");
+        assert!(e.to_string().contains("liar"), "{e}");
+        assert!(s.location(&oid).unwrap().is_none());
+        assert_eq!(s.stats.fetch_failures.load(Ordering::Relaxed), 1);
     }
 }

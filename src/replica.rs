@@ -10,7 +10,13 @@
 //! repl/<volume>        ReplSettings: replicas, rpo, per-replica progress   (origin host)
 //! repl-in/<volume>     InboundRecord: origin host, last applied snapshot    (receiving host)
 //! repl-fence/<volume>  u64 LE: the highest fencing token seen for the volume (receiving host)
+//! repl-ship/<volume>   ASCII `lazy` or `full`: how snapshots are shipped (origin; absent: full)
+//! missing/<chunk id>   chunk::MissingChunk: a chunk a lazily shipped replica lacks (receiver)
 //! ```
+//! Lazy shipping (`--opt ship=lazy`): the origin sends the trees and the commit but no
+//! chunks; [`apply_lazy`] records every chunk the new trees reference that this host lacks
+//! as a `missing/` key in the commit batch, and reads fetch them from peers
+//! (`ChunkStore::get`'s fallback) or `volfs volume pull` fetches them all ([`lacking`]).
 //! A row on the wire is `(cf index into layer::TREE_CFS, key without the 8-byte tree prefix,
 //! value)`: exactly what [`crate::layer::layer_id_of`] hashes, so the receiver recomputes the
 //! tree's [`LayerId`] from the rows and refuses a tree whose rows do not hash to its id.
@@ -73,6 +79,34 @@ pub fn settings_key(vol: &str) -> Vec<u8> {
 pub fn inbound_key(vol: &str) -> Vec<u8> {
     format!("repl-in/{vol}").into_bytes()
 }
+pub fn ship_key(vol: &str) -> Vec<u8> {
+    format!("repl-ship/{vol}").into_bytes()
+}
+
+/// Is `vol` shipped lazily (trees and commit first, chunks on demand)?
+pub fn ship_lazy(engine: &dyn Engine, vol: &str) -> Result<bool> {
+    Ok(engine.get(Cf::Meta, &ship_key(vol))?.as_deref() == Some(b"lazy".as_slice()))
+}
+
+/// Parses the `ship` option: `lazy` or `full`; true for lazy.
+pub fn parse_ship(v: &str) -> Result<bool> {
+    match v.trim() {
+        "lazy" => Ok(true),
+        "full" => Ok(false),
+        o => Err(Error::Invalid(format!(
+            "option ship: {o:?} (expected lazy or full)"
+        ))),
+    }
+}
+
+/// Records how `vol` is shipped (synced).
+pub fn set_ship(engine: &dyn Engine, vol: &str, lazy: bool) -> Result<()> {
+    let mut b = Batch::new();
+    let v: &[u8] = if lazy { b"lazy" } else { b"full" };
+    b.put(Cf::Meta, ship_key(vol), v.to_vec());
+    engine.write(b, true)
+}
+
 pub fn fence_key(vol: &str) -> Vec<u8> {
     format!("repl-fence/{vol}").into_bytes()
 }
@@ -227,6 +261,47 @@ pub fn chunks_of(rows: &[Row]) -> Result<BTreeSet<ChunkId>> {
     Ok(out)
 }
 
+/// The chunks the extents among `rows` reference, each with the bytes its extents reach
+/// (the end of the furthest extent in it: a lower bound of its length).
+pub fn chunk_lens(rows: &[Row]) -> Result<BTreeMap<ChunkId, u32>> {
+    let ext = extents_index();
+    let mut out: BTreeMap<ChunkId, u32> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.cf == ext && !r.value.is_empty()) {
+        let e: Extent = meta::decode(EXTENT_VERSION, "extent", &r.value)?;
+        let end = e.chunk_off.saturating_add(e.len);
+        let v = out.entry(e.chunk).or_default();
+        *v = (*v).max(end);
+    }
+    Ok(out)
+}
+
+/// Every chunk the volume `vol` (its top, its lower trees and every snapshot's trees)
+/// references that this host does not hold, with the bytes its extents reach; sorted by id.
+pub fn lacking(store: &crate::store::Store, rec: &VolumeRecord) -> Result<Vec<(ChunkId, u32)>> {
+    let engine = &*store.engine;
+    let mut trees: BTreeSet<TreeId> = BTreeSet::new();
+    trees.insert(rec.top);
+    trees.extend(rec.lower.iter().copied());
+    for s in layer::snapshots(engine, rec.id)? {
+        trees.insert(s.tree);
+        trees.extend(s.lower.iter().copied());
+    }
+    let mut all: BTreeMap<ChunkId, u32> = BTreeMap::new();
+    for t in trees {
+        for (c, n) in chunk_lens(&tree_rows(engine, t)?)? {
+            let v = all.entry(c).or_default();
+            *v = (*v).max(n);
+        }
+    }
+    let mut out = Vec::new();
+    for (c, n) in all {
+        if !store.chunks.contains(&c)? {
+            out.push((c, n));
+        }
+    }
+    Ok(out)
+}
+
 /// The LayerId of a tree made of `rows` on top of `parent`, as
 /// [`crate::layer::layer_id_of`] computes it from the index; with the logical bytes.
 pub fn layer_id_of_rows(rows: &[Row], parent: Option<LayerId>) -> Result<(LayerId, u64)> {
@@ -310,6 +385,26 @@ pub fn apply(
     inc: &Incoming,
     staged: &HashMap<LayerId, Vec<Row>>,
 ) -> Result<Applied> {
+    apply_mode(reg, inc, staged, false)
+}
+
+/// [`apply`] for a lazily shipped snapshot: chunks the new trees reference that are not
+/// here are recorded as `missing/<chunk id>` keys (`chunk::MissingChunk`) in the same batch
+/// instead of refusing the commit.
+pub fn apply_lazy(
+    reg: &Registry,
+    inc: &Incoming,
+    staged: &HashMap<LayerId, Vec<Row>>,
+) -> Result<Applied> {
+    apply_mode(reg, inc, staged, true)
+}
+
+fn apply_mode(
+    reg: &Registry,
+    inc: &Incoming,
+    staged: &HashMap<LayerId, Vec<Row>>,
+    lazy: bool,
+) -> Result<Applied> {
     let name = crate::ids::VolumeName::new(&inc.volume)?;
     layer::check_snapshot_name(&inc.snapshot)?;
     if inc.trees.is_empty() {
@@ -360,6 +455,7 @@ pub fn apply(
         // Bottom first, so each tree's parent is known locally.
         let mut local: Vec<TreeId> = Vec::with_capacity(inc.trees.len());
         let mut new = 0usize;
+        let mut missing = 0usize;
         for t in inc.trees.iter().rev() {
             let parent_tree = local.last().copied();
             if let Some(tree) = layer::layer_tree(engine, &t.layer)? {
@@ -379,8 +475,22 @@ pub fn apply(
                     t.layer
                 )));
             }
-            for c in chunks_of(rows)? {
+            for (c, len) in chunk_lens(rows)? {
                 if !store.chunks.contains(&c)? {
+                    if lazy {
+                        let m = crate::chunk::MissingChunk {
+                            volume: inc.volume.clone(),
+                            origin: inc.origin.clone(),
+                            len,
+                        };
+                        b.put(
+                            Cf::Meta,
+                            crate::chunk::missing_key(&c),
+                            meta::encode(crate::chunk::MISSING_VERSION, &m),
+                        );
+                        missing += 1;
+                        continue;
+                    }
                     return Err(Error::Invalid(format!(
                         "tree {} references chunk {c}, which has not arrived",
                         t.layer
@@ -476,7 +586,7 @@ pub fn apply(
         // Chunks first: nothing may reference a chunk less durable than the reference.
         store.chunks.sync()?;
         store.engine.write(b, true)?;
-        tracing::info!(volume = %inc.volume, origin = %inc.origin, snapshot = %inc.snapshot, new_trees = new, "replica snapshot applied");
+        tracing::info!(volume = %inc.volume, origin = %inc.origin, snapshot = %inc.snapshot, new_trees = new, lazy, missing_chunks = missing, "replica snapshot applied");
         Ok(Applied::New(new))
     })
 }
@@ -498,6 +608,8 @@ pub fn store_chunk(store: &crate::store::Store, id: &ChunkId, data: &[u8]) -> Re
             store.chunks.flush()?;
             let mut b = Batch::new();
             crate::chunk::ChunkStore::index(&mut b, id, &loc);
+            // A lazily shipped replica may have recorded it as missing.
+            b.delete(Cf::Meta, crate::chunk::missing_key(id));
             store.engine.write(b, false)?;
             Ok(true)
         }

@@ -87,6 +87,10 @@ pub struct Config {
     /// Seconds an ownership lease lives without a keep-alive (at least 3). The owner stops
     /// writing after half of it without a successful keep-alive.
     pub lease_ttl_secs: u64,
+    /// Deadline in milliseconds for fetching a chunk that is not local (a lazily shipped
+    /// replica's) from the peers on a read; each peer gets an equal share of it (at least
+    /// 1 s). A read that misses it fails with EIO (100 to 600000).
+    pub peer_fetch_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -115,6 +119,7 @@ impl Default for Config {
             etcd_endpoints: String::new(),
             host_name: String::new(),
             lease_ttl_secs: 10,
+            peer_fetch_timeout_ms: crate::peer::DEFAULT_FETCH_TIMEOUT_MS,
         }
     }
 }
@@ -241,6 +246,14 @@ impl Config {
                         crate::peer::DEFAULT_LISTEN
                     )
                 }),
+            "peer_fetch_timeout_ms"
+                if !(100..=600_000).contains(&self.peer_fetch_timeout_ms) =>
+            {
+                Err(format!(
+                    "{} ms: expected 100 to 600000",
+                    self.peer_fetch_timeout_ms
+                ))
+            }
             "lease_ttl_secs" if self.lease_ttl_secs < 3 || self.lease_ttl_secs > 3600 => Err(
                 format!("{} seconds: expected 3 to 3600", self.lease_ttl_secs),
             ),

@@ -161,6 +161,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/peers/{name}", axum::routing::delete(remove_peer))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/volumes/{name}/promote", post(promote_volume))
+        .route("/v1/volumes/{name}/pull", post(pull_volume))
         .layer(axum::middleware::from_fn(log_errors))
         // A streamed tarball: not buffered by `log_errors` (the handler logs its errors).
         .route("/v1/volumes/{name}/import", post(import_volume))
@@ -278,10 +279,11 @@ async fn update_volume(
             let vname = VolumeName::new(&name)?;
             let rec = d.mounts.registry().require(&vname)?;
             let store = d.mounts.registry().store().clone();
-            let (n, rpo, rest) = crate::replication::split_opts(&req.opts)?;
+            let (ship, opts) = take_ship(&req.opts)?;
+            let (n, rpo, rest) = crate::replication::split_opts(&opts)?;
             if let Some(k) = rest.keys().next() {
                 return Err(Error::Invalid(format!(
-                    "option {k:?} cannot be changed with volume update (known: replicas, rpo)"
+                    "option {k:?} cannot be changed with volume update (known: replicas, rpo, ship)"
                 )));
             }
             if let Some(i) = volfs::replica::inbound(&*store.engine, &name)? {
@@ -289,6 +291,9 @@ async fn update_volume(
                     "volume {name} is a replica of {}: change it there",
                     i.origin
                 )));
+            }
+            if let Some(lazy) = ship {
+                volfs::replica::set_ship(&*store.engine, &name, lazy)?;
             }
             crate::replication::update_settings(&store, &name, |s| {
                 if let Some(n) = n {
@@ -1006,7 +1011,8 @@ pub fn create(d: &Daemon, req: &CreateVolume) -> volfs::Result<VolumeInfo> {
         read_only: req.read_only,
         ..Default::default()
     };
-    let (replicas, rpo, rest) = crate::replication::split_opts(&req.opts)?;
+    let (ship, req_opts) = take_ship(&req.opts)?;
+    let (replicas, rpo, rest) = crate::replication::split_opts(&req_opts)?;
     for (k, v) in &rest {
         opts.set_opt(k, v)?;
     }
@@ -1022,7 +1028,121 @@ pub fn create(d: &Daemon, req: &CreateVolume) -> volfs::Result<VolumeInfo> {
             };
         })?;
     }
+    if let Some(lazy) = ship {
+        volfs::replica::set_ship(&*d.mounts.registry().store().engine, name.as_str(), lazy)?;
+    }
     volume_info(d, &rec)
+}
+
+/// Takes the `ship` option (`lazy` or `full`: how snapshots go to replicas) out of `opts`.
+fn take_ship(
+    opts: &std::collections::BTreeMap<String, String>,
+) -> volfs::Result<(Option<bool>, std::collections::BTreeMap<String, String>)> {
+    let mut rest = opts.clone();
+    let ship = rest
+        .remove("ship")
+        .map(|v| volfs::replica::parse_ship(&v))
+        .transpose()?;
+    Ok((ship, rest))
+}
+
+async fn pull_volume(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let d2 = d.clone();
+    let rec = blocking(move || {
+        let vname = VolumeName::new(&name)?;
+        d2.mounts.registry().require(&vname)
+    })
+    .await?;
+    Ok(stream_lines("pull", rec.name.clone(), move |progress| {
+        pull(&d, &rec, progress)
+    }))
+}
+
+/// Chunk fetches `volume pull` keeps in flight.
+const PULL_WORKERS: usize = 4;
+
+/// `volume pull`: fetches every chunk the volume (all its snapshots) references that is not
+/// local, through the store's fallback (the peers), with progress in bytes.
+pub fn pull(
+    d: &Daemon,
+    rec: &VolumeRecord,
+    progress: &mut dyn FnMut(u64, u64),
+) -> volfs::Result<api::PullReport> {
+    let t0 = Instant::now();
+    let store = d.mounts.registry().store();
+    let lacking = volfs::replica::lacking(store, rec)?;
+    let total: u64 = lacking.iter().map(|(_, n)| *n as u64).sum();
+    let mut report = api::PullReport {
+        volume: rec.name.clone(),
+        lacking_chunks: lacking.len() as u64,
+        ..Default::default()
+    };
+    if lacking.is_empty() {
+        progress(0, 0);
+        report.millis = t0.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+    let Some(src) = store.chunks.fallback() else {
+        return Err(Error::Invalid(format!(
+            "volume {} lacks {} chunks and this host has no peers to fetch them from (no cluster key)",
+            rec.name,
+            lacking.len()
+        )));
+    };
+    let mut done = 0u64;
+    // Fetched in groups, stored with one sync and one synced batch per group.
+    for group in lacking.chunks(64) {
+        let mut got: Vec<(volfs::ids::ChunkId, Vec<u8>)> = Vec::with_capacity(group.len());
+        // PULL_WORKERS fetches in flight (each on its own pooled peer connection).
+        let results: Vec<(volfs::ids::ChunkId, u32, volfs::Result<Vec<u8>>)> =
+            std::thread::scope(|sc| {
+                let parts: Vec<_> = group
+                    .chunks(group.len().div_ceil(PULL_WORKERS))
+                    .map(|part| {
+                        let src = &src;
+                        sc.spawn(move || {
+                            part.iter()
+                                .map(|(id, n)| {
+                                    (*id, *n, store.chunks.fetch_only(id, &**src).map(|r| r.0))
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                parts
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_default())
+                    .collect()
+            });
+        for (id, n, r) in results {
+            match r {
+                Ok(data) => got.push((id, data)),
+                Err(e) => report.failed.push(api::PullFailure {
+                    chunk: id.to_hex(),
+                    why: e.to_string(),
+                }),
+            }
+            done += n as u64;
+        }
+        progress(done, total);
+        let refs: Vec<(volfs::ids::ChunkId, &[u8])> =
+            got.iter().map(|(i, d)| (*i, d.as_slice())).collect();
+        store.chunks.store_fetched(&refs)?;
+        let bytes: u64 = got.iter().map(|(_, d)| d.len() as u64).sum();
+        let c = &store.chunks.stats;
+        c.fetched_by_pull
+            .fetch_add(got.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        c.fetched_by_pull_bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        report.fetched_chunks += got.len() as u64;
+        report.fetched_bytes += bytes;
+    }
+    report.millis = t0.elapsed().as_millis() as u64;
+    tracing::info!(volume = %rec.name, chunks = report.fetched_chunks, bytes = report.fetched_bytes, failed = report.failed.len(), "volume pull");
+    Ok(report)
 }
 
 /// Cluster mode: claims the volume's name for this host (refused if another host owns it),
@@ -1093,6 +1213,7 @@ pub fn remove_volume(d: &Daemon, name: &str, force: bool) -> volfs::Result<()> {
     for k in [
         volfs::replica::settings_key(name.as_str()),
         volfs::replica::inbound_key(name.as_str()),
+        volfs::replica::ship_key(name.as_str()),
     ] {
         b.delete(volfs::db::Cf::Meta, k);
     }

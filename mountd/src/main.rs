@@ -334,6 +334,7 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
     let gc_interval = cfg.gc_interval_secs;
     let scrub_interval = cfg.scrub_interval_secs;
     let scrub_rate = cfg.scrub_max_mb_per_sec << 20;
+    let fetch_timeout_ms = cfg.peer_fetch_timeout_ms;
     tracing::info!(data_dir = %cfg.data_dir.display(), socket = %cfg.socket.display(), "volfs-mountd {} starting", env!("CARGO_PKG_VERSION"));
     mounts.adopt(handover::inherited());
     mounts.restore()?;
@@ -410,6 +411,20 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
             tracing::info!(addr = %l.local_addr()?, "metrics endpoint: GET /metrics");
             tokio::spawn(metrics::serve(l, metrics.clone()));
         }
+        // Reads of chunks that are not local (lazily shipped replicas) fetch them from peers.
+        if peer_key.is_some() {
+            let fetch = peer::PeerFetch::new(
+                peers.clone(),
+                tokio::runtime::Handle::current(),
+                Duration::from_millis(fetch_timeout_ms),
+            );
+            daemon
+                .mounts
+                .registry()
+                .store()
+                .chunks
+                .set_fallback(Some(Arc::new(fetch)));
+        }
         // Snapshot replication: one worker per replicated volume (and receiving replicas).
         replication::start(daemon.clone());
         if let Some(l) = peer_listener {
@@ -437,6 +452,8 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
     // Stop the reaper and the API servers before tearing the mounts down, so that nothing
     // prunes records or starts a connection while shutdown detaches them.
     rt.shutdown_timeout(Duration::from_secs(5));
+    // The fallback holds the peers, which hold the store: break the cycle.
+    store.chunks.set_fallback(None);
     // Under systemd, a SIGTERM that is part of `systemctl restart` keeps the mounts: the
     // connections wait in the service's fd store for the next start.
     if supervised

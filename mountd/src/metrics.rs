@@ -631,6 +631,35 @@ impl Collector for StateCollector {
             "Chunks not written because the store already held them",
             c.deduplicated.load(Ordering::Relaxed),
         )?;
+        for (name, help, v) in [
+            (
+                "chunks_fetched_on_read",
+                "Chunks a read found missing locally and fetched from a peer (lazily shipped replicas)",
+                &c.fetched_on_read,
+            ),
+            (
+                "chunk_bytes_fetched_on_read",
+                "Bytes of the chunks fetched from peers on read",
+                &c.fetched_on_read_bytes,
+            ),
+            (
+                "chunks_fetched_by_pull",
+                "Chunks volume pull fetched from peers",
+                &c.fetched_by_pull,
+            ),
+            (
+                "chunk_bytes_fetched_by_pull",
+                "Bytes of the chunks volume pull fetched from peers",
+                &c.fetched_by_pull_bytes,
+            ),
+            (
+                "chunk_fetch_failures",
+                "Chunks missing locally that no peer could give (EIO on read, reported by pull)",
+                &c.fetch_failures,
+            ),
+        ] {
+            counter(&mut enc, name, help, v.load(Ordering::Relaxed))?;
+        }
         counter(
             &mut enc,
             "corrupt_chunk_reads",

@@ -486,6 +486,14 @@ async fn ship_one(
         .await
         .map_err(|e| e.to_string())?
     };
+    // ship=lazy: trees and commit only; the replica fetches chunks on read or pull.
+    let lazy = {
+        let (store, v) = (store.clone(), vol.to_string());
+        blocking(move || replica::ship_lazy(&*store.engine, &v))
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    let chunks = if lazy { Vec::new() } else { chunks };
     let have = client.has_chunks(&chunks).await.map_err(wire)?;
     let need: Vec<ChunkId> = chunks
         .iter()
@@ -541,7 +549,11 @@ async fn ship_one(
         trees: metas,
         keep: keep.to_vec(),
     };
-    let (new, already) = client.commit(token, inc).await.map_err(wire)?;
-    tracing::info!(volume = %vol, replica = %peer.name, snapshot = %s.name, new_trees = new, already, chunks = need.len(), bytes = total, "snapshot replicated");
+    let (new, already) = if lazy {
+        client.commit_lazy(token, inc).await.map_err(wire)?
+    } else {
+        client.commit(token, inc).await.map_err(wire)?
+    };
+    tracing::info!(volume = %vol, replica = %peer.name, snapshot = %s.name, new_trees = new, already, lazy, chunks = need.len(), bytes = total, "snapshot replicated");
     Ok(layers[0])
 }

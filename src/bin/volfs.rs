@@ -150,6 +150,16 @@ enum VolumeCommand {
     /// Change a volume's replication: --opt replicas=N (peers to replicate to), --opt
     /// rpo=30s (take and ship snapshots this often; 0 turns it off).
     Update(UpdateArgs),
+    /// Fetch every chunk a (lazily shipped) replica lacks from the peers, for all its
+    /// snapshots; progress on stderr when it is a terminal. Exit 1 when a peer had none.
+    Pull(PullArgs),
+}
+
+#[derive(Debug, Args)]
+struct PullArgs {
+    name: String,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -473,6 +483,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Volume(VolumeCommand::Ls(a)) => volume_ls(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Inspect(a)) => volume_inspect(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Update(a)) => volume_update(&client, a, &mut out)?,
+        Command::Volume(VolumeCommand::Pull(a)) => volume_pull(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Rm(a)) => volume_rm(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Prune(a)) => volume_prune(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Clone(a)) => volume_clone(&client, a, &mut out)?,
@@ -594,7 +605,7 @@ fn volume_update(client: &Client, args: UpdateArgs, out: &mut dyn Write) -> Resu
         .keys()
         .find(|k| !REPLICATION_KEYS.contains(&k.as_str()))
     {
-        bail!("option {k:?} cannot be changed with volume update (known: replicas, rpo)");
+        bail!("option {k:?} cannot be changed with volume update (known: replicas, rpo, ship)");
     }
     let v: VolumeInfo = client.post(
         &format!("/v1/volumes/{name}/update"),
@@ -609,7 +620,39 @@ fn volume_update(client: &Client, args: UpdateArgs, out: &mut dyn Write) -> Resu
 }
 
 /// The options the replication worker owns (checked here, not by `CreateOptions`).
-const REPLICATION_KEYS: [&str; 2] = ["replicas", "rpo"];
+const REPLICATION_KEYS: [&str; 3] = ["replicas", "rpo", "ship"];
+
+fn volume_pull(client: &Client, args: PullArgs, out: &mut dyn Write) -> Result<i32> {
+    let name = volume_name(&args.name)?;
+    let resp = client.stream(
+        "POST",
+        &format!("/v1/volumes/{name}/pull"),
+        "application/json",
+        Some(&mut b"{}".as_slice()),
+    )?;
+    let r: api::PullReport = follow(resp, "pull")?;
+    if args.json {
+        write_json(out, &r)?;
+    } else {
+        writeln!(
+            out,
+            "{}: fetched {} chunks, {} ({} bytes){}",
+            r.volume,
+            r.fetched_chunks,
+            human_bytes(r.fetched_bytes),
+            r.fetched_bytes,
+            if r.lacking_chunks == 0 {
+                " (nothing was missing)".to_string()
+            } else {
+                String::new()
+            }
+        )?;
+        for f in &r.failed {
+            writeln!(out, "{}: not fetched: {}", f.chunk, f.why)?;
+        }
+    }
+    Ok(if r.failed.is_empty() { 0 } else { 1 })
+}
 
 /// One line about a volume's replication, for `volume ls` and `volume update`.
 fn replication_summary(v: &VolumeInfo) -> String {
@@ -1617,6 +1660,9 @@ fn parse_opts(list: &[String], read_only: bool) -> Result<BTreeMap<String, Strin
             }
             "rpo" => {
                 volfs::replica::parse_duration(v).map_err(invalid)?;
+            }
+            "ship" => {
+                volfs::replica::parse_ship(v).map_err(invalid)?;
             }
             _ => check.set_opt(k, v).map_err(invalid)?,
         }

@@ -207,3 +207,37 @@ impl Net {
         }
     }
 }
+
+impl Net {
+    /// Sets the veth between namespaces `i` and `j` down or up (cuts or restores that one
+    /// link; the others stay as they are).
+    pub fn set_link(&self, i: usize, j: usize, up: bool) {
+        let (i, j) = (i.min(j), i.max(j));
+        let out = Command::new("ip")
+            .args(["-n", &self.ns[i], "-o", "link", "show"])
+            .output()
+            .expect("running ip");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let suffix = format!("{i}{j}a");
+        let mut hit = false;
+        for line in text.lines() {
+            let Some(name) = line.split(':').nth(1).map(|s| s.trim()) else {
+                continue;
+            };
+            let name = name.split('@').next().unwrap_or(name);
+            if name.starts_with("vp") && name.ends_with(&suffix) {
+                ip(&[
+                    "-n",
+                    &self.ns[i],
+                    "link",
+                    "set",
+                    "dev",
+                    name,
+                    if up { "up" } else { "down" },
+                ]);
+                hit = true;
+            }
+        }
+        assert!(hit, "no veth between namespaces {i} and {j}");
+    }
+}

@@ -272,6 +272,28 @@ impl PeerClient {
     }
 }
 
+impl PeerClient {
+    /// Commits a lazily shipped snapshot (its chunks not all sent) on the peer: `(new
+    /// trees, already there)`. Needs protocol v2 with `CommitLazy`.
+    pub async fn commit_lazy(
+        &mut self,
+        token: u64,
+        snapshot: volfs::replica::Incoming,
+    ) -> Result<(u32, bool), WireError> {
+        if self.ch.version < super::wire::LAZY_VERSION {
+            return Err(WireError::Protocol(format!(
+                "the peer speaks protocol version {} and cannot receive lazily shipped snapshots (needs {})",
+                self.ch.version,
+                super::wire::LAZY_VERSION
+            )));
+        }
+        match self.ask(&MsgV1::CommitLazy { token, snapshot }).await? {
+            MsgV1::Committed { new_trees, already } => Ok((new_trees, already)),
+            m => Err(unexpected(&m)),
+        }
+    }
+}
+
 fn unexpected(m: &MsgV1) -> WireError {
     let name = format!("{m:?}");
     let name = name

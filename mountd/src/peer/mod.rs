@@ -285,3 +285,123 @@ impl ChunkSource for PeerSource {
         Err(why.join("; "))
     }
 }
+
+/// Default of the `peer_fetch_timeout_ms` config key.
+pub const DEFAULT_FETCH_TIMEOUT_MS: u64 = 10_000;
+
+/// The read path's fallback ([`volfs::chunk::ChunkStore::set_fallback`]): fetches a chunk
+/// that is not local from the peers, the replica's origin first, then the others by name.
+/// The whole fetch has a deadline (`peer_fetch_timeout_ms`); each peer gets an equal share
+/// of it (at least 1 s, at most what is left), so one that hangs cannot keep the others
+/// from being asked, and a FUSE thread never waits longer than the deadline. Connections
+/// are kept in a small pool per peer and dropped after any error. Runs on any thread: the
+/// work is spawned on the daemon's runtime and awaited with a timeout.
+pub struct PeerFetch {
+    peers: Arc<Peers>,
+    rt: tokio::runtime::Handle,
+    timeout: std::time::Duration,
+    pool: Arc<parking_lot::Mutex<HashMap<String, Vec<PeerClient>>>>,
+    /// The hello host name each peer (by record name) gave, to find the origin.
+    hosts: Arc<parking_lot::Mutex<HashMap<String, String>>>,
+}
+
+/// At most this many idle connections per peer are kept.
+const POOL_PER_PEER: usize = 4;
+
+impl PeerFetch {
+    pub fn new(
+        peers: Arc<Peers>,
+        rt: tokio::runtime::Handle,
+        timeout: std::time::Duration,
+    ) -> PeerFetch {
+        PeerFetch {
+            peers,
+            rt,
+            timeout,
+            pool: Default::default(),
+            hosts: Default::default(),
+        }
+    }
+}
+
+impl ChunkSource for PeerFetch {
+    fn fetch(&self, id: &ChunkId) -> Result<(Vec<u8>, String), String> {
+        self.fetch_preferring(id, None)
+    }
+
+    fn fetch_preferring(
+        &self,
+        id: &ChunkId,
+        first: Option<&str>,
+    ) -> Result<(Vec<u8>, String), String> {
+        if self.peers.key.is_none() {
+            return Err("peers are off on this host (no cluster key)".into());
+        }
+        let mut records = self.peers.records().map_err(|e| e.to_string())?;
+        if records.is_empty() {
+            return Err("no peers are configured".into());
+        }
+        if let Some(origin) = first {
+            let hosts = self.hosts.lock();
+            // Stable sort: the origin first, the rest stay in name order.
+            records.sort_by_key(|r| {
+                !(r.name == origin || hosts.get(&r.name).is_some_and(|h| h == origin))
+            });
+        }
+        let n = records.len() as u32;
+        let timeout = self.timeout;
+        let share = (timeout / n).max(std::time::Duration::from_secs(1));
+        let deadline = std::time::Instant::now() + timeout;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (peers, pool, hosts, id) = (
+            self.peers.clone(),
+            self.pool.clone(),
+            self.hosts.clone(),
+            *id,
+        );
+        self.rt.spawn(async move {
+            let mut why = Vec::new();
+            for rec in &records {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    why.push(format!("peer {}: not asked (deadline)", rec.name));
+                    continue;
+                }
+                let limit = share.min(left);
+                let attempt = async {
+                    let pooled = pool.lock().get_mut(&rec.name).and_then(|v| v.pop());
+                    let mut c = match pooled {
+                        Some(c) => c,
+                        None => peers.connect(&rec.addr).await?,
+                    };
+                    hosts.lock().insert(rec.name.clone(), c.host.clone());
+                    let r = c.get_chunk(&id).await;
+                    if matches!(r, Ok(_) | Err(wire::WireError::Rejected(_))) {
+                        let mut p = pool.lock();
+                        let v = p.entry(rec.name.clone()).or_default();
+                        if v.len() < POOL_PER_PEER {
+                            v.push(c);
+                        }
+                    }
+                    r
+                };
+                match tokio::time::timeout(limit, attempt).await {
+                    Ok(Ok(Some(data))) => {
+                        let _ = tx.send(Ok((data, format!("peer {} ({})", rec.name, rec.addr))));
+                        return;
+                    }
+                    Ok(Ok(None)) => why.push(format!("peer {}: does not hold it", rec.name)),
+                    Ok(Err(e)) => why.push(format!("peer {}: {e}", rec.name)),
+                    Err(_) => why.push(format!("peer {}: no answer within {limit:?}", rec.name)),
+                }
+            }
+            let _ = tx.send(Err(why.join("; ")));
+        });
+        match rx.recv_timeout(timeout + std::time::Duration::from_millis(500)) {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "no peer answered within {timeout:?} (peer_fetch_timeout_ms)"
+            )),
+        }
+    }
+}

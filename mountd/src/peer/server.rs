@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use volfs::ids::ChunkId;
 
 use super::channel::{Channel, Role};
-use super::wire::{MsgV1, WireError, MAX_IDS, REPLICATION_VERSION};
+use super::wire::{MsgV1, WireError, LAZY_VERSION, MAX_IDS, REPLICATION_VERSION};
 use super::Peers;
 
 pub const MAX_CONNECTIONS: usize = 64;
@@ -145,8 +145,11 @@ async fn serve_channel(ch: &mut Channel, peers: &Peers) -> Result<(), WireError>
             m @ (MsgV1::HasLayers { .. }
             | MsgV1::PutChunk { .. }
             | MsgV1::TreeRows { .. }
-            | MsgV1::Commit { .. }) => {
-                if version < REPLICATION_VERSION {
+            | MsgV1::Commit { .. }
+            | MsgV1::CommitLazy { .. }) => {
+                if version < REPLICATION_VERSION
+                    || (matches!(m, MsgV1::CommitLazy { .. }) && version < LAZY_VERSION)
+                {
                     return Err(WireError::Protocol(format!(
                         "a replication message on a version {version} channel"
                     )));
@@ -271,34 +274,57 @@ async fn replication_request(
                 Err(e) => worker_failed(e),
             }
         }
-        MsgV1::Commit {
-            token,
-            mut snapshot,
-        } => {
-            // The origin is the authenticated peer's hello name, not what the message says.
-            snapshot.origin = host.to_string();
-            let rows = std::mem::take(&mut staged.rows);
-            staged.bytes = 0;
-            let r = tokio::task::spawn_blocking(move || {
-                volfs::replica::check_fence(&*store.engine, &snapshot.volume, token)?;
-                volfs::replica::apply(&registry, &snapshot, &rows)
-            })
-            .await;
-            match r {
-                Ok(Ok(volfs::replica::Applied::New(n))) => MsgV1::Committed {
-                    new_trees: n as u32,
-                    already: false,
-                },
-                Ok(Ok(volfs::replica::Applied::Already)) => MsgV1::Committed {
-                    new_trees: 0,
-                    already: true,
-                },
-                Ok(Err(e)) => refused(e),
-                Err(e) => worker_failed(e),
-            }
+        MsgV1::Commit { token, snapshot } => {
+            commit(registry, store, host, staged, token, snapshot, false).await
+        }
+        MsgV1::CommitLazy { token, snapshot } => {
+            commit(registry, store, host, staged, token, snapshot, true).await
         }
         _ => MsgV1::Error {
             message: "not a replication request".into(),
         },
     })
+}
+
+/// `Commit` / `CommitLazy`: applies the staged trees as a snapshot of the replica.
+async fn commit(
+    registry: std::sync::Arc<volfs::volume::Registry>,
+    store: std::sync::Arc<volfs::store::Store>,
+    host: &str,
+    staged: &mut Staging,
+    token: u64,
+    mut snapshot: volfs::replica::Incoming,
+    lazy: bool,
+) -> MsgV1 {
+    let refused = |e: volfs::Error| MsgV1::Error {
+        message: e.to_string(),
+    };
+    let worker_failed = |e: tokio::task::JoinError| MsgV1::Error {
+        message: format!("worker failed: {e}"),
+    };
+    // The origin is the authenticated peer's hello name, not what the message says.
+    snapshot.origin = host.to_string();
+    let rows = std::mem::take(&mut staged.rows);
+    staged.bytes = 0;
+    let r = tokio::task::spawn_blocking(move || {
+        volfs::replica::check_fence(&*store.engine, &snapshot.volume, token)?;
+        if lazy {
+            volfs::replica::apply_lazy(&registry, &snapshot, &rows)
+        } else {
+            volfs::replica::apply(&registry, &snapshot, &rows)
+        }
+    })
+    .await;
+    match r {
+        Ok(Ok(volfs::replica::Applied::New(n))) => MsgV1::Committed {
+            new_trees: n as u32,
+            already: false,
+        },
+        Ok(Ok(volfs::replica::Applied::Already)) => MsgV1::Committed {
+            new_trees: 0,
+            already: true,
+        },
+        Ok(Err(e)) => refused(e),
+        Err(e) => worker_failed(e),
+    }
 }

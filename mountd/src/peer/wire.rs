@@ -13,6 +13,10 @@ pub const MAGIC: &[u8; 8] = b"VOLFSPR\0";
 pub const VERSIONS: &[u16] = &[1, 2];
 /// The first version that can receive replicas.
 pub const REPLICATION_VERSION: u16 = 2;
+/// The first version that can receive lazily shipped snapshots (`CommitLazy`, appended to
+/// v2's messages in the same release as v2 itself; a v2 build without it closes the
+/// connection on it, which the origin's inspect shows).
+pub const LAZY_VERSION: u16 = 2;
 /// At most this many versions in a preamble.
 pub const MAX_VERSIONS: usize = 32;
 /// Largest encrypted frame (the ciphertext after the 4-byte length): a 256 KiB chunk, its
@@ -237,6 +241,13 @@ pub enum MsgV1 {
     Committed {
         new_trees: u32,
         already: bool,
+    },
+    // ---- version 2, appended: lazy shipping ----
+    /// `Commit` of a snapshot whose chunks are not all sent: the receiver records the ones it
+    /// lacks as missing and fetches them later (reads, `volume pull`). Answer `Committed`.
+    CommitLazy {
+        token: u64,
+        snapshot: volfs::replica::Incoming,
     },
 }
 
