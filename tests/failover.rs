@@ -154,7 +154,7 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 }
 
 fn inspect(d: &Daemon, name: &str) -> Value {
-    d.cli_ok(&["volume", "inspect", name, "--json"]).json()
+    d.inspect(name).unwrap()
 }
 
 /// A writer of `record N` lines (fsync'ed), keeping when each was acknowledged.
