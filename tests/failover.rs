@@ -126,9 +126,9 @@ fn cluster() -> Cluster {
     let hosts: Vec<Daemon> = (0..3).map(|i| start_host(&net, i, &key)).collect();
     for (i, h) in hosts.iter().enumerate() {
         wait_for_log(h, "peer listener");
-        for j in 0..3 {
+        for (j, name) in NAMES.iter().enumerate() {
             if i != j {
-                h.cli_ok(&["peer", "add", NAMES[j], &net.peer_addr(i, j)]);
+                h.cli_ok(&["peer", "add", name, &net.peer_addr(i, j)]);
             }
         }
     }
