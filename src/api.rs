@@ -507,6 +507,49 @@ pub struct Promoted {
     pub token: i64,
     /// RFC 3339: the point in time the local copy holds.
     pub point_in_time: String,
-    /// What that time is: `snapshot NAME`, or `volume created` when it has no snapshot.
+    /// What that time is: `snapshot NAME`, or `volume created` when it has no snapshot; for
+    /// a promoted replica `last replicated snapshot NAME (from host ORIGIN)`.
     pub basis: String,
+    /// The snapshot a promoted replica starts from (absent for other volumes).
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Anything the operator must know (a single host's promote without etcd: why it was
+    /// allowed).
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// `POST /v1/volumes/{name}/promote` body (may be absent).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PromoteRequest {
+    /// A single host without etcd: promote even if the replica's origin answers.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/volumes/{name}/move` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MoveRequest {
+    /// The peer (by its record's name; in cluster mode its host name) to move to.
+    pub to: String,
+    /// Move a mounted or Docker-held volume: it is unmounted everywhere first.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// What `volume move` did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Moved {
+    pub volume: String,
+    pub to: String,
+    /// The final snapshot, and its time (RFC 3339): the contents the new owner has.
+    pub snapshot: String,
+    pub snapshot_time: String,
+    /// Bytes sent to the peer (chunks, rows, messages).
+    pub bytes_sent: u64,
+    /// Snapshots shipped (those the peer lacked).
+    pub snapshots: usize,
+    pub token_before: i64,
+    /// The new owner's token.
+    pub token: i64,
 }

@@ -591,6 +591,71 @@ fn apply_mode(
     })
 }
 
+/// Promote, last step: the replica `vol` (already rolled back to its last received snapshot:
+/// an empty top over that snapshot's trees) becomes a normal writable volume: its record is
+/// no longer read-only and its `repl-in` record is deleted (so replication into it stops), in
+/// one synced batch. Returns the snapshot it starts from. Its snapshots stay.
+pub fn finish_promote(reg: &Registry, vol: &str) -> Result<SnapshotRecord> {
+    let name = crate::ids::VolumeName::new(vol)?;
+    let engine = &*reg.store().engine;
+    let inb = inbound(engine, vol)?
+        .ok_or_else(|| Error::Invalid(format!("volume {vol} is not a replica here")))?;
+    reg.locked(|| {
+        let mut rec = reg.require(&name)?;
+        let snap = layer::get_snapshot(engine, rec.id, &inb.last)?.ok_or_else(|| {
+            Error::NotFound(format!("the last replicated snapshot {vol}@{}", inb.last))
+        })?;
+        rec.read_only = false;
+        let mut b = Batch::new();
+        b.put(Cf::Volumes, vol.as_bytes().to_vec(), rec.encode());
+        b.delete(Cf::Meta, inbound_key(vol));
+        engine.write(b, true)?;
+        tracing::info!(volume = %vol, origin = %inb.origin, snapshot = %snap.name, "replica promoted: a writable volume now");
+        Ok(snap)
+    })
+}
+
+/// `volume move`, the giving side, last step: the local volume (already rolled back to the
+/// moved snapshot) becomes a read-only replica of `origin` (its new owner): record read-only,
+/// `repl-in/<vol>` naming `origin` and the snapshot, this host's replication settings of the
+/// volume dropped, and `repl-fence/<vol>` raised to `token` (single host: the new owner's).
+pub fn make_replica(
+    reg: &Registry,
+    vol: &str,
+    origin: &str,
+    snap: &SnapshotRecord,
+    token: u64,
+) -> Result<()> {
+    let name = crate::ids::VolumeName::new(vol)?;
+    let engine = &*reg.store().engine;
+    reg.locked(|| {
+        let mut rec = reg.require(&name)?;
+        rec.read_only = true;
+        let mut b = Batch::new();
+        b.put(Cf::Volumes, vol.as_bytes().to_vec(), rec.encode());
+        b.put(
+            Cf::Meta,
+            inbound_key(vol),
+            meta::encode(
+                INBOUND_VERSION,
+                &InboundRecord {
+                    origin: origin.to_string(),
+                    last: snap.name.clone(),
+                    last_created: snap.created,
+                    applied: meta::Ts::now().secs,
+                },
+            ),
+        );
+        b.delete(Cf::Meta, settings_key(vol));
+        if token > fence(engine, vol)? {
+            b.put(Cf::Meta, fence_key(vol), token.to_le_bytes().to_vec());
+        }
+        engine.write(b, true)?;
+        tracing::info!(volume = %vol, origin, snapshot = %snap.name, "volume moved away: a read-only replica here now");
+        Ok(())
+    })
+}
+
 /// Stores a chunk received from a peer: verified against `id` first (a mismatch is refused
 /// and nothing is written), then appended, flushed to the OS and indexed. Returns whether it
 /// was new.

@@ -351,7 +351,6 @@ impl Cluster {
 
     /// For peers receiving changes of a volume (replication): refuses a token lower than the
     /// highest this host has seen for the volume (a deposed owner's), and remembers it.
-    #[allow(dead_code)] // called by the replication side (peer channel)
     pub fn check_token(&self, vol: &str, token: i64) -> Result<()> {
         let mut seen = self.seen.lock();
         let high = seen.entry(vol.to_string()).or_insert(0);
@@ -909,6 +908,73 @@ impl Cluster {
                 ))),
             }
         })
+    }
+
+    /// The token to ship changes of `vol` with: this host owns it and may write now (lease
+    /// fresh, roles checked). None otherwise: a replica, not owned, or fenced.
+    pub fn writable_token(&self, vol: &str) -> Option<i64> {
+        match self.role(vol) {
+            Some(Role::Owner { token }) if self.fence_reason(vol).is_none() => Some(token),
+            _ => None,
+        }
+    }
+
+    /// `volume move`, the giving side: this host stops owning `vol` (role replica, so the
+    /// fencer makes it read-only) and deletes its owner and replicas keys in a txn guarded by
+    /// its token, so that the receiving host can claim it. Returns the token given up.
+    pub fn hand_over(self: &Arc<Self>, vol: &str) -> Result<i64> {
+        let Some(token) = self.writable_token(vol) else {
+            return Err(Error::ReadOnly(format!(
+                "volume {vol}: host {} does not own it with a fresh lease ({})",
+                self.host,
+                self.fence_reason(vol).unwrap_or_default()
+            )));
+        };
+        self.inner
+            .lock()
+            .roles
+            .insert(vol.to_string(), Role::Replica);
+        self.persist();
+        let mut client = self.client()?;
+        let me = self.clone();
+        let v = vol.to_string();
+        let r = self.call(async move {
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    owner_key(&v),
+                    CompareOp::Equal,
+                    token,
+                )])
+                .and_then([
+                    TxnOp::delete(owner_key(&v), None),
+                    TxnOp::delete(replicas_key(&v), None),
+                ]);
+            let r = timed("hand over", client.txn(txn)).await?;
+            if !r.succeeded() {
+                return Err(Error::Busy(format!(
+                    "volume {v}: the owner key is no longer this host's token {token}"
+                )));
+            }
+            me.inner.lock().owners.remove(&v);
+            tracing::info!(volume = %v, token, "cluster: host {} gave the volume up (move)", me.host);
+            Ok(token)
+        });
+        if r.is_err() {
+            // Nothing changed in etcd: keep owning it.
+            self.inner
+                .lock()
+                .roles
+                .insert(vol.to_string(), Role::Owner { token });
+            self.persist();
+        }
+        r
+    }
+
+    /// `volume move` failed after [`Cluster::hand_over`]: claims the volume again if nobody
+    /// took it (create-if-absent); otherwise it stays a replica here.
+    pub fn take_back(self: &Arc<Self>, vol: &str) -> Result<Role> {
+        self.inner.lock().roles.remove(vol);
+        self.claim_or_replica(vol)
     }
 
     /// `GET /v1/cluster`.

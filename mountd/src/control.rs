@@ -162,6 +162,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/volumes/{name}/promote", post(promote_volume))
         .route("/v1/volumes/{name}/pull", post(pull_volume))
+        .route("/v1/volumes/{name}/move", post(move_handler))
         .layer(axum::middleware::from_fn(log_errors))
         // A streamed tarball: not buffered by `log_errors` (the handler logs its errors).
         .route("/v1/volumes/{name}/import", post(import_volume))
@@ -235,8 +236,7 @@ fn replication_info(d: &Daemon, rec: &VolumeRecord) -> volfs::Result<Option<api:
     if s.replicas == 0 && s.rpo_secs == 0 {
         return Ok(None);
     }
-    let targets =
-        crate::replication::placement(&d.peers.records()?, &rec.name, s.replicas as usize);
+    let (targets, _) = crate::replication::targets(d, &rec.name, s.replicas as usize)?;
     let live = d.peers.replication.lock().clone();
     let peers = targets
         .iter()
@@ -1225,36 +1225,345 @@ pub fn remove_volume(d: &Daemon, name: &str, force: bool) -> volfs::Result<()> {
     Ok(())
 }
 
-/// `POST /v1/volumes/{name}/promote`.
-pub fn promote(d: &Daemon, name: &str) -> volfs::Result<api::Promoted> {
+/// `POST /v1/volumes/{name}/promote`. A replica (`repl-in` record) becomes a writable
+/// volume holding its last replicated snapshot; cluster mode claims ownership first (refused
+/// while the owner's lease lives); a single host without etcd promotes only if the origin
+/// does not answer, or with `force`.
+pub fn promote(d: &Daemon, name: &str, force: bool) -> volfs::Result<api::Promoted> {
     let name = VolumeName::new(name)?;
-    let Some(c) = d.mounts.cluster() else {
-        return Err(Error::Invalid(
-            "promote: a single host owns all its volumes (no etcd_endpoints)".into(),
-        ));
-    };
     let rec = d.mounts.registry().require(&name)?;
-    let token = c.promote(name.as_str())?;
-    c.apply_fences(&d.mounts);
-    let snaps = d.mounts.registry().snapshots(&name)?;
-    let (at, basis) = match snaps.iter().max_by_key(|s| s.created) {
-        Some(s) => (s.created, format!("snapshot {}", s.name)),
-        None => (rec.created, "volume created (no snapshot)".to_string()),
+    let engine = d.mounts.registry().store().engine.clone();
+    let inbound = volfs::replica::inbound(&*engine, name.as_str())?;
+    let host = d.peers.host_name().to_string();
+    let Some(inb) = inbound else {
+        let Some(c) = d.mounts.cluster() else {
+            return Err(Error::Invalid(format!(
+                "promote: volume {name} is not a replica, and a single host owns all its volumes (no etcd_endpoints)"
+            )));
+        };
+        let token = c.promote(name.as_str())?;
+        c.apply_fences(&d.mounts);
+        let snaps = d.mounts.registry().snapshots(&name)?;
+        let (at, basis) = match snaps.iter().max_by_key(|s| s.created) {
+            Some(s) => (s.created, format!("snapshot {}", s.name)),
+            None => (rec.created, "volume created (no snapshot)".to_string()),
+        };
+        return Ok(api::Promoted {
+            volume: name.to_string(),
+            host: c.host().to_string(),
+            token,
+            point_in_time: api::rfc3339(at),
+            basis,
+            snapshot: None,
+            note: None,
+        });
     };
+    check_unused(d, &name, "promote")?;
+    let (token, note) = match d.mounts.cluster() {
+        Some(c) => (c.promote(name.as_str())?, None),
+        None => {
+            let note = if force {
+                format!("forced: origin {} was not asked", inb.origin)
+            } else {
+                let rec = d
+                    .peers
+                    .records()?
+                    .into_iter()
+                    .find(|p| p.name == inb.origin);
+                let answer = match (&rec, tokio::runtime::Handle::try_current()) {
+                    (Some(r), Ok(h)) => Some(h.block_on(d.peers.probe(r))),
+                    _ => None,
+                };
+                match answer {
+                    Some(a) if a.error.is_none() => {
+                        return Err(Error::Busy(format!(
+                            "volume {name}: its origin {} answers (single host, no etcd): move it from there (`volfs volume move {name} --to {host}` on {}), or promote with --force if that host must not write it any more",
+                            inb.origin, inb.origin
+                        )))
+                    }
+                    Some(a) => format!(
+                        "single host without etcd: origin {} did not answer ({}); if it comes back it still writes its own copy",
+                        inb.origin,
+                        a.error.unwrap_or_default()
+                    ),
+                    None => format!(
+                        "single host without etcd: no peer record for origin {}; if it comes back it still writes its own copy",
+                        inb.origin
+                    ),
+                }
+            };
+            let t = volfs::replica::fence(&*engine, name.as_str())? + 1;
+            volfs::replica::check_fence(&*engine, name.as_str(), t)?;
+            (t as i64, Some(note))
+        }
+    };
+    let snap = make_writable(d, &name)?;
+    if let Some(c) = d.mounts.cluster() {
+        volfs::replica::check_fence(&*engine, name.as_str(), token.max(0) as u64)?;
+        c.apply_fences(&d.mounts);
+    }
     Ok(api::Promoted {
         volume: name.to_string(),
-        host: c.host().to_string(),
+        host,
         token,
-        point_in_time: api::rfc3339(at),
-        basis,
+        point_in_time: api::rfc3339(snap.created),
+        basis: format!(
+            "last replicated snapshot {} (from host {})",
+            snap.name, inb.origin
+        ),
+        snapshot: Some(snap.name),
+        note,
+    })
+}
+
+/// Refuses while a volume is mounted or held by Docker (promote and move change what its
+/// connection serves).
+fn check_unused(d: &Daemon, name: &VolumeName, what: &str) -> volfs::Result<()> {
+    let mps = d.mounts.mountpoints(name.as_str());
+    let held = d.mounts.holders(name.as_str())?;
+    if !mps.is_empty() || held > 0 {
+        return Err(Error::Busy(format!(
+            "volume {name} is in use ({} mountpoint(s){}, {held} Docker container mount(s)); unmount it before a {what}{}",
+            mps.len(),
+            if mps.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " at {}",
+                    mps.iter()
+                        .map(|m| m.target.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
+            if what == "move" {
+                " (or --force: it is unmounted everywhere first, so that no write after the final snapshot is lost)"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// A replica becomes writable: an empty top over its last replicated snapshot (a rollback,
+/// which closes an idle connection), then read-write and its `repl-in` record dropped.
+fn make_writable(d: &Daemon, name: &VolumeName) -> volfs::Result<volfs::layer::SnapshotRecord> {
+    let engine = d.mounts.registry().store().engine.clone();
+    let inb = volfs::replica::inbound(&*engine, name.as_str())?
+        .ok_or_else(|| Error::Invalid(format!("volume {name} is not a replica here")))?;
+    d.mounts.rollback(name, &inb.last)?;
+    volfs::replica::finish_promote(d.mounts.registry(), name.as_str())
+}
+
+/// Serves a peer's `Promote` (the receiving side of `volume move`).
+pub struct PeerPromoter(pub Arc<Daemon>);
+
+impl crate::peer::Promoter for PeerPromoter {
+    fn promote_from_peer(
+        &self,
+        volume: &str,
+        from: &str,
+        token: u64,
+    ) -> volfs::Result<(u64, String, i64)> {
+        let d = &self.0;
+        let name = VolumeName::new(volume)?;
+        let engine = d.mounts.registry().store().engine.clone();
+        match volfs::replica::inbound(&*engine, volume)? {
+            Some(i) if i.origin == from => {}
+            Some(i) => {
+                return Err(Error::ReadOnly(format!(
+                    "volume {volume} here is a replica of {}, not of {from}",
+                    i.origin
+                )))
+            }
+            None => {
+                return Err(Error::Exists(format!(
+                    "volume {volume} here is not a replica of {from}"
+                )))
+            }
+        }
+        check_unused(d, &name, "promote")?;
+        let token = match d.mounts.cluster() {
+            Some(c) => c.promote(volume)?.max(0) as u64,
+            None => token,
+        };
+        volfs::replica::check_fence(&*engine, volume, token)?;
+        let snap = make_writable(d, &name)?;
+        if let Some(c) = d.mounts.cluster() {
+            c.apply_fences(&d.mounts);
+        }
+        tracing::info!(volume, from, token, snapshot = %snap.name, "volume moved here: this host owns it now");
+        Ok((token, snap.name, snap.created))
+    }
+}
+
+/// `volfs volume move`: final snapshot, ship everything to the peer, hand ownership over,
+/// and keep the local copy as a read-only replica of the peer. `progress`: bytes sent of
+/// the current snapshot.
+pub fn move_volume(
+    d: &Arc<Daemon>,
+    name: &str,
+    req: &api::MoveRequest,
+    progress: &mut dyn FnMut(u64, u64),
+) -> volfs::Result<api::Moved> {
+    let name = VolumeName::new(name)?;
+    d.mounts.registry().require(&name)?;
+    let engine = d.mounts.registry().store().engine.clone();
+    if let Some(i) = volfs::replica::inbound(&*engine, name.as_str())? {
+        return Err(Error::ReadOnly(format!(
+            "volume {name} is a replica of {}: move it from there",
+            i.origin
+        )));
+    }
+    let peer = d
+        .peers
+        .records()?
+        .into_iter()
+        .find(|p| p.name == req.to)
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "no peer named {:?} (volfs peer add NAME ADDR; in cluster mode NAME is the host name)",
+                req.to
+            ))
+        })?;
+    if peer.name == d.peers.host_name() {
+        return Err(Error::Invalid(format!(
+            "volume {name} is on {} already",
+            peer.name
+        )));
+    }
+    let Some(token) = crate::replication::ownership_token(d, name.as_str())? else {
+        return Err(Error::ReadOnly(format!(
+            "volume {name}: this host does not own it now ({})",
+            d.mounts
+                .cluster()
+                .and_then(|c| c.fence_reason(name.as_str()))
+                .unwrap_or_else(|| "a replica".into())
+        )));
+    };
+    if req.force {
+        d.mounts.detach_volume(name.as_str())?;
+    } else {
+        check_unused(d, &name, "move")?;
+    }
+    let snap_name = format!("move-{}", volfs::meta::Ts::now().secs);
+    let final_snap = d.mounts.snapshot(&name, &snap_name)?;
+    d.seal.notify_one();
+    let mut snaps = d.mounts.registry().snapshots(&name)?;
+    snaps.sort_by_key(|s| s.tree.0);
+    let rt = tokio::runtime::Handle::try_current()
+        .map_err(|e| Error::Db(format!("move needs the daemon's runtime: {e}")))?;
+    let before = volfs::replica::settings(&*engine, name.as_str())?
+        .and_then(|s| s.progress.get(&peer.name).map(|p| p.shipped.len()))
+        .unwrap_or(0);
+    let task = {
+        let (d, vol, peer, snaps) = (d.clone(), name.to_string(), peer.clone(), snaps.clone());
+        rt.spawn(async move { crate::replication::ship(&d, &vol, &peer, &snaps, token).await })
+    };
+    while !task.is_finished() {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let live = d
+            .peers
+            .replication
+            .lock()
+            .get(&(name.to_string(), peer.name.clone()))
+            .cloned()
+            .unwrap_or_default();
+        progress(live.sent_bytes, live.total_bytes);
+    }
+    let bytes_sent = rt
+        .block_on(task)
+        .map_err(|e| Error::Db(format!("worker failed: {e}")))?
+        .map_err(|e| Error::Io {
+            context: format!("shipping volume {name} to peer {}", peer.name),
+            source: std::io::Error::other(e),
+        })?;
+    let after = volfs::replica::settings(&*engine, name.as_str())?
+        .and_then(|s| s.progress.get(&peer.name).map(|p| p.shipped.len()))
+        .unwrap_or(0);
+    // Hand over: cluster mode gives the owner key up (this host is fenced from now on) and
+    // the peer claims it (a new key: a higher create_revision); a single host passes
+    // token + 1, which the peer persists.
+    let cluster = d.mounts.cluster().cloned();
+    let offered = match &cluster {
+        Some(c) => c.hand_over(name.as_str())?.max(0) as u64,
+        None => token + 1,
+    };
+    if let Some(c) = &cluster {
+        c.apply_fences(&d.mounts);
+    }
+    let asked = rt.block_on(async {
+        let mut client = d.peers.connect(&peer.addr).await?;
+        client.promote(name.as_str(), offered).await
+    });
+    let (new_token, snap_there, _) = match asked {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(c) = &cluster {
+                match c.take_back(name.as_str()) {
+                    Ok(role) => {
+                        tracing::warn!(volume = %name, ?role, "move: the peer did not take the volume over; claimed it back")
+                    }
+                    Err(r) => {
+                        tracing::error!(volume = %name, "move: the peer did not take the volume over, and claiming it back failed: {r}")
+                    }
+                }
+                c.apply_fences(&d.mounts);
+            }
+            return Err(Error::Io {
+                context: format!(
+                    "volume {name}: peer {} did not take it over (this host keeps it if it could claim it back)",
+                    peer.name
+                ),
+                source: std::io::Error::other(e.to_string()),
+            });
+        }
+    };
+    if snap_there != final_snap.name {
+        tracing::warn!(volume = %name, "move: the peer holds snapshot {snap_there}, not {}", final_snap.name);
+    }
+    d.mounts.rollback(&name, &final_snap.name)?;
+    volfs::replica::make_replica(
+        d.mounts.registry(),
+        name.as_str(),
+        &peer.name,
+        &final_snap,
+        new_token,
+    )?;
+    if let Some(c) = &cluster {
+        c.apply_fences(&d.mounts);
+    }
+    tracing::info!(volume = %name, to = %peer.name, token = new_token, snapshot = %final_snap.name, bytes_sent, "volume moved");
+    Ok(api::Moved {
+        volume: name.to_string(),
+        to: peer.name,
+        snapshot: final_snap.name,
+        snapshot_time: api::rfc3339(final_snap.created),
+        bytes_sent,
+        snapshots: after.saturating_sub(before).max(1),
+        token_before: token as i64,
+        token: new_token as i64,
+    })
+}
+
+async fn move_handler(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    Json(req): Json<api::MoveRequest>,
+) -> Response {
+    stream_lines("move", name.clone(), move |progress| {
+        move_volume(&d, &name, &req, progress)
     })
 }
 
 async fn promote_volume(
     State(d): State<Arc<Daemon>>,
     Path(name): Path<String>,
+    body: Option<Json<api::PromoteRequest>>,
 ) -> ApiResult<api::Promoted> {
-    Ok(Json(blocking(move || promote(&d, &name)).await?))
+    let force = body.map(|b| b.0.force).unwrap_or(false);
+    Ok(Json(blocking(move || promote(&d, &name, force)).await?))
 }
 
 async fn cluster_status(State(d): State<Arc<Daemon>>) -> ApiResult<api::ClusterStatus> {

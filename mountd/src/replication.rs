@@ -37,19 +37,59 @@ pub struct Live {
     pub lag_secs: u64,
 }
 
-/// The replica peers of a volume: for now the first `n` configured peers in name order.
-/// The one place placement is decided (etcd-based placement will replace it).
-pub fn placement(peers: &[PeerRecord], _volume: &str, n: usize) -> Vec<PeerRecord> {
-    let mut p = peers.to_vec();
-    p.sort_by(|a, b| a.name.cmp(&b.name));
-    p.truncate(n);
-    p
+/// The replica peers of a volume, the one place placement is decided. Cluster mode
+/// (`placed` is the etcd `volumes/<name>/replicas` key): those hosts, this host left out, each
+/// looked up as the peer record of the same name (so a peer must be added under its host
+/// name, `volfs peer add HOST ADDR`); a placed host without a record is returned in the
+/// second list. A single host: the first `n` peers by name.
+pub fn placement(
+    peers: &[PeerRecord],
+    placed: Option<(&str, Vec<String>)>,
+    n: usize,
+) -> (Vec<PeerRecord>, Vec<String>) {
+    match placed {
+        Some((me, hosts)) => {
+            let mut found = Vec::new();
+            let mut missing = Vec::new();
+            for h in hosts.into_iter().filter(|h| h != me) {
+                match peers.iter().find(|p| p.name == h) {
+                    Some(p) => found.push(p.clone()),
+                    None => missing.push(h),
+                }
+            }
+            (found, missing)
+        }
+        None => {
+            let mut p = peers.to_vec();
+            p.sort_by(|a, b| a.name.cmp(&b.name));
+            p.truncate(n);
+            (p, Vec::new())
+        }
+    }
 }
 
-/// The fencing token of this host's ownership of `volume`: 0 on a single host. The one
-/// place it is decided (etcd-based ownership will plug its token in here).
-pub fn ownership_token(_volume: &str) -> u64 {
-    0
+/// [`placement`] for a volume of this daemon.
+pub fn targets(d: &Daemon, vol: &str, n: usize) -> volfs::Result<(Vec<PeerRecord>, Vec<String>)> {
+    let peers = d.peers.records()?;
+    let placed = d.mounts.cluster().map(|c| (c.host(), c.replicas(vol)));
+    Ok(placement(&peers, placed, n))
+}
+
+/// The fencing token of this host's ownership of `volume`, the one place it is decided
+/// (blocking: reads the index). `None`: this host must not ship the volume's changes.
+/// Cluster mode: the owner key's `create_revision` while this host owns the volume with a
+/// fresh lease (`Cluster::writable_token`); none for a replica, a volume another host owns,
+/// or while fenced. A single host: none for a replica (`repl-in/<volume>`), else the token
+/// persisted in `repl-fence/<volume>` (0 until a `volume move` or a promote raised it).
+pub fn ownership_token(d: &Daemon, volume: &str) -> volfs::Result<Option<u64>> {
+    if let Some(c) = d.mounts.cluster() {
+        return Ok(c.writable_token(volume).map(|t| t.max(0) as u64));
+    }
+    let engine = &*d.mounts.registry().store().engine;
+    if replica::inbound(engine, volume)?.is_some() {
+        return Ok(None);
+    }
+    replica::fence(engine, volume).map(Some)
 }
 
 static SETTINGS_LOCK: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
@@ -93,6 +133,13 @@ pub fn split_opts(opts: &BTreeMap<String, String>) -> volfs::Result<SplitOpts> {
 /// Starts the workers: makes the registry available to the peer listener (receiving
 /// replicas) and supervises one task per replicated volume.
 pub fn start(d: Arc<Daemon>) {
+    if let Some(c) = d.mounts.cluster() {
+        let _ = d.peers.cluster.set(c.clone());
+    }
+    let _ = d
+        .peers
+        .promoter
+        .set(Arc::new(crate::control::PeerPromoter(d.clone())));
     let _ = d.peers.registry.set(d.mounts.registry().clone());
     let _ = d.peers.repl_metrics.set(d.metrics.replication.clone());
     tokio::spawn(async move {
@@ -159,6 +206,19 @@ async fn run_volume(d: Arc<Daemon>, vol: String) {
         if view.settings.replicas == 0 && view.settings.rpo_secs == 0 {
             break;
         }
+        // Only the owner, while it may write, ships (and takes rpo snapshots).
+        let token = {
+            let (d2, v2) = (d.clone(), vol.clone());
+            blocking(move || ownership_token(&d2, &v2)).await
+        };
+        let token = match token {
+            Ok(Some(t)) => t,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(volume = %vol, "replication: {e}");
+                continue;
+            }
+        };
         // rpo: a snapshot through the live filesystem when due and the volume changed.
         if view.settings.rpo_secs > 0
             && view.changed
@@ -174,7 +234,16 @@ async fn run_volume(d: Arc<Daemon>, vol: String) {
                 Err(e) => tracing::warn!(volume = %vol, "replication: rpo snapshot: {e}"),
             }
         }
-        let targets = placement(&view.peers, &vol, view.settings.replicas as usize);
+        let placed = d.mounts.cluster().map(|c| (c.host(), c.replicas(&vol)));
+        let (targets, missing) = placement(&view.peers, placed, view.settings.replicas as usize);
+        for h in &missing {
+            set_live(&d, &vol, h, |l| {
+                l.state = "error";
+                l.last_error = Some(format!(
+                    "no peer record named {h}: add it under its host name (volfs peer add {h} ADDR)"
+                ));
+            });
+        }
         for p in &targets {
             if let Some((at, _)) = backoff.get(&p.name) {
                 if Instant::now() < *at {
@@ -195,8 +264,8 @@ async fn run_volume(d: Arc<Daemon>, vol: String) {
             if pending.is_empty() {
                 continue;
             }
-            match ship(&d, &vol, p, &view.snapshots).await {
-                Ok(()) => {
+            match ship(&d, &vol, p, &view.snapshots, token).await {
+                Ok(_) => {
                     backoff.remove(&p.name);
                     set_live(&d, &vol, &p.name, |l| {
                         l.state = "idle";
@@ -345,13 +414,14 @@ fn wire(e: crate::peer::wire::WireError) -> String {
     e.to_string()
 }
 
-/// Ships every snapshot `peer` lacks, oldest first.
-async fn ship(
+/// Ships every snapshot `peer` lacks, oldest first, with fencing token `token`.
+pub async fn ship(
     d: &Arc<Daemon>,
     vol: &str,
     peer: &PeerRecord,
     snapshots: &[SnapshotRecord],
-) -> Result<(), String> {
+    token: u64,
+) -> Result<u64, String> {
     let mut client = d.peers.connect(&peer.addr).await.map_err(wire)?;
     if client.version() < crate::peer::wire::REPLICATION_VERSION {
         return Err(format!(
@@ -377,7 +447,7 @@ async fn ship(
             continue;
         }
         let (sent0, _) = client.bytes();
-        let r = ship_one(d, vol, peer, s, &keep, &mut client).await;
+        let r = ship_one(d, vol, peer, s, &keep, token, &mut client).await;
         let (sent1, _) = client.bytes();
         d.metrics
             .replication
@@ -415,7 +485,7 @@ async fn ship(
     })
     .await
     .map_err(|e| e.to_string())?;
-    Ok(())
+    Ok(client.bytes().0)
 }
 
 /// Ships one snapshot; returns its top LayerId.
@@ -425,9 +495,9 @@ async fn ship_one(
     peer: &PeerRecord,
     s: &SnapshotRecord,
     keep: &[String],
+    token: u64,
     client: &mut PeerClient,
 ) -> Result<LayerId, String> {
-    let token = ownership_token(vol);
     let store = d.mounts.registry().store().clone();
     // Seal the trees (the background sealer may not have yet) and describe them.
     let trees = s.trees();
@@ -542,7 +612,7 @@ async fn ship_one(
     }
     let inc = Incoming {
         volume: vol.to_string(),
-        origin: d.peers.host.clone(),
+        origin: d.peers.host_name().to_string(),
         snapshot: s.name.clone(),
         created: s.created,
         used: s.used,

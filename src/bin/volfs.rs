@@ -105,6 +105,26 @@ enum ClusterCommand {
 struct PromoteArgs {
     /// The local replica to make writable.
     volume: String,
+    /// A single host without etcd: promote even if the replica's origin answers (it may
+    /// still write its own copy then).
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct MoveArgs {
+    /// The volume (owned by this host).
+    volume: String,
+    /// The peer to move it to (its peer record's name; in cluster mode its host name).
+    #[arg(long)]
+    to: String,
+    /// Move a mounted or Docker-held volume: it is unmounted everywhere first.
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +167,9 @@ enum VolumeCommand {
     /// Make this host's replica of a volume writable, once its owner's lease has lapsed;
     /// prints the new fencing token and the point in time the local copy holds.
     Promote(PromoteArgs),
+    /// Move a volume to a peer: a final snapshot, everything shipped, ownership handed
+    /// over; this host keeps a read-only replica of the peer's volume.
+    Move(MoveArgs),
     /// Change a volume's replication: --opt replicas=N (peers to replicate to), --opt
     /// rpo=30s (take and ship snapshots this often; 0 turns it off).
     Update(UpdateArgs),
@@ -522,6 +545,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Status(a) => status(&client, a, &mut out)?,
         Command::Cluster(ClusterCommand::Status(a)) => cluster_status(&client, a, &mut out)?,
         Command::Volume(VolumeCommand::Promote(a)) => volume_promote(&client, a, &mut out)?,
+        Command::Volume(VolumeCommand::Move(a)) => volume_move(&client, a, &mut out)?,
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -1500,13 +1524,51 @@ fn volume_promote(client: &Client, args: PromoteArgs, out: &mut dyn Write) -> Re
     let name = volume_name(&args.volume)?;
     let p: api::Promoted = client.post(
         &format!("/v1/volumes/{name}/promote"),
-        &serde_json::json!({}),
+        &api::PromoteRequest { force: args.force },
     )?;
+    if args.json {
+        write_json(out, &p)?;
+        return Ok(0);
+    }
     writeln!(
         out,
         "{}: owned by host {} now, fencing token {}; writable at {} ({})",
         p.volume, p.host, p.token, p.point_in_time, p.basis
     )?;
+    if let Some(n) = &p.note {
+        writeln!(out, "note: {n}")?;
+    }
+    Ok(0)
+}
+
+fn volume_move(client: &Client, args: MoveArgs, out: &mut dyn Write) -> Result<i32> {
+    let name = volume_name(&args.volume)?;
+    let body = serde_json::to_vec(&api::MoveRequest {
+        to: args.to,
+        force: args.force,
+    })?;
+    let resp = client.stream(
+        "POST",
+        &format!("/v1/volumes/{name}/move"),
+        "application/json",
+        Some(&mut body.as_slice()),
+    )?;
+    let m: api::Moved = follow(resp, "move")?;
+    if args.json {
+        write_json(out, &m)?;
+    } else {
+        writeln!(
+            out,
+            "{}: moved to {} at snapshot {} ({}); {} sent; fencing token {} -> {}; this host keeps a read-only replica",
+            m.volume,
+            m.to,
+            m.snapshot,
+            m.snapshot_time,
+            human_bytes(m.bytes_sent),
+            m.token_before,
+            m.token
+        )?;
+    }
     Ok(0)
 }
 

@@ -292,6 +292,37 @@ impl PeerClient {
             m => Err(unexpected(&m)),
         }
     }
+
+    /// Asks the peer to take over a volume whose replica it holds (`volume move`): its new
+    /// token and the snapshot its writable volume starts from.
+    pub async fn promote(
+        &mut self,
+        volume: &str,
+        token: u64,
+    ) -> Result<(u64, String, i64), WireError> {
+        self.need_v2()?;
+        let m = MsgV1::Promote {
+            volume: volume.to_string(),
+            token,
+        };
+        self.ch.send(&m).await?;
+        // Claiming in etcd may take a few seconds: a longer limit than other requests.
+        match self
+            .ch
+            .recv_within(Duration::from_secs(60), "waiting for the promote")
+            .await?
+        {
+            MsgV1::Promoted {
+                token,
+                snapshot,
+                created,
+            } => Ok((token, snapshot, created)),
+            MsgV1::Error { message } => {
+                Err(WireError::Protocol(format!("the peer refused: {message}")))
+            }
+            m => Err(unexpected(&m)),
+        }
+    }
 }
 
 fn unexpected(m: &MsgV1) -> WireError {

@@ -43,6 +43,25 @@ pub struct Peers {
     pub replication: parking_lot::Mutex<crate::replication::LiveTable>,
     /// Replication metrics.
     pub repl_metrics: std::sync::OnceLock<crate::metrics::ReplicationMetrics>,
+    /// Cluster mode: the cluster (set when the replication worker starts). Its host name
+    /// replaces the machine's in hellos (peer records must use the same names), and
+    /// received tokens are also checked against the owner tokens it saw in etcd.
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// Serves `Promote` requests (set when the replication worker starts).
+    pub promoter: std::sync::OnceLock<Arc<dyn Promoter>>,
+}
+
+/// What a `Promote` request from the origin of a replica does on this host (the daemon's
+/// `volume move` handover; implemented in `control.rs`). Blocking.
+pub trait Promoter: Send + Sync {
+    /// `from`: the authenticated peer's hello name; `token`: its token (single host: the
+    /// new token to take). Returns the new token and the snapshot the volume now holds.
+    fn promote_from_peer(
+        &self,
+        volume: &str,
+        from: &str,
+        token: u64,
+    ) -> volfs::Result<(u64, String, i64)>;
 }
 
 /// Parses a key file's text: 64 hex digits (32 bytes), surrounding whitespace ignored.
@@ -118,6 +137,17 @@ impl Peers {
             registry: std::sync::OnceLock::new(),
             replication: parking_lot::Mutex::new(Default::default()),
             repl_metrics: std::sync::OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
+            promoter: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// This host's name in hellos: the cluster host name in cluster mode (`host_name`),
+    /// else the machine's hostname.
+    pub fn host_name(&self) -> &str {
+        match self.cluster.get() {
+            Some(c) => c.host(),
+            None => &self.host,
         }
     }
 
@@ -170,7 +200,7 @@ impl Peers {
                 "peers are off on this host: no cluster key (config key peer_key_file)".into(),
             ));
         };
-        PeerClient::connect(addr, &key, &self.host, self.counters.clone()).await
+        PeerClient::connect(addr, &key, self.host_name(), self.counters.clone()).await
     }
 
     /// Asks one peer now: connect, handshake, hello, ping.

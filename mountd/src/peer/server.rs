@@ -81,7 +81,7 @@ async fn serve_channel(ch: &mut Channel, peers: &Peers) -> Result<(), WireError>
     // drops them, and nothing references them).
     let mut staged = Staging::default();
     ch.send(&MsgV1::Hello {
-        host: peers.host.clone(),
+        host: peers.host_name().to_string(),
         version,
     })
     .await?;
@@ -146,7 +146,8 @@ async fn serve_channel(ch: &mut Channel, peers: &Peers) -> Result<(), WireError>
             | MsgV1::PutChunk { .. }
             | MsgV1::TreeRows { .. }
             | MsgV1::Commit { .. }
-            | MsgV1::CommitLazy { .. }) => {
+            | MsgV1::CommitLazy { .. }
+            | MsgV1::Promote { .. }) => {
                 if version < REPLICATION_VERSION
                     || (matches!(m, MsgV1::CommitLazy { .. }) && version < LAZY_VERSION)
                 {
@@ -229,8 +230,9 @@ async fn replication_request(
             data,
         } => {
             let counters = peers.counters.clone();
+            let cluster = peers.cluster.get().cloned();
             let r = tokio::task::spawn_blocking(move || {
-                volfs::replica::check_fence(&*store.engine, &volume, token)?;
+                check_token(cluster.as_deref(), &*store.engine, &volume, token)?;
                 let cid = ChunkId(id);
                 if ChunkId::of(&data) != cid {
                     counters.rejected.inc();
@@ -251,8 +253,9 @@ async fn replication_request(
             layer,
             rows,
         } => {
+            let cluster = peers.cluster.get().cloned();
             let check = tokio::task::spawn_blocking(move || {
-                volfs::replica::check_fence(&*store.engine, &volume, token)
+                check_token(cluster.as_deref(), &*store.engine, &volume, token)
             })
             .await;
             match check {
@@ -275,10 +278,29 @@ async fn replication_request(
             }
         }
         MsgV1::Commit { token, snapshot } => {
-            commit(registry, store, host, staged, token, snapshot, false).await
+            commit(peers, registry, host, staged, token, snapshot, false).await
         }
         MsgV1::CommitLazy { token, snapshot } => {
-            commit(registry, store, host, staged, token, snapshot, true).await
+            commit(peers, registry, host, staged, token, snapshot, true).await
+        }
+        MsgV1::Promote { volume, token } => {
+            let Some(p) = peers.promoter.get().cloned() else {
+                return Ok(MsgV1::Error {
+                    message: "this host cannot take volumes over yet (starting)".into(),
+                });
+            };
+            let from = host.to_string();
+            let r = tokio::task::spawn_blocking(move || p.promote_from_peer(&volume, &from, token))
+                .await;
+            match r {
+                Ok(Ok((token, snapshot, created))) => MsgV1::Promoted {
+                    token,
+                    snapshot,
+                    created,
+                },
+                Ok(Err(e)) => refused(e),
+                Err(e) => worker_failed(e),
+            }
         }
         _ => MsgV1::Error {
             message: "not a replication request".into(),
@@ -288,8 +310,8 @@ async fn replication_request(
 
 /// `Commit` / `CommitLazy`: applies the staged trees as a snapshot of the replica.
 async fn commit(
+    peers: &Peers,
     registry: std::sync::Arc<volfs::volume::Registry>,
-    store: std::sync::Arc<volfs::store::Store>,
     host: &str,
     staged: &mut Staging,
     token: u64,
@@ -306,8 +328,10 @@ async fn commit(
     snapshot.origin = host.to_string();
     let rows = std::mem::take(&mut staged.rows);
     staged.bytes = 0;
+    let store = peers.store.clone();
+    let cluster = peers.cluster.get().cloned();
     let r = tokio::task::spawn_blocking(move || {
-        volfs::replica::check_fence(&*store.engine, &snapshot.volume, token)?;
+        check_token(cluster.as_deref(), &*store.engine, &snapshot.volume, token)?;
         if lazy {
             volfs::replica::apply_lazy(&registry, &snapshot, &rows)
         } else {
@@ -327,4 +351,19 @@ async fn commit(
         Ok(Err(e)) => refused(e),
         Err(e) => worker_failed(e),
     }
+}
+
+/// The token check of every change to a replica: below the highest token persisted for the
+/// volume (`repl-fence/<volume>`) is refused; in cluster mode also below the owner's token
+/// as this host last saw it in etcd (a deposed owner that has not noticed yet).
+fn check_token(
+    cluster: Option<&crate::cluster::Cluster>,
+    engine: &dyn volfs::db::Engine,
+    volume: &str,
+    token: u64,
+) -> volfs::Result<()> {
+    if let Some(c) = cluster {
+        c.check_token(volume, i64::try_from(token).unwrap_or(i64::MAX))?;
+    }
+    volfs::replica::check_fence(engine, volume, token)
 }

@@ -249,6 +249,22 @@ pub enum MsgV1 {
         token: u64,
         snapshot: volfs::replica::Incoming,
     },
+    // ---- version 2, extension for `volume move` (appended after CommitLazy: indices 17, 18) ----
+    /// The origin of a replica hands the volume over: the receiver (whose replica holds the
+    /// moved snapshot) takes ownership and makes it writable. `token`: the sender's token
+    /// (cluster mode: informational, the receiver claims in etcd; single host: the new token,
+    /// the sender's previous + 1).
+    Promote {
+        volume: String,
+        token: u64,
+    },
+    /// The receiver owns the volume now: its new token, and the snapshot (name, creation
+    /// time) its writable volume starts from.
+    Promoted {
+        token: u64,
+        snapshot: String,
+        created: i64,
+    },
 }
 
 impl MsgV1 {

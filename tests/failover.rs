@@ -1,0 +1,676 @@
+//! Failover and move (issue 7): three daemons A, B, C, each in its own network namespace,
+//! one etcd in a fourth namespace joined to each of them. Replication ships with the
+//! cluster's fencing token to the hosts etcd placed; a replica is promoted once its owner's
+//! lease lapsed and then holds exactly its last replicated snapshot; a stale owner's
+//! shipments are refused; a partitioned owner stops writing before anyone can promote; a
+//! volume moves to a peer (cluster mode and a single host).
+#![allow(dead_code)]
+
+mod common;
+#[path = "common/netns.rs"]
+mod netns;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use netns::*;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+const TTL: u64 = 4;
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+/// etcd inside namespace `ns` of `net`, listening on its address on every link.
+struct Etcd {
+    child: Child,
+    dir: PathBuf,
+    ns: String,
+}
+
+impl Etcd {
+    fn start(net: &Net, ns: usize, clients: &[usize]) -> Etcd {
+        let dir = tempfile::Builder::new()
+            .prefix("volfs-etcd.")
+            .tempdir_in("/tmp")
+            .unwrap()
+            .keep();
+        let mut urls: Vec<String> = clients
+            .iter()
+            .map(|c| format!("http://{}:2379", net.ip_of(*c, ns)))
+            .collect();
+        urls.push("http://127.0.0.1:2379".into());
+        let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &net.ns[ns], "etcd", "--name", "t"])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(["--listen-client-urls", &urls.join(",")])
+            .args(["--advertise-client-urls", &urls[0]])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "t=http://127.0.0.1:2380"])
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("starting etcd");
+        let e = Etcd {
+            child,
+            dir,
+            ns: net.ns[ns].clone(),
+        };
+        let t0 = Instant::now();
+        loop {
+            let ok = Command::new("ip")
+                .args(["netns", "exec", &e.ns, "etcdctl"])
+                .args(["--endpoints", "http://127.0.0.1:2379", "endpoint", "health"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "etcd did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        e
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Hosts a, b, c in namespaces 0..3 (cluster mode, TTL 4 s), etcd in namespace 3; each host
+/// has the other two as peers, under their host names.
+struct Cluster {
+    hosts: Vec<Daemon>,
+    etcd: Etcd,
+    _key: tempfile::TempDir,
+    key: PathBuf,
+    net: Net,
+}
+
+fn env_of(net: &Net, i: usize, key: &Path) -> Vec<(String, String)> {
+    vec![
+        ("VOLFS_PEER_KEY_FILE".into(), key.display().to_string()),
+        (
+            "VOLFS_ETCD_ENDPOINTS".into(),
+            format!("http://{}:2379", net.ip_of(i, 3)),
+        ),
+        ("VOLFS_HOST_NAME".into(), NAMES[i].into()),
+        ("VOLFS_LEASE_TTL_SECS".into(), TTL.to_string()),
+    ]
+}
+
+fn start_host(net: &Net, i: usize, key: &Path) -> Daemon {
+    let env = env_of(net, i, key);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Daemon::start_in_netns(&net.ns[i], &env)
+}
+
+fn cluster() -> Cluster {
+    let net = Net::new(4);
+    let etcd = Etcd::start(&net, 3, &[0, 1, 2]);
+    let (kd, key) = key_file(&keygen());
+    let hosts: Vec<Daemon> = (0..3).map(|i| start_host(&net, i, &key)).collect();
+    for (i, h) in hosts.iter().enumerate() {
+        wait_for_log(h, "peer listener");
+        for (j, name) in NAMES.iter().enumerate() {
+            if i != j {
+                h.cli_ok(&["peer", "add", name, &net.peer_addr(i, j)]);
+            }
+        }
+    }
+    wait_for("three hosts in etcd", Duration::from_secs(15), || {
+        let s = hosts[0].cli_ok(&["cluster", "status", "--json"]).json();
+        s["connected"] == true && s["hosts"].as_array().is_some_and(|h| h.len() == 3)
+    });
+    Cluster {
+        hosts,
+        etcd,
+        _key: kd,
+        key,
+        net,
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn inspect(d: &Daemon, name: &str) -> Value {
+    d.inspect(name).unwrap_or(Value::Null)
+}
+
+/// A writer of `record N` lines (fsync'ed), keeping when each was acknowledged.
+type TimedWriter = std::thread::JoinHandle<(Vec<Instant>, Instant, Option<i32>)>;
+
+fn timed_writer(path: PathBuf, prefix: &'static str, stop: Arc<AtomicBool>) -> TimedWriter {
+    std::thread::spawn(move || {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let mut acked: Vec<Instant> = Vec::new();
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return (acked, Instant::now(), None);
+            }
+            let r = f
+                .write_all(format!("{prefix} {}\n", acked.len()).as_bytes())
+                .and_then(|_| f.sync_all());
+            match r {
+                Ok(()) => acked.push(Instant::now()),
+                Err(e) => return (acked, Instant::now(), e.raw_os_error()),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+}
+
+fn lines(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// `volume promote` on `d` until it succeeds: (when, its JSON answer, refusals before).
+fn promote_until_ok(d: &Daemon, vol: &str, since: Instant) -> (Instant, Value, usize) {
+    let mut refusals = 0;
+    loop {
+        let out = d.cli(&["volume", "promote", vol, "--json"]);
+        if out.success() {
+            return (Instant::now(), out.json(), refusals);
+        }
+        assert!(out.stderr.contains("host a"), "{out}");
+        refusals += 1;
+        assert!(
+            since.elapsed() < Duration::from_secs(4 * TTL),
+            "no promote: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A hand-made peer, to send what a deposed owner would (protocol v2 encodings)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Msg {
+    Hello {
+        host: String,
+        version: u16,
+    },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    HasChunks {
+        ids: Vec<[u8; 32]>,
+    },
+    Have {
+        which: Vec<bool>,
+    },
+    GetChunk {
+        id: [u8; 32],
+    },
+    Chunk {
+        id: [u8; 32],
+        data: Vec<u8>,
+    },
+    Missing {
+        id: [u8; 32],
+    },
+    Error {
+        message: String,
+    },
+    HasLayers {
+        ids: Vec<[u8; 32]>,
+    },
+    PutChunk {
+        volume: String,
+        token: u64,
+        id: [u8; 32],
+        data: Vec<u8>,
+    },
+    Stored {
+        id: [u8; 32],
+        new: bool,
+    },
+}
+
+struct Fake {
+    s: TcpStream,
+    t: snow::TransportState,
+}
+
+impl Fake {
+    /// Connects (initiator), protocol v2, and exchanges hellos as `host`.
+    fn connect(addr: &str, key: &[u8; 32], host: &str) -> Fake {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut ours = b"VOLFSPR\0".to_vec();
+        ours.push(2);
+        ours.extend(1u16.to_be_bytes());
+        ours.extend(2u16.to_be_bytes());
+        s.write_all(&ours).unwrap();
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).unwrap();
+        let mut vs = vec![0u8; 2 * head[8] as usize];
+        s.read_exact(&mut vs).unwrap();
+        let mut theirs = head.to_vec();
+        theirs.extend(&vs);
+        let mut prologue = b"volfs peer protocol".to_vec();
+        prologue.extend(2u16.to_be_bytes());
+        prologue.extend(&ours);
+        prologue.extend(&theirs);
+        let b = snow::Builder::new("Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s".parse().unwrap())
+            .prologue(&prologue)
+            .psk(0, key);
+        let mut buf = vec![0u8; 65535];
+        let mut hs = b.build_initiator().unwrap();
+        let n = hs.write_message(&[], &mut buf).unwrap();
+        let mut v = (n as u16).to_be_bytes().to_vec();
+        v.extend(&buf[..n]);
+        s.write_all(&v).unwrap();
+        let mut l = [0u8; 2];
+        s.read_exact(&mut l).unwrap();
+        let mut m = vec![0u8; u16::from_be_bytes(l) as usize];
+        s.read_exact(&mut m).unwrap();
+        hs.read_message(&m, &mut buf).unwrap();
+        let mut f = Fake {
+            s,
+            t: hs.into_transport_mode().unwrap(),
+        };
+        f.send(&Msg::Hello {
+            host: host.into(),
+            version: 2,
+        });
+        assert!(matches!(f.recv(), Some(Msg::Hello { version: 2, .. })));
+        f
+    }
+
+    fn send(&mut self, m: &Msg) {
+        let plain = postcard::to_stdvec(m).unwrap();
+        let mut ct: Vec<u8> = Vec::new();
+        let mut buf = vec![0u8; 65535];
+        for p in plain.chunks(65535 - 16) {
+            let n = self.t.write_message(p, &mut buf).unwrap();
+            ct.extend(&buf[..n]);
+        }
+        let mut f = (ct.len() as u32).to_be_bytes().to_vec();
+        f.extend(ct);
+        self.s.write_all(&f).unwrap();
+    }
+
+    fn recv(&mut self) -> Option<Msg> {
+        let mut l = [0u8; 4];
+        self.s.read_exact(&mut l).ok()?;
+        let mut ct = vec![0u8; u32::from_be_bytes(l) as usize];
+        self.s.read_exact(&mut ct).ok()?;
+        let mut plain = Vec::new();
+        let mut buf = vec![0u8; 65535];
+        for p in ct.chunks(65535) {
+            let n = self.t.read_message(p, &mut buf).unwrap();
+            plain.extend(&buf[..n]);
+        }
+        Some(postcard::from_bytes(&plain).unwrap())
+    }
+}
+
+/// Sends one replica chunk of `vol` with `token` to the daemon in namespace `to` (from
+/// namespace `from`, posing as host `as_host`); returns the answer.
+fn put_chunk(
+    net: &Net,
+    key: &Path,
+    (from, to): (usize, usize),
+    as_host: &str,
+    vol: &str,
+    token: u64,
+) -> Msg {
+    let addr = net.peer_addr(from, to);
+    let key = key_bytes(std::fs::read_to_string(key).unwrap().trim());
+    let (vol, host) = (vol.to_string(), as_host.to_string());
+    net.run_in(from, move || {
+        let mut f = Fake::connect(&addr, &key, &host);
+        let data = b"a stale shipment".to_vec();
+        let id = *blake3::hash(&data).as_bytes();
+        f.send(&Msg::PutChunk {
+            volume: vol,
+            token,
+            id,
+            data,
+        });
+        f.recv().expect("an answer")
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn owner_killed_replica_promoted_holds_last_replicated_snapshot() {
+    let mut c = cluster();
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    a.cli_ok(&[
+        "volume",
+        "create",
+        "db",
+        "--opt",
+        "replicas=2",
+        "--opt",
+        "rpo=2s",
+    ]);
+    let info = inspect(a, "db");
+    assert_eq!(info["owner"], "a", "{info}");
+    assert_eq!(info["replicas"], serde_json::json!(["b", "c"]), "{info}");
+    let t1 = info["token"].as_i64().expect("a token");
+
+    let mp = a.mount("db", false);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = timed_writer(mp.join("log"), "record", stop.clone());
+    // Both replicas get snapshots shipped with A's token.
+    wait_for("B and C hold a replica", Duration::from_secs(30), || {
+        [1, 2].iter().all(|i| {
+            let v = inspect(&c.hosts[*i], "db");
+            v["replica_of"] == "a" && v["replica_snapshot"].is_string()
+        })
+    });
+    // A second round, so that the replica holds records.
+    let first = inspect(b, "db")["replica_snapshot"].clone();
+    wait_for(
+        "a newer replica snapshot on B",
+        Duration::from_secs(30),
+        || inspect(b, "db")["replica_snapshot"] != first,
+    );
+    let st = inspect(a, "db");
+    let peers = st["replication"]["peers"].as_array().unwrap().clone();
+    assert_eq!(peers.len(), 2, "{st}");
+    assert_eq!(peers[0]["peer"], "b");
+    assert_eq!(peers[1]["peer"], "c");
+
+    // Kill A entirely: the daemon, and with it its FUSE mounts.
+    let t_kill = Instant::now();
+    c.hosts[0].kill9();
+    stop.store(true, Ordering::SeqCst);
+    let (acked, _, _) = writer.join().unwrap();
+    let (first, rest) = c.hosts.split_at_mut(1);
+    let (b, cc) = (&rest[0], &rest[1]);
+    // B's latest replica snapshot, and what it holds.
+    let snap = inspect(b, "db")["replica_snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ro = b.mount("db", true);
+    let replicated = lines(&ro.join("log"));
+    b.unmount(&ro).unwrap();
+    assert!(!replicated.is_empty(), "the replica holds no record");
+    assert!(replicated.len() <= acked.len());
+    for (i, l) in replicated.iter().enumerate() {
+        assert_eq!(*l, format!("record {i}"));
+    }
+
+    // Promote on B: refused while A's lease lives, then it succeeds with a higher token.
+    let (t_promoted, p, refusals) = promote_until_ok(b, "db", t_kill);
+    eprintln!(
+        "timing: kill A -> B promoted {:?}; {refusals} refusals; {} records acknowledged on A, {} in the last replicated snapshot {snap}",
+        t_promoted.duration_since(t_kill),
+        acked.len(),
+        replicated.len()
+    );
+    assert!(
+        refusals > 0,
+        "promote was not refused while A's lease lived"
+    );
+    let t2 = p["token"].as_i64().unwrap();
+    assert!(t2 > t1, "token {t2} after {t1}");
+    assert_eq!(p["snapshot"], snap.as_str(), "{p}");
+    let info = inspect(b, "db");
+    assert_eq!(info["owner"], "b");
+    assert!(info["replica_of"].is_null(), "{info}");
+    assert_eq!(info["read_only"], false, "{info}");
+
+    // B's db, read-write: exactly the records of that snapshot; new writes work.
+    let rw = b.mount("db", false);
+    assert_eq!(lines(&rw.join("log")), replicated);
+    wait_for("B writable", Duration::from_secs(5), || {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(rw.join("log"))
+            .and_then(|mut f| f.write_all(b"from b\n").and_then(|_| f.sync_all()))
+            .is_ok()
+    });
+    assert_eq!(lines(&rw.join("log")).last().unwrap(), "from b");
+
+    // C refuses a shipment with A's old token once it has seen B's ownership in etcd.
+    wait_for("C sees B own db", Duration::from_secs(15), || {
+        inspect(cc, "db")["owner"] == "b"
+    });
+    match put_chunk(&c.net, &c.key, (0, 2), "a", "db", t1 as u64) {
+        Msg::Error { message } => assert!(
+            message.contains("stale") && message.contains(&t1.to_string()),
+            "{message}"
+        ),
+        m => panic!("a stale shipment was accepted: {m:?}"),
+    }
+    // A comes back with its data dir: it stays read-only and says B owns db; its worker
+    // ships nothing (C's replica still names A's last snapshot and nobody newer).
+    let c_before = inspect(cc, "db")["replica_snapshot"].clone();
+    first[0].start_again();
+    let a = &first[0];
+    wait_for("A sees B's ownership", Duration::from_secs(20), || {
+        inspect(a, "db")["owner"] == "b"
+    });
+    wait_for_log(a, "host b owns the volume now");
+    let target = a.fresh_dir("rw-again");
+    let out = a.cli(&["mount", "db", target.to_str().unwrap()]);
+    assert!(
+        !out.success() && out.stderr.contains("host b owns it"),
+        "{out}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(inspect(cc, "db")["replica_snapshot"], c_before);
+    b.unmount(&rw).unwrap();
+}
+
+#[test]
+fn partitioned_owner_fences_before_the_replica_promotes() {
+    let c = cluster();
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    a.cli_ok(&[
+        "volume",
+        "create",
+        "db",
+        "--opt",
+        "replicas=2",
+        "--opt",
+        "rpo=1s",
+    ]);
+    let t1 = inspect(a, "db")["token"].as_i64().unwrap();
+    let mp = a.mount("db", false);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = timed_writer(mp.join("log"), "record", stop.clone());
+    wait_for("B holds a replica", Duration::from_secs(30), || {
+        inspect(b, "db")["replica_snapshot"].is_string()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Cut A off from etcd and from B and C.
+    let t_cut = Instant::now();
+    c.net.set_links(0, false);
+    let (t_promoted, p, refusals) = promote_until_ok(b, "db", t_cut);
+    let (acked, t_fenced, errno) = writer.join().unwrap();
+    assert_eq!(errno, Some(libc::EROFS), "A's writer did not get EROFS");
+    eprintln!(
+        "timing: cut -> A fenced (EROFS) {:?}; cut -> B promoted {:?}; {refusals} refusals; {} records acknowledged on A",
+        t_fenced.duration_since(t_cut),
+        t_promoted.duration_since(t_cut),
+        acked.len()
+    );
+    assert!(refusals > 0);
+    assert!(t_fenced < t_promoted, "B promoted before A was fenced");
+    assert!(
+        t_fenced.duration_since(t_cut) <= Duration::from_millis(TTL * 500 + 1500),
+        "A fenced late"
+    );
+    assert!(acked.iter().all(|t| *t < t_fenced));
+    assert!(p["token"].as_i64().unwrap() > t1);
+
+    // B writes after its promote; A's acknowledged records all predate its fence.
+    let rw = b.mount("db", false);
+    let base = lines(&rw.join("log"));
+    for (i, l) in base.iter().enumerate() {
+        assert_eq!(
+            *l,
+            format!("record {i}"),
+            "B starts from a prefix of A's records"
+        );
+    }
+    let stop_b = Arc::new(AtomicBool::new(false));
+    let wb = timed_writer(rw.join("log"), "b-record", stop_b.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    stop_b.store(true, Ordering::SeqCst);
+    let (acked_b, _, err_b) = wb.join().unwrap();
+    assert_eq!(err_b, None);
+    assert!(!acked_b.is_empty());
+    assert!(acked_b.iter().all(|t| *t > t_promoted));
+    let last_a = *acked.last().unwrap();
+    assert!(last_a < t_fenced && t_fenced < *acked_b.first().unwrap());
+    let on_b = lines(&rw.join("log"));
+    assert_eq!(on_b.len(), base.len() + acked_b.len());
+
+    // A's links come back: it stays read-only and names B.
+    c.net.set_links(0, true);
+    wait_for("A sees B's ownership", Duration::from_secs(20), || {
+        inspect(a, "db")["owner"] == "b"
+    });
+    let e = std::fs::write(mp.join("late"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    let on_a = lines(&mp.join("log"));
+    assert!(on_a.len() >= acked.len());
+    assert!(on_a.iter().all(|l| l.starts_with("record ")));
+    stop.store(true, Ordering::SeqCst);
+    a.unmount(&mp).unwrap();
+    b.unmount(&rw).unwrap();
+}
+
+#[test]
+fn move_hands_a_volume_over_in_cluster_mode() {
+    let c = cluster();
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    a.cli_ok(&["volume", "create", "vol"]);
+    let t1 = inspect(a, "vol")["token"].as_i64().unwrap();
+    let mp = a.mount("vol", false);
+    let big = pseudo_random(3 << 20, 7);
+    std::fs::write(mp.join("big"), &big).unwrap();
+    std::fs::create_dir(mp.join("dir")).unwrap();
+    std::fs::write(mp.join("dir/small"), b"small").unwrap();
+    // Mounted: refused, with the reason.
+    let out = a.cli(&["volume", "move", "vol", "--to", "b"]);
+    assert!(
+        !out.success() && out.stderr.contains("unmount") && out.stderr.contains("--force"),
+        "{out}"
+    );
+    a.unmount(&mp).unwrap();
+    let out = a.cli_ok(&["volume", "move", "vol", "--to", "b", "--json"]);
+    let m = out.json();
+    assert_eq!(m["to"], "b", "{m}");
+    assert!(m["bytes_sent"].as_u64().unwrap() >= 3 << 20, "{m}");
+    let t2 = m["token"].as_i64().unwrap();
+    assert!(t2 > t1, "token {t2} after {t1}");
+    assert_eq!(m["token_before"].as_i64(), Some(t1));
+
+    let info = inspect(b, "vol");
+    assert_eq!(info["owner"], "b", "{info}");
+    assert_eq!(info["token"].as_i64(), Some(t2));
+    assert!(info["replica_of"].is_null(), "{info}");
+    let rw = b.mount("vol", false);
+    assert_eq!(std::fs::read(rw.join("big")).unwrap(), big);
+    assert_eq!(std::fs::read(rw.join("dir/small")).unwrap(), b"small");
+    wait_for("B writable", Duration::from_secs(5), || {
+        std::fs::write(rw.join("new"), b"on b").is_ok()
+    });
+
+    // A's copy: a read-only replica of B.
+    let info = inspect(a, "vol");
+    assert_eq!(info["replica_of"], "b", "{info}");
+    assert_eq!(info["replica_snapshot"], m["snapshot"], "{info}");
+    let target = a.fresh_dir("rw");
+    let out = a.cli(&["mount", "vol", target.to_str().unwrap()]);
+    assert!(!out.success() && out.stderr.contains("own"), "{out}");
+    let ro = a.mount("vol", true);
+    assert_eq!(std::fs::read(ro.join("dir/small")).unwrap(), b"small");
+    let e = std::fs::write(ro.join("x"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+    a.unmount(&ro).unwrap();
+    b.unmount(&rw).unwrap();
+}
+
+#[test]
+fn move_between_two_single_hosts() {
+    let net = Net::new(2);
+    let (_kd, key) = key_file(&keygen());
+    let a = daemon(&net, 0, &key);
+    let b = daemon(&net, 1, &key);
+    wait_for_log(&b, "peer listener");
+    a.cli_ok(&["peer", "add", "b", &net.peer_addr(0, 1)]);
+    b.cli_ok(&["peer", "add", "a", &net.peer_addr(1, 0)]);
+    let mp = a.volume_mounted("vol", &[]);
+    std::fs::write(mp.join("f"), b"moved data").unwrap();
+    a.unmount(&mp).unwrap();
+    let m = a
+        .cli_ok(&["volume", "move", "vol", "--to", "b", "--json"])
+        .json();
+    assert_eq!(m["token_before"].as_i64(), Some(0), "{m}");
+    assert_eq!(m["token"].as_i64(), Some(1), "{m}");
+    let info = inspect(&b, "vol");
+    assert!(info["replica_of"].is_null(), "{info}");
+    assert_eq!(info["read_only"], false, "{info}");
+    let rw = b.mount("vol", false);
+    assert_eq!(std::fs::read(rw.join("f")).unwrap(), b"moved data");
+    std::fs::write(rw.join("g"), b"b writes").unwrap();
+    b.unmount(&rw).unwrap();
+    // A keeps a read-only replica naming B.
+    let info = inspect(&a, "vol");
+    assert_eq!(info["replica_of"], "b", "{info}");
+    let ro = a.mount("vol", true);
+    assert_eq!(std::fs::read(ro.join("f")).unwrap(), b"moved data");
+    assert_eq!(
+        std::fs::write(ro.join("x"), b"x")
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EROFS)
+    );
+    a.unmount(&ro).unwrap();
+    // Promote of that replica on a single host: refused while its origin answers; --force
+    // says what it did.
+    let out = a.cli(&["volume", "promote", "vol"]);
+    assert!(!out.success() && out.stderr.contains("answers"), "{out}");
+    let p = a
+        .cli_ok(&["volume", "promote", "vol", "--force", "--json"])
+        .json();
+    assert!(p["note"].as_str().unwrap().contains("forced"), "{p}");
+    assert_eq!(p["token"].as_i64(), Some(2), "{p}");
+}
