@@ -304,6 +304,12 @@ fn a_cut_link_resumes_without_resending() {
         let st = replica_status(&a, "big");
         if st["state"] == "error" && st["error"].is_string() {
             saw_error = true;
+            // `volfs status` warns about it too (and exits 1).
+            let out = a.cli(&["status"]);
+            assert!(
+                out.code() == Some(1) && out.stdout.contains("replica of volume big"),
+                "{out}"
+            );
             break;
         }
         std::thread::sleep(Duration::from_millis(300));

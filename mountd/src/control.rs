@@ -1642,6 +1642,17 @@ pub fn state(d: &Daemon) -> volfs::Result<DaemonState> {
             }
         }
     }
+    for v in &volumes {
+        for r in v.replication.iter().flat_map(|r| &r.peers) {
+            // The last attempt failed (the error stays while retries go on).
+            if let Some(e) = &r.error {
+                warnings.push(format!(
+                    "the replica of volume {} on peer {} is not being updated: {e} (lag {} s)",
+                    v.name, r.peer, r.lag_secs
+                ));
+            }
+        }
+    }
     let cluster = match d.mounts.cluster() {
         Some(c) => {
             let (line, w) = c.summary();
