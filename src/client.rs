@@ -93,6 +93,23 @@ impl Client {
         }
     }
 
+    /// A connection to the daemon's socket with this client's timeouts.
+    fn connect(&self) -> Result<UnixStream, ClientError> {
+        let io = |source| ClientError::Io {
+            path: self.socket.clone(),
+            source,
+        };
+        let s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ClientError::NotRunning(self.socket.clone())
+            }
+            _ => io(e),
+        })?;
+        s.set_read_timeout(Some(self.timeout)).map_err(io)?;
+        s.set_write_timeout(Some(self.timeout)).map_err(io)?;
+        Ok(s)
+    }
+
     /// Sends one request and returns the status and body.
     pub fn raw(
         &self,
@@ -104,14 +121,7 @@ impl Client {
             path: self.socket.clone(),
             source,
         };
-        let mut s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                ClientError::NotRunning(self.socket.clone())
-            }
-            _ => io(e),
-        })?;
-        s.set_read_timeout(Some(self.timeout)).map_err(io)?;
-        s.set_write_timeout(Some(self.timeout)).map_err(io)?;
+        let mut s = self.connect()?;
         let body = body.unwrap_or(&[]);
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: volfs\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -250,14 +260,7 @@ impl Client {
             path: self.socket.clone(),
             source,
         };
-        let mut s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                ClientError::NotRunning(self.socket.clone())
-            }
-            _ => io(e),
-        })?;
-        s.set_read_timeout(Some(self.timeout)).map_err(io)?;
-        s.set_write_timeout(Some(self.timeout)).map_err(io)?;
+        let mut s = self.connect()?;
         let framing = if body.is_some() {
             "Transfer-Encoding: chunked"
         } else {
