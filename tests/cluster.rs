@@ -1,25 +1,19 @@
 //! Cluster mode against a real etcd (Debian's etcd-server) and real daemons: ownership,
 //! replicas, fencing on a partition, promote, and a server restart that keeps the lease.
 mod common;
+#[path = "common/etcd.rs"]
+mod etcd;
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use etcd::Etcd;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn sh(args: &[&str]) -> bool {
     Command::new(args[0])
@@ -127,71 +121,6 @@ impl Drop for Netns {
     }
 }
 
-/// One etcd member, listening on `ips` (client port the same on each).
-struct Etcd {
-    child: Child,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Etcd {
-    fn start(ips: &[&str]) -> Etcd {
-        let dir = tempfile::Builder::new()
-            .prefix("volfs-etcd.")
-            .tempdir_in("/tmp")
-            .unwrap()
-            .keep();
-        let port = free_port("127.0.0.1");
-        let peer = free_port("127.0.0.1");
-        let clients: Vec<String> = ips.iter().map(|ip| format!("http://{ip}:{port}")).collect();
-        let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
-            .arg("--name")
-            .arg("t")
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--listen-client-urls")
-            .arg(clients.join(","))
-            .arg("--advertise-client-urls")
-            .arg(&clients[0])
-            .arg("--listen-peer-urls")
-            .arg(format!("http://127.0.0.1:{peer}"))
-            .arg("--initial-advertise-peer-urls")
-            .arg(format!("http://127.0.0.1:{peer}"))
-            .arg("--initial-cluster")
-            .arg(format!("t=http://127.0.0.1:{peer}"))
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("starting etcd");
-        let e = Etcd { child, dir, port };
-        let t0 = Instant::now();
-        while !sh(&[
-            "etcdctl",
-            "--endpoints",
-            &format!("http://127.0.0.1:{port}"),
-            "endpoint",
-            "health",
-        ]) {
-            assert!(t0.elapsed() < Duration::from_secs(20), "etcd did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        e
-    }
-
-    fn url(&self, ip: &str) -> String {
-        format!("http://{ip}:{}", self.port)
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn cluster_env<'a>(endpoint: &'a str, host: &'a str, ttl: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
         ("VOLFS_ETCD_ENDPOINTS", endpoint),
@@ -227,7 +156,7 @@ fn single_host_cluster_status_says_so() {
 fn ownership_replica_partition_promote_restart() {
     const TTL: u64 = 4;
     let ns = Netns::new();
-    let etcd = Etcd::start(&["127.0.0.1", &ns.host_ip]);
+    let etcd = Etcd::start(None, &["127.0.0.1", &ns.host_ip]);
     let url_a = etcd.url(&ns.host_ip);
     let url_b = etcd.url("127.0.0.1");
     let ttl = TTL.to_string();

@@ -7,89 +7,26 @@
 #![allow(dead_code)]
 
 mod common;
+#[path = "common/etcd.rs"]
+mod etcd;
 #[path = "common/netns.rs"]
 mod netns;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use etcd::Etcd;
 use netns::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 const TTL: u64 = 4;
 const NAMES: [&str; 3] = ["a", "b", "c"];
-
-/// etcd inside namespace `ns` of `net`, listening on its address on every link.
-struct Etcd {
-    child: Child,
-    dir: PathBuf,
-    ns: String,
-}
-
-impl Etcd {
-    fn start(net: &Net, ns: usize, clients: &[usize]) -> Etcd {
-        let dir = tempfile::Builder::new()
-            .prefix("volfs-etcd.")
-            .tempdir_in("/tmp")
-            .unwrap()
-            .keep();
-        let mut urls: Vec<String> = clients
-            .iter()
-            .map(|c| format!("http://{}:2379", net.ip_of(*c, ns)))
-            .collect();
-        urls.push("http://127.0.0.1:2379".into());
-        let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &net.ns[ns], "etcd", "--name", "t"])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args(["--listen-client-urls", &urls.join(",")])
-            .args(["--advertise-client-urls", &urls[0]])
-            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-cluster", "t=http://127.0.0.1:2380"])
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("starting etcd");
-        let e = Etcd {
-            child,
-            dir,
-            ns: net.ns[ns].clone(),
-        };
-        let t0 = Instant::now();
-        loop {
-            let ok = Command::new("ip")
-                .args(["netns", "exec", &e.ns, "etcdctl"])
-                .args(["--endpoints", "http://127.0.0.1:2379", "endpoint", "health"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
-                break;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(20), "etcd did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        e
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Hosts a, b, c in namespaces 0..3 (cluster mode, TTL 4 s), etcd in namespace 3; each host
 /// has the other two as peers, under their host names.
@@ -121,7 +58,9 @@ fn start_host(net: &Net, i: usize, key: &Path) -> Daemon {
 
 fn cluster() -> Cluster {
     let net = Net::new(4);
-    let etcd = Etcd::start(&net, 3, &[0, 1, 2]);
+    let ips: Vec<String> = (0..3).map(|c| net.ip_of(c, 3)).collect();
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let etcd = Etcd::start(Some(&net.ns[3]), &ips);
     let (kd, key) = key_file(&keygen());
     let hosts: Vec<Daemon> = (0..3).map(|i| start_host(&net, i, &key)).collect();
     for (i, h) in hosts.iter().enumerate() {
