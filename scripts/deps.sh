@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages volfs needs to build, run and test. Idempotent.
 set -euo pipefail
-pkgs=(librocksdb-dev libclang-dev clang pkg-config fuse3 libacl1-dev sqlite3 busybox-static python3-prometheus-client systemd util-linux etcd-server protobuf-compiler iproute2)
+pkgs=(librocksdb-dev libclang-dev clang pkg-config fuse3 libacl1-dev sqlite3 busybox-static python3-prometheus-client systemd util-linux etcd-server etcd-client protobuf-compiler iproute2 tar)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
