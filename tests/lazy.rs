@@ -65,29 +65,6 @@ fn chunk_ids(d: &Daemon) -> Vec<String> {
     out
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<String>) {
-    let t0 = Instant::now();
-    let mut last = String::new();
-    while t0.elapsed() < timeout {
-        match f() {
-            None => return,
-            Some(s) => last = s,
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out after {timeout:?} waiting for {what}; last: {last}");
-}
-
-fn wait_replica(b: &Daemon, vol: &str, snap: &str, timeout: Duration) {
-    wait_until(&format!("replica {vol}@{snap}"), timeout, || {
-        match b.inspect(vol) {
-            Ok(v) if v["replica_snapshot"] == snap => None,
-            Ok(v) => Some(v.to_string()),
-            Err(e) => Some(e.to_string()),
-        }
-    });
-}
-
 fn hash_of(p: &Path) -> blake3::Hash {
     blake3::hash(&std::fs::read(p).unwrap())
 }

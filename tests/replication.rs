@@ -36,30 +36,6 @@ fn inspect(d: &Daemon, name: &str) -> Value {
     d.cli_ok(&["volume", "inspect", name]).json()[0].clone()
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<String>) {
-    let t0 = Instant::now();
-    let mut last = String::new();
-    while t0.elapsed() < timeout {
-        match f() {
-            None => return,
-            Some(s) => last = s,
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out after {timeout:?} waiting for {what}; last: {last}");
-}
-
-/// Waits until B holds replica `vol` at snapshot `snap`.
-fn wait_replica(b: &Daemon, vol: &str, snap: &str, timeout: Duration) {
-    wait_until(&format!("replica {vol}@{snap} on B"), timeout, || {
-        match b.inspect(vol) {
-            Ok(v) if v["replica_snapshot"] == snap => None,
-            Ok(v) => Some(v.to_string()),
-            Err(e) => Some(e.to_string()),
-        }
-    });
-}
-
 fn replica_status(a: &Daemon, vol: &str) -> Value {
     inspect(a, vol)["replication"]["peers"][0].clone()
 }

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -240,4 +240,30 @@ impl Net {
         }
         assert!(hit, "no veth between namespaces {i} and {j}");
     }
+}
+
+/// Polls `f` every 200 ms until it returns `None`; panics after `timeout` with the last
+/// thing it returned.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<String>) {
+    let t0 = Instant::now();
+    let mut last = String::new();
+    while t0.elapsed() < timeout {
+        match f() {
+            None => return,
+            Some(s) => last = s,
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}; last: {last}");
+}
+
+/// Waits until B holds replica `vol` at snapshot `snap`.
+pub fn wait_replica(b: &Daemon, vol: &str, snap: &str, timeout: Duration) {
+    wait_until(&format!("replica {vol}@{snap}"), timeout, || {
+        match b.inspect(vol) {
+            Ok(v) if v["replica_snapshot"] == snap => None,
+            Ok(v) => Some(v.to_string()),
+            Err(e) => Some(e.to_string()),
+        }
+    });
 }
