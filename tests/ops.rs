@@ -305,11 +305,9 @@ fn status_reports_a_full_data_dir_and_nothing_is_lost() {
     assert!(value(&d.metrics(), "volfs_data_dir_free_bytes", &[]) < (4 * MIB) as f64);
 
     // Writing now fails with a clear error, never silently: ENOSPC from write or fsync.
-    let r = (|| -> std::io::Result<()> {
-        let mut f = File::create(m.join("new"))?;
-        f.write_all(&pseudo_random(8 * MIB, 2))?;
-        f.sync_all()
-    })();
+    let new_data = pseudo_random(8 * MIB, 2);
+    let mut newf = File::create(m.join("new")).unwrap();
+    let r = newf.write_all(&new_data).and_then(|()| newf.sync_all());
     match r {
         Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}"),
         Ok(()) => panic!("8 MiB written and fsync'ed on a full data dir"),
@@ -322,8 +320,20 @@ fn status_reports_a_full_data_dir_and_nothing_is_lost() {
         "the log does not say why, for which volume and operation:\n{log}"
     );
 
-    // Room again: everything fsync'ed before is intact, writes work, status is healthy.
+    // Room again: the failed commit lost nothing it had buffered: a retried fsync stores
+    // every byte (read back past the kernel's cache, from the store).
     fs::remove_file(d.data.join("filler")).unwrap();
+    newf.sync_all()
+        .expect("fsync retried once the disk has room again");
+    drop(newf);
+    d.cli_ok(&["cache", "drop", "--kernel"]);
+    let got = fs::read(m.join("new")).unwrap();
+    assert!(
+        got == new_data,
+        "after ENOSPC and a retried fsync the file reads back wrong ({} bytes)",
+        got.len()
+    );
+    // Everything fsync'ed before is intact, writes work, status is healthy.
     let _ = fs::remove_file(m.join("new"));
     assert_eq!(fs::read(m.join("keep")).unwrap(), keep);
     let again = pseudo_random(4 * MIB, 3);

@@ -904,6 +904,7 @@ async fn drop_cache(
             } else {
                 0
             };
+            volfs::fs::bufpool::clear();
             crate::release_free_memory();
             Ok(api::CacheDropped {
                 bytes,

@@ -384,6 +384,7 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
                             tracing::warn!(op = "gc", "background gc: {e}");
                         }
                     }
+                    volfs::fs::bufpool::trim();
                     release_free_memory();
                 })
                 .await;

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{NodeState, VolumeFs};
+use super::{bufpool, NodeState, VolumeFs};
 use crate::chunk::ChunkStore;
 use crate::chunker;
 use crate::db::{Batch, Cf};
@@ -24,7 +24,7 @@ use crate::ids::ChunkId;
 use crate::meta::{self, Extent, Kind, Ts};
 
 /// A file buffering more than this commits its complete chunks.
-const FILE_DIRTY_LIMIT: u64 = 16 << 20;
+pub(super) const FILE_DIRTY_LIMIT: u64 = 16 << 20;
 /// A volume buffering more than this commits the file being written in full.
 const VOLUME_DIRTY_LIMIT: u64 = 256 << 20;
 
@@ -255,8 +255,13 @@ impl VolumeFs {
         // the read cache may already have dropped them: a later range whose edge falls in one
         // of them (two ranges inside one old extent) reads it from here.
         let mut fresh: HashMap<ChunkId, (Arc<Vec<u8>>, usize)> = HashMap::new();
+        // What a failed commit must put back: the ranges not reached yet, the one it failed
+        // on, and the ones it chunked (as (offset, region, position in region, length)).
+        let mut pending = dirty.into_iter();
+        let mut failed: Option<(u64, Vec<u8>)> = None;
+        let mut done: Vec<(u64, Arc<Vec<u8>>, usize, usize)> = Vec::new();
         let result = (|| -> Result<()> {
-            for (a, data) in dirty {
+            for (a, data) in pending.by_ref() {
                 let end = a + data.len() as u64;
                 let chunks = self.store.chunks.clone();
                 let ext = self.extents(ino, st)?;
@@ -286,17 +291,27 @@ impl VolumeFs {
                             None => extent_bytes(&chunks, e, from, len),
                         }
                     };
-                    let mut region = Vec::with_capacity((stop - start) as usize);
-                    if let Some((o, e)) = left {
-                        region.extend_from_slice(&edge(&e, 0, (a - o) as u32)?);
+                    let built = (|| -> Result<Vec<u8>> {
+                        let mut region = Vec::with_capacity((stop - start) as usize);
+                        if let Some((o, e)) = left {
+                            region.extend_from_slice(&edge(&e, 0, (a - o) as u32)?);
+                        }
+                        region.extend_from_slice(&data);
+                        if let Some((o, e)) = right {
+                            let from = (end - o) as u32;
+                            region.extend_from_slice(&edge(&e, from, e.len - from)?);
+                        }
+                        Ok(region)
+                    })();
+                    match built {
+                        Ok(region) => region,
+                        Err(e) => {
+                            failed = Some((a, data));
+                            return Err(e);
+                        }
                     }
-                    region.extend_from_slice(&data);
-                    if let Some((o, e)) = right {
-                        let from = (end - o) as u32;
-                        region.extend_from_slice(&edge(&e, from, e.len - from)?);
-                    }
-                    region
                 };
+                let len = (end - a) as usize;
                 let cuts = chunker::split(&region, !keep_tail);
                 let consumed: usize = cuts.iter().sum();
                 if consumed == 0 {
@@ -307,6 +322,7 @@ impl VolumeFs {
                 }
                 let commit_end = start + consumed as u64;
                 let region = Arc::new(region);
+                done.push((a, region.clone(), (a - start) as usize, len));
                 // Remove the old extents the committed part replaces.
                 let old: Vec<u64> = ext.range(start..commit_end).map(|(o, _)| *o).collect();
                 for o in old {
@@ -342,22 +358,38 @@ impl VolumeFs {
                 if consumed < region.len() {
                     // Only in keep-tail mode; the region had no committed bytes on its left, so
                     // the kept tail is all uncommitted data.
-                    keep.insert(commit_end, region[consumed..].to_vec());
+                    let tail = &region[consumed..];
+                    let kept = if region.len() > bufpool::POOLED_FROM {
+                        // A streamed range goes on in a reused buffer.
+                        let mut v = bufpool::take();
+                        v.extend_from_slice(tail);
+                        v
+                    } else {
+                        tail.to_vec()
+                    };
+                    keep.insert(commit_end, kept);
                 }
             }
             Ok(())
         })();
+        drop(fresh);
         if let Err(e) = result {
-            // Nothing was written to the index: put the data back so a retry can commit it.
-            // Chunks already appended are unreferenced and collected by gc.
+            // Nothing was written to the index: put every buffered byte back, unchanged, so
+            // that a retry (after the disk has room again, say) commits it. Chunks already
+            // appended are unreferenced and collected by gc.
             st.extents = None;
-            let merged = std::mem::take(&mut st.dirty);
-            st.dirty = keep;
-            for (a, d) in merged {
-                insert_dirty(&mut st.dirty, a, &d);
+            let mut back = keep;
+            for (a, region, pos, len) in &done {
+                insert_dirty(&mut back, *a, &region[*pos..*pos + *len]);
             }
+            for (a, d) in failed.into_iter().chain(pending) {
+                insert_dirty(&mut back, a, &d);
+            }
+            st.dirty = back;
+            give_back(done);
             return Err(e);
         }
+        give_back(done);
         let kept: u64 = keep.values().map(|d| d.len() as u64).sum();
         st.dirty = keep;
         st.dirty_bytes = kept;
@@ -704,6 +736,15 @@ impl VolumeFs {
 }
 
 /// Bytes `[from, from + len)` of an extent.
+/// Returns a commit's buffers to the pool (see `bufpool`).
+fn give_back(done: Vec<(u64, Arc<Vec<u8>>, usize, usize)>) {
+    for (_, region, ..) in done {
+        if let Ok(v) = Arc::try_unwrap(region) {
+            bufpool::give(v);
+        }
+    }
+}
+
 fn extent_bytes(chunks: &Arc<ChunkStore>, e: &Extent, from: u32, len: u32) -> Result<Vec<u8>> {
     let c = chunks.get(&e.chunk)?;
     let s = (e.chunk_off + from) as usize;
@@ -749,54 +790,58 @@ fn dirty_overlapping(
 
 /// Adds `data` at `off` to the dirty ranges, merging with overlapping or adjacent ranges.
 /// Returns by how many bytes the buffered total grew.
+///
+/// The range that starts at or before `off` keeps its buffer and grows in place, so that
+/// writes arriving out of order (the kernel's writeback runs on several dispatch threads)
+/// copy only their own bytes and those of the ranges they join, never the whole range.
 fn insert_dirty(d: &mut BTreeMap<u64, Vec<u8>>, off: u64, data: &[u8]) -> u64 {
     let end = off + data.len() as u64;
-    // Fast path: extends or overwrites within the range that starts at or before `off`.
-    if let Some((&o, v)) = d.range_mut(..=off).next_back() {
-        let vend = o + v.len() as u64;
-        if vend >= off && d.range(off + 1..=end).next().is_none() {
-            let v = d.get_mut(&o).expect("range just seen");
-            let before = v.len() as u64;
-            let at = (off - o) as usize;
-            if end > vend {
-                v.resize((end - o) as usize, 0);
-            }
-            v[at..at + data.len()].copy_from_slice(data);
-            return v.len() as u64 - before;
-        }
-    }
-    // General case: merge every range touching [off, end].
-    let touching: Vec<u64> = {
-        let mut t: Vec<u64> = d
-            .range(..off)
-            .next_back()
-            .filter(|(o, v)| **o + v.len() as u64 >= off)
-            .map(|(o, _)| *o)
-            .into_iter()
-            .collect();
-        t.extend(d.range(off..=end).map(|(o, _)| *o));
-        t
+    // Every range touching [off, end], in order.
+    let mut touching: Vec<u64> = d
+        .range(..off)
+        .next_back()
+        .filter(|(o, v)| **o + v.len() as u64 >= off)
+        .map(|(o, _)| *o)
+        .into_iter()
+        .collect();
+    touching.extend(d.range(off..=end).map(|(o, _)| *o));
+    let mut parts: Vec<(u64, Vec<u8>)> = touching
+        .into_iter()
+        .filter_map(|o| d.remove(&o).map(|v| (o, v)))
+        .collect();
+    let old_total: usize = parts.iter().map(|(_, v)| v.len()).sum();
+    let (start, mut buf) = match parts.first() {
+        Some((o, _)) if *o <= off => parts.remove(0),
+        _ => (off, Vec::new()),
     };
-    let mut start = off;
-    let mut stop = end;
-    let mut old_total = 0u64;
-    let mut parts = Vec::new();
-    for o in touching {
-        if let Some(v) = d.remove(&o) {
-            start = start.min(o);
-            stop = stop.max(o + v.len() as u64);
-            old_total += v.len() as u64;
-            parts.push((o, v));
-        }
-    }
-    let mut merged = vec![0u8; (stop - start) as usize];
+    // `buf` covers [start, start + len) and reaches `off`: overwrite and extend it.
+    write_at(&mut buf, (off - start) as usize, data);
+    // Joined ranges: only the part past `end` of the last one is not overwritten.
     for (o, v) in parts {
-        merged[(o - start) as usize..(o - start) as usize + v.len()].copy_from_slice(&v);
+        let vend = o + v.len() as u64;
+        if vend > end {
+            let len = buf.len();
+            write_at(&mut buf, len, &v[(end - o) as usize..]);
+        }
+        bufpool::give(v);
     }
-    merged[(off - start) as usize..(end - start) as usize].copy_from_slice(data);
-    let grew = merged.len() as u64 - old_total;
-    d.insert(start, merged);
-    grew
+    let grew = buf.len() - old_total;
+    d.insert(start, buf);
+    grew as u64
+}
+
+/// Writes `data` at `at` (at most `v.len()`) into `v`: overwrites what overlaps and appends
+/// the rest. A buffer that outgrows [`bufpool::POOLED_FROM`] continues in a pooled one.
+fn write_at(v: &mut Vec<u8>, at: usize, data: &[u8]) {
+    let new_len = (at + data.len()).max(v.len());
+    if new_len > v.capacity() && new_len > bufpool::POOLED_FROM && new_len <= bufpool::BUF_CAP {
+        let mut pooled = bufpool::take();
+        pooled.extend_from_slice(v);
+        bufpool::give(std::mem::replace(v, pooled));
+    }
+    let overlap = v.len().saturating_sub(at).min(data.len());
+    v[at..at + overlap].copy_from_slice(&data[..overlap]);
+    v.extend_from_slice(&data[overlap..]);
 }
 
 #[cfg(test)]
@@ -807,7 +852,7 @@ mod tests {
     fn dirty_ranges_merge() {
         let mut d = BTreeMap::new();
         assert_eq!(insert_dirty(&mut d, 10, b"abc"), 3);
-        assert_eq!(insert_dirty(&mut d, 13, b"de"), 2); // append fast path
+        assert_eq!(insert_dirty(&mut d, 13, b"de"), 2); // append in place
         assert_eq!(insert_dirty(&mut d, 20, b"xy"), 2); // separate range
         assert_eq!(d.len(), 2);
         assert_eq!(insert_dirty(&mut d, 8, b"0123456789abcd"), 7);
@@ -817,5 +862,45 @@ mod tests {
         assert_eq!(v, b"0123456789abcd");
         assert_eq!(insert_dirty(&mut d, 9, b"Z"), 0); // overwrite inside
         assert_eq!(d[&8][1], b'Z');
+    }
+
+    /// Random writes, against a plain byte map: same bytes, same coverage, ranges disjoint
+    /// and not adjacent, and the returned growth adds up.
+    #[test]
+    fn dirty_ranges_match_a_byte_map() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for round in 0..200 {
+            let mut d = BTreeMap::new();
+            let mut model: BTreeMap<u64, u8> = BTreeMap::new();
+            let mut total = 0u64;
+            for i in 0..40 {
+                let off = rnd(4000);
+                let len = 1 + rnd(300);
+                let data: Vec<u8> = (0..len).map(|k| (round + i + k) as u8).collect();
+                total += insert_dirty(&mut d, off, &data);
+                for (k, b) in data.iter().enumerate() {
+                    model.insert(off + k as u64, *b);
+                }
+            }
+            let mut seen: BTreeMap<u64, u8> = BTreeMap::new();
+            let mut prev_end = None;
+            for (o, v) in &d {
+                if let Some(pe) = prev_end {
+                    assert!(*o > pe, "ranges overlap or touch at {o}");
+                }
+                prev_end = Some(o + v.len() as u64);
+                for (k, b) in v.iter().enumerate() {
+                    seen.insert(o + k as u64, *b);
+                }
+            }
+            assert_eq!(seen, model, "round {round}");
+            assert_eq!(total, model.len() as u64, "round {round}");
+        }
     }
 }

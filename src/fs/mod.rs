@@ -18,6 +18,7 @@
 //!
 //! Permission checks are the kernel's (`default_permissions`); this module implements the
 //! parts the kernel leaves to the filesystem (setgid inheritance, timestamps, link counts).
+pub mod bufpool;
 mod data;
 mod namespace;
 mod recovery;
