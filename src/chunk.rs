@@ -166,20 +166,105 @@ impl AlignedBuf {
 }
 
 /// The pack being appended to. `buf` holds the pack's bytes from `base` (a block boundary) to
-/// `len`; the OS has every byte below `os_len` (`base <= os_len <= len`).
+/// `len`; the OS has every byte below `os_len` (`os_len <= len`); a write in flight holds the
+/// bytes from its offset up to `base`.
+///
+/// Whole blocks are written with `O_DIRECT` by a writer thread while the next records gather
+/// in a second buffer, so that the device works while the daemon chunks and hashes. At most
+/// one write is in flight; [`PackWriter::flush`] waits for it.
 struct PackWriter {
     id: u32,
     file: File,
-    direct: Option<File>,
+    direct: Option<Arc<File>>,
     base: u64,
     os_len: u64,
     len: u64,
     buf: AlignedBuf,
+    /// The writer thread (absent if it could not be started: writes are then made in place).
+    thread: Option<DirectWriter>,
+    /// Offset of the write in flight.
+    inflight: Option<u64>,
+    /// The buffer of the last finished write, reused for the next.
+    spare: Option<AlignedBuf>,
+    /// The writer thread died with a buffer: records are lost, the pack takes no more.
+    broken: bool,
+}
+
+/// A thread that writes whole-block buffers with `O_DIRECT` and hands each buffer back with
+/// the result (`Ok(true)`: the file system refused `O_DIRECT` and it went buffered).
+struct DirectWriter {
+    jobs: std::sync::mpsc::Sender<(AlignedBuf, u64)>,
+    done: std::sync::mpsc::Receiver<(AlignedBuf, std::io::Result<bool>)>,
+}
+
+impl DirectWriter {
+    fn start(direct: Arc<File>, file: File) -> Option<DirectWriter> {
+        let (jobs, job_rx) = std::sync::mpsc::channel::<(AlignedBuf, u64)>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("pack-write".into())
+            .spawn(move || {
+                for (buf, at) in job_rx {
+                    let r = match direct.write_all_at(buf.bytes(), at) {
+                        Ok(()) => Ok(false),
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                            tracing::warn!(
+                                "O_DIRECT writes refused ({e}); pack writes go buffered"
+                            );
+                            file.write_all_at(buf.bytes(), at).map(|()| true)
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if done_tx.send((buf, r)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .ok()?;
+        Some(DirectWriter { jobs, done })
+    }
 }
 
 impl PackWriter {
-    /// Writes the whole blocks in `buf` with `O_DIRECT` (or, without it, everything).
+    /// Waits for the write in flight. On failure its bytes go back to the start of `buf`
+    /// (the pack's bytes from its offset on), so the next flush writes them again.
+    fn settle(&mut self) -> std::io::Result<()> {
+        let Some(at) = self.inflight else {
+            return Ok(());
+        };
+        let got = self.thread.as_ref().and_then(|t| t.done.recv().ok());
+        self.inflight = None;
+        let Some((done, r)) = got else {
+            self.broken = true;
+            self.thread = None;
+            return Err(std::io::Error::other("the pack writer thread died"));
+        };
+        match r {
+            Ok(refused) => {
+                if refused {
+                    self.direct = None;
+                }
+                self.os_len = self.os_len.max(at + done.len as u64);
+                self.spare = Some(done);
+                Ok(())
+            }
+            Err(e) => {
+                let mut back = done;
+                back.extend(&[self.buf.bytes()]);
+                self.buf = back;
+                self.base = at;
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes the whole blocks in `buf` with `O_DIRECT` (or, without it, everything): handed
+    /// to the writer thread once the previous write finished, or in place without one.
     fn write_blocks(&mut self) -> std::io::Result<()> {
+        if self.broken {
+            return Err(std::io::Error::other("the pack writer thread died"));
+        }
+        self.settle()?;
         let whole = if self.direct.is_some() {
             self.buf.len / BLOCK * BLOCK
         } else {
@@ -188,6 +273,35 @@ impl PackWriter {
         if whole == 0 {
             return Ok(());
         }
+        let (Some(t), Some(_)) = (&self.thread, &self.direct) else {
+            return self.write_in_place(whole);
+        };
+        let mut next = self
+            .spare
+            .take()
+            .unwrap_or_else(|| AlignedBuf::with_capacity(self.buf.capacity()));
+        next.truncate(0);
+        next.extend(&[&self.buf.bytes()[whole..]]);
+        let mut out = std::mem::replace(&mut self.buf, next);
+        out.truncate(whole);
+        let at = self.base;
+        match t.jobs.send((out, at)) {
+            Ok(()) => {
+                self.base += whole as u64;
+                self.inflight = Some(at);
+                Ok(())
+            }
+            Err(std::sync::mpsc::SendError((mut out, _))) => {
+                // The thread is gone: take the bytes back and write in place from now on.
+                out.extend(&[self.buf.bytes()]);
+                self.buf = out;
+                self.thread = None;
+                self.write_in_place(whole)
+            }
+        }
+    }
+
+    fn write_in_place(&mut self, whole: usize) -> std::io::Result<()> {
         let data = &self.buf.bytes()[..whole];
         match &self.direct {
             Some(d) => match d.write_all_at(data, self.base) {
@@ -212,16 +326,26 @@ impl PackWriter {
     /// cache (written again, whole, when its block fills). On failure nothing is dropped:
     /// writes are positional, so the next flush simply writes the same bytes again.
     fn flush(&mut self) -> Result<()> {
-        let r = self.write_blocks().and_then(|()| {
-            if self.len > self.os_len {
-                let from = (self.os_len - self.base) as usize;
-                self.file
-                    .write_all_at(&self.buf.bytes()[from..], self.os_len)?;
-                self.os_len = self.len;
-            }
-            Ok(())
-        });
+        let r = self
+            .write_blocks()
+            .and_then(|()| self.settle())
+            .and_then(|()| {
+                if self.len > self.os_len {
+                    let from = (self.os_len - self.base) as usize;
+                    self.file
+                        .write_all_at(&self.buf.bytes()[from..], self.os_len)?;
+                    self.os_len = self.len;
+                }
+                Ok(())
+            });
         r.map_err(|e| Error::io(format!("writing pack {:08x}", self.id), e))
+    }
+}
+
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        // A write in flight finishes before the pack's files are closed.
+        let _ = self.settle();
     }
 }
 
@@ -467,10 +591,14 @@ impl ChunkStore {
         hdr[16..48].copy_from_slice(&id.0);
 
         let mut guard = self.writer.lock();
-        if guard.as_ref().is_none_or(|w| w.len >= PACK_TARGET_SIZE) {
+        if guard
+            .as_ref()
+            .is_none_or(|w| w.len >= PACK_TARGET_SIZE || w.broken)
+        {
             // A full pack is closed only once its records are in the OS: other writers may
-            // still have to flush records of it before they index them.
-            if let Some(old) = guard.as_mut() {
+            // still have to flush records of it before they index them. (A broken pack lost
+            // records that nothing indexed: their writers' flushes failed.)
+            if let Some(old) = guard.as_mut().filter(|w| !w.broken) {
                 old.flush()?;
             }
             *guard = Some(self.new_pack()?);
@@ -479,14 +607,15 @@ impl ChunkStore {
             .as_mut()
             .ok_or_else(|| Error::Db("no pack writer".into()))?;
         let offset = w.len;
-        let buffered = w.buf.len;
+        let record = RECORD_HEADER_LEN + payload.len();
         w.buf.extend(&[&hdr, &payload]);
-        w.len += (RECORD_HEADER_LEN + payload.len()) as u64;
+        w.len += record as u64;
         if w.buf.len >= DIRECT_BATCH {
             if let Err(e) = w.write_blocks() {
-                // Undo this record (its caller fails and never indexes it); the records
-                // before it stay buffered for the next flush, which rewrites the same offsets.
-                w.buf.truncate(buffered);
+                // Undo this record, the last in the buffer (its caller fails and never indexes
+                // it); the records before it stay buffered for the next flush, which rewrites
+                // the same offsets.
+                w.buf.truncate(w.buf.len - record);
                 w.len = offset;
                 return Err(Error::io(format!("appending chunk {id} to pack"), e));
             }
@@ -516,7 +645,12 @@ impl ChunkStore {
             .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(&path)
-            .ok();
+            .ok()
+            .map(Arc::new);
+        let thread = match (&direct, file.try_clone()) {
+            (Some(d), Ok(f)) => DirectWriter::start(d.clone(), f),
+            _ => None,
+        };
         let mut hdr = Vec::with_capacity(PACK_HEADER_LEN as usize);
         hdr.extend_from_slice(PACK_MAGIC);
         hdr.extend_from_slice(&PACK_VERSION.to_le_bytes());
@@ -537,6 +671,10 @@ impl ChunkStore {
             os_len: PACK_HEADER_LEN,
             len: PACK_HEADER_LEN,
             buf,
+            thread,
+            inflight: None,
+            spare: None,
+            broken: false,
         })
     }
 

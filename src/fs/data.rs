@@ -373,6 +373,24 @@ impl VolumeFs {
             Ok(())
         })();
         drop(fresh);
+        // The batch indexes the chunks just put: their records go to the OS (or disk) first.
+        // Until the batch is written, the node keeps its old record and every buffered byte.
+        let alloc = (st.rec.alloc as i64 + delta).max(0) as u64;
+        let result = result
+            .and_then(|()| {
+                if sync {
+                    self.store.chunks.sync()
+                } else {
+                    self.store.chunks.flush()
+                }
+            })
+            .and_then(|()| {
+                let mut rec = st.rec.clone();
+                rec.alloc = alloc;
+                self.persist_rec(&mut b, ino, &rec);
+                b.add(Cf::Counters, meta::used_key(self.id), delta);
+                self.engine.write(b, sync)
+            });
         if let Err(e) = result {
             // Nothing was written to the index: put every buffered byte back, unchanged, so
             // that a retry (after the disk has room again, say) commits it. Chunks already
@@ -395,16 +413,7 @@ impl VolumeFs {
         st.dirty_bytes = kept;
         self.dirty_total
             .fetch_sub(dirty_before - kept, Ordering::Relaxed);
-        st.rec.alloc = (st.rec.alloc as i64 + delta).max(0) as u64;
-        self.persist_rec(&mut b, ino, &st.rec);
-        b.add(Cf::Counters, meta::used_key(self.id), delta);
-        // The batch indexes the chunks just put: their records go to the OS (or disk) first.
-        if sync {
-            self.store.chunks.sync()?;
-        } else {
-            self.store.chunks.flush()?;
-        }
-        self.engine.write(b, sync)?;
+        st.rec.alloc = alloc;
         self.log_committed(ino, st);
         self.used.fetch_add(delta, Ordering::Relaxed);
         // Reservations are released once the data is committed (the used counter took over).
