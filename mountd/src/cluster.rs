@@ -173,6 +173,22 @@ async fn timed<T, E: std::fmt::Display>(
     }
 }
 
+/// Every key under `PREFIX` + `under` (the one prefix read of this module).
+async fn get_prefix(
+    client: &mut Client,
+    what: &str,
+    under: &str,
+) -> Result<etcd_client::GetResponse> {
+    timed(
+        what,
+        client.get(
+            format!("{PREFIX}{under}"),
+            Some(GetOptions::new().with_prefix()),
+        ),
+    )
+    .await
+}
+
 impl Cluster {
     /// Starts cluster mode if `etcd_endpoints` is set: the thread with the lease keeper and
     /// the fencer. Waits up to 3 s for the first contact so that volumes taken over at start
@@ -551,14 +567,7 @@ impl Cluster {
 
     /// Reads every owner and replicas key into the cache.
     async fn refresh(&self, client: &mut Client) -> Result<()> {
-        let r = timed(
-            "get volumes",
-            client.get(
-                format!("{PREFIX}volumes/"),
-                Some(GetOptions::new().with_prefix()),
-            ),
-        )
-        .await?;
+        let r = get_prefix(client, "get volumes", "volumes/").await?;
         let mut owners = BTreeMap::new();
         let mut replicas = BTreeMap::new();
         for kv in r.kvs() {
@@ -743,14 +752,7 @@ impl Cluster {
 
     /// Chooses `n` other live hosts (fewest replicas first, then by name).
     async fn place(&self, client: &mut Client, n: usize) -> Result<Vec<String>> {
-        let r = timed(
-            "get hosts",
-            client.get(
-                format!("{PREFIX}hosts/"),
-                Some(GetOptions::new().with_prefix()),
-            ),
-        )
-        .await?;
+        let r = get_prefix(client, "get hosts", "hosts/").await?;
         let counts: HashMap<String, usize> = {
             let inner = self.inner.lock();
             let mut c = HashMap::new();
@@ -997,14 +999,7 @@ impl Cluster {
         let hosts = self.client().and_then(|mut client| {
             self.call(async move {
                 me.refresh(&mut client).await?;
-                let r = timed(
-                    "get hosts",
-                    client.get(
-                        format!("{PREFIX}hosts/"),
-                        Some(GetOptions::new().with_prefix()),
-                    ),
-                )
-                .await?;
+                let r = get_prefix(&mut client, "get hosts", "hosts/").await?;
                 let mut out = Vec::new();
                 for kv in r.kvs() {
                     let Ok(h) = serde_json::from_slice::<HostValue>(kv.value()) else {
