@@ -9,11 +9,12 @@
 mod common;
 #[path = "common/etcd.rs"]
 mod etcd;
+#[path = "common/fakepeer.rs"]
+mod fakepeer;
 #[path = "common/netns.rs"]
 mod netns;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use etcd::Etcd;
+use fakepeer::*;
 use netns::*;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 const TTL: u64 = 4;
@@ -149,135 +150,6 @@ fn promote_until_ok(d: &Daemon, vol: &str, since: Instant) -> (Instant, Value, u
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// A hand-made peer, to send what a deposed owner would (protocol v2 encodings)
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-enum Msg {
-    Hello {
-        host: String,
-        version: u16,
-    },
-    Ping {
-        nonce: u64,
-    },
-    Pong {
-        nonce: u64,
-    },
-    HasChunks {
-        ids: Vec<[u8; 32]>,
-    },
-    Have {
-        which: Vec<bool>,
-    },
-    GetChunk {
-        id: [u8; 32],
-    },
-    Chunk {
-        id: [u8; 32],
-        data: Vec<u8>,
-    },
-    Missing {
-        id: [u8; 32],
-    },
-    Error {
-        message: String,
-    },
-    HasLayers {
-        ids: Vec<[u8; 32]>,
-    },
-    PutChunk {
-        volume: String,
-        token: u64,
-        id: [u8; 32],
-        data: Vec<u8>,
-    },
-    Stored {
-        id: [u8; 32],
-        new: bool,
-    },
-}
-
-struct Fake {
-    s: TcpStream,
-    t: snow::TransportState,
-}
-
-impl Fake {
-    /// Connects (initiator), protocol v2, and exchanges hellos as `host`.
-    fn connect(addr: &str, key: &[u8; 32], host: &str) -> Fake {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut ours = b"VOLFSPR\0".to_vec();
-        ours.push(2);
-        ours.extend(1u16.to_be_bytes());
-        ours.extend(2u16.to_be_bytes());
-        s.write_all(&ours).unwrap();
-        let mut head = [0u8; 9];
-        s.read_exact(&mut head).unwrap();
-        let mut vs = vec![0u8; 2 * head[8] as usize];
-        s.read_exact(&mut vs).unwrap();
-        let mut theirs = head.to_vec();
-        theirs.extend(&vs);
-        let mut prologue = b"volfs peer protocol".to_vec();
-        prologue.extend(2u16.to_be_bytes());
-        prologue.extend(&ours);
-        prologue.extend(&theirs);
-        let b = snow::Builder::new("Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s".parse().unwrap())
-            .prologue(&prologue)
-            .psk(0, key);
-        let mut buf = vec![0u8; 65535];
-        let mut hs = b.build_initiator().unwrap();
-        let n = hs.write_message(&[], &mut buf).unwrap();
-        let mut v = (n as u16).to_be_bytes().to_vec();
-        v.extend(&buf[..n]);
-        s.write_all(&v).unwrap();
-        let mut l = [0u8; 2];
-        s.read_exact(&mut l).unwrap();
-        let mut m = vec![0u8; u16::from_be_bytes(l) as usize];
-        s.read_exact(&mut m).unwrap();
-        hs.read_message(&m, &mut buf).unwrap();
-        let mut f = Fake {
-            s,
-            t: hs.into_transport_mode().unwrap(),
-        };
-        f.send(&Msg::Hello {
-            host: host.into(),
-            version: 2,
-        });
-        assert!(matches!(f.recv(), Some(Msg::Hello { version: 2, .. })));
-        f
-    }
-
-    fn send(&mut self, m: &Msg) {
-        let plain = postcard::to_stdvec(m).unwrap();
-        let mut ct: Vec<u8> = Vec::new();
-        let mut buf = vec![0u8; 65535];
-        for p in plain.chunks(65535 - 16) {
-            let n = self.t.write_message(p, &mut buf).unwrap();
-            ct.extend(&buf[..n]);
-        }
-        let mut f = (ct.len() as u32).to_be_bytes().to_vec();
-        f.extend(ct);
-        self.s.write_all(&f).unwrap();
-    }
-
-    fn recv(&mut self) -> Option<Msg> {
-        let mut l = [0u8; 4];
-        self.s.read_exact(&mut l).ok()?;
-        let mut ct = vec![0u8; u32::from_be_bytes(l) as usize];
-        self.s.read_exact(&mut ct).ok()?;
-        let mut plain = Vec::new();
-        let mut buf = vec![0u8; 65535];
-        for p in ct.chunks(65535) {
-            let n = self.t.read_message(p, &mut buf).unwrap();
-            plain.extend(&buf[..n]);
-        }
-        Some(postcard::from_bytes(&plain).unwrap())
-    }
-}
-
 /// Sends one replica chunk of `vol` with `token` to the daemon in namespace `to` (from
 /// namespace `from`, posing as host `as_host`); returns the answer.
 fn put_chunk(
@@ -292,7 +164,8 @@ fn put_chunk(
     let key = key_bytes(std::fs::read_to_string(key).unwrap().trim());
     let (vol, host) = (vol.to_string(), as_host.to_string());
     net.run_in(from, move || {
-        let mut f = Fake::connect(&addr, &key, &host);
+        // A deposed owner would speak v2 (the first replication version).
+        let mut f = Fake::connect(&addr, &key, &host, &[1, 2]);
         let data = b"a stale shipment".to_vec();
         let id = *blake3::hash(&data).as_bytes();
         f.send(&Msg::PutChunk {
@@ -300,7 +173,8 @@ fn put_chunk(
             token,
             id,
             data,
-        });
+        })
+        .expect("sending the chunk");
         f.recv().expect("an answer")
     })
 }
