@@ -117,6 +117,26 @@ fn a_lazy_replica_mounts_first_reads_fetch_and_pull_fetches_the_rest() {
         "B stored {after_commit} bytes of packs for a lazily shipped 100 MiB snapshot"
     );
 
+    // fsck counts the chunks not fetched yet apart, not as damage, and --repair leaves
+    // them alone (the reads below fetch them).
+    let out = b.cli(&["fsck", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let r = out.json();
+    assert!(r["problems"].as_array().unwrap().is_empty(), "{r}");
+    let not_fetched = r["not_fetched_chunks"].as_u64().unwrap();
+    // 100 MiB in chunks of at most 256 KiB.
+    assert!(not_fetched >= 400, "{r}");
+    assert_eq!(r["not_fetched_volumes"], serde_json::json!(["big"]), "{r}");
+    let out = b.cli(&["fsck", "--repair"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(
+        out.stdout.contains(&format!(
+            "not yet fetched, {not_fetched} chunk(s): lazy replica(s) big"
+        )),
+        "{out}"
+    );
+    assert!(out.stdout.contains("no problems found"), "{out}");
+
     // Mounted before the chunks are there; a read fetches what it needs.
     let rm = b.mount("big", true);
     let t0 = Instant::now();
@@ -150,6 +170,9 @@ fn a_lazy_replica_mounts_first_reads_fetch_and_pull_fetches_the_rest() {
     assert!(r["failed"].as_array().unwrap().is_empty(), "{r}");
     let out = b.cli_ok(&["volume", "pull", "big"]);
     assert!(out.stdout.contains("nothing was missing"), "{out}");
+    let r = b.cli_ok(&["fsck", "--json"]).json();
+    assert_eq!(r["not_fetched_chunks"], 0, "{r}");
+    assert!(r["problems"].as_array().unwrap().is_empty(), "{r}");
     let m = net.metrics(1, &b);
     assert_eq!(
         metric(&m, "volfs_chunk_bytes_fetched_by_pull_total", &[]).unwrap(),
