@@ -135,13 +135,13 @@ fn peer_add_ls_rm_round_trip() {
         "{}",
         ls.stdout
     );
-    assert!(ls.stdout.contains("authenticated, v2"), "{}", ls.stdout);
+    assert!(ls.stdout.contains("authenticated, v3"), "{}", ls.stdout);
     let j = peers_json(&a);
     assert_eq!(j.len(), 1, "{j:?}");
     assert_eq!(j[0]["name"], "b");
     assert_eq!(j[0]["connected"], true, "{j:?}");
     assert_eq!(j[0]["authenticated"], true, "{j:?}");
-    assert_eq!(j[0]["version"], 2, "{j:?}");
+    assert_eq!(j[0]["version"], 3, "{j:?}");
     assert!(j[0]["latency_ms"].as_f64().is_some(), "{j:?}");
     assert!(j[0]["error"].is_null(), "{j:?}");
 

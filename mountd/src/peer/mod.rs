@@ -32,7 +32,7 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:9568";
 pub struct Peers {
     /// The cluster key; `None`: peers are off (no listener, nothing to connect with).
     pub key: Option<[u8; 32]>,
-    /// This host's name, sent in hellos.
+    /// This host's name, sent in hellos: `host_name`, else the machine's hostname.
     pub host: String,
     pub store: Arc<Store>,
     pub counters: PeerCounters,
