@@ -18,6 +18,10 @@
 //! What it cannot fix is listed as such: corrupt chunks that files use and no source holds,
 //! other damage inside snapshots and layers (they are immutable).
 //!
+//! Chunks a lazily shipped replica has not fetched yet (a `missing/` record: they come from
+//! peers on read or with `volfs volume pull`) are not problems; they are counted apart
+//! (`not_fetched_chunks`) and never repaired away.
+//!
 //! [`ChunkStore::repair`]: crate::chunk::ChunkStore::repair
 use std::collections::{HashMap, HashSet};
 
@@ -58,6 +62,13 @@ pub struct FsckReport {
     /// Corrupt chunks replaced by an intact copy from a peer (`--repair`).
     #[serde(default)]
     pub repaired_from_peers: Vec<PeerRepair>,
+    /// Chunks a lazily shipped replica references but has not fetched yet (they have a
+    /// `missing/` record): not damage, reads fetch them from peers and `volfs volume pull`
+    /// fetches them all. Distinct chunks, and the volumes that reference them.
+    #[serde(default)]
+    pub not_fetched_chunks: u64,
+    #[serde(default)]
+    pub not_fetched_volumes: Vec<String>,
 }
 
 /// A corrupt chunk that was replaced by a verified copy from elsewhere.
@@ -95,6 +106,10 @@ struct Walk<'a> {
     problems: Vec<Problem>,
     inodes: u64,
     fix: Batch,
+    /// Chunks not in the index that a lazy replica recorded as not fetched yet, and the
+    /// volumes whose namespaces reference them.
+    not_fetched: HashSet<ChunkId>,
+    not_fetched_volumes: std::collections::BTreeSet<String>,
 }
 
 impl Walk<'_> {
@@ -175,6 +190,18 @@ impl Walk<'_> {
             let e: meta::Extent = meta::decode(meta::EXTENT_VERSION, "extent", &v)?;
             let off = meta::extent_offset(&k)?;
             match self.index.get(&e.chunk) {
+                None if self.not_fetched.contains(&e.chunk)
+                    || self
+                        .store
+                        .engine
+                        .get(Cf::Meta, &crate::chunk::missing_key(&e.chunk))?
+                        .is_some() =>
+                {
+                    // A lazy replica's chunk that has not arrived yet: not damage.
+                    self.not_fetched.insert(e.chunk);
+                    let vol = label.split('@').next().unwrap_or(label);
+                    self.not_fetched_volumes.insert(vol.to_string());
+                }
                 None => {
                     let outcome = if !self.repair {
                         "-"
@@ -244,6 +271,8 @@ pub fn check(
         problems: Vec::new(),
         inodes: 0,
         fix: Batch::new(),
+        not_fetched: HashSet::new(),
+        not_fetched_volumes: Default::default(),
     };
     let mut rep = FsckReport::default();
     let trees = layer::all_trees(&*engine)?;
@@ -368,6 +397,8 @@ pub fn check(
         gc::collect(store, registry, &[], progress)?;
     }
     rep.inodes = w.inodes;
+    rep.not_fetched_chunks = w.not_fetched.len() as u64;
+    rep.not_fetched_volumes = w.not_fetched_volumes.into_iter().collect();
     rep.problems = w.problems;
     rep.repaired_from_peers = from_peers;
     Ok(rep)

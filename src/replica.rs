@@ -14,7 +14,7 @@
 //! missing/<chunk id>   chunk::MissingChunk: a chunk a lazily shipped replica lacks (receiver)
 //! ```
 //! Lazy shipping (`--opt ship=lazy`): the origin sends the trees and the commit but no
-//! chunks; [`apply_lazy`] records every chunk the new trees reference that this host lacks
+//! chunks; [`apply`] (with `lazy`) records every chunk the new trees reference that this host lacks
 //! as a `missing/` key in the commit batch, and reads fetch them from peers
 //! (`ChunkStore::get`'s fallback) or `volfs volume pull` fetches them all ([`lacking`]).
 //! A row on the wire is `(cf index into layer::TREE_CFS, key without the 8-byte tree prefix,
@@ -39,7 +39,9 @@ use crate::meta::{self, Extent, InodeRecord, Kind, VolumeRecord, EXTENT_VERSION,
 use crate::volume::Registry;
 
 pub const REPL_VERSION: u8 = 1;
-pub const INBOUND_VERSION: u8 = 1;
+/// Version 2 added `token` and `settings` (version 1 records are read with token 0 and no
+/// settings, see [`inbound`]).
+pub const INBOUND_VERSION: u8 = 2;
 /// Snapshots the replication worker takes for `rpo` start with this.
 pub const AUTO_PREFIX: &str = "auto-";
 
@@ -71,6 +73,53 @@ pub struct InboundRecord {
     pub last: String,
     pub last_created: i64,
     pub applied: i64,
+    /// The fencing token the origin's last accepted commit carried (0: unknown, a version 1
+    /// record). Another origin is accepted only with a higher token (a new owner after a
+    /// promote or move).
+    pub token: u64,
+    /// The origin's replication settings as it last sent them (peer protocol v3), which a
+    /// promote of this replica continues with; `None`: not known (an older origin).
+    pub settings: Option<OriginSettings>,
+}
+
+/// Version 1 of [`InboundRecord`].
+#[derive(Deserialize)]
+struct InboundRecordV1 {
+    origin: String,
+    last: String,
+    last_created: i64,
+    applied: i64,
+}
+
+/// How the origin replicates a volume: what a replica carries along, so that a promoted
+/// replica keeps replicating the same way (peer protocol v3, `CommitV3`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginSettings {
+    pub replicas: u32,
+    pub rpo_secs: u64,
+    /// `ship=lazy`.
+    pub lazy: bool,
+}
+
+/// What a commit says besides the snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitInfo {
+    /// The sender's fencing token (already checked against `repl-fence/<volume>`).
+    pub token: u64,
+    /// A lazily shipped snapshot (chunks not all sent): see [`apply`].
+    pub lazy: bool,
+    /// The sender's settings, when its protocol carries them.
+    pub settings: Option<OriginSettings>,
+}
+
+/// The origin's settings of `vol` to send along with a commit.
+pub fn origin_settings(engine: &dyn Engine, vol: &str) -> Result<OriginSettings> {
+    let s = settings(engine, vol)?.unwrap_or_default();
+    Ok(OriginSettings {
+        replicas: s.replicas,
+        rpo_secs: s.rpo_secs,
+        lazy: ship_lazy(engine, vol)?,
+    })
 }
 
 pub fn settings_key(vol: &str) -> Vec<u8> {
@@ -137,11 +186,23 @@ pub fn all_settings(engine: &dyn Engine) -> Result<Vec<(String, ReplSettings)>> 
     Ok(out)
 }
 
+/// Reads `repl-in/<vol>`, version 2 or 1 (token 0, no settings).
 pub fn inbound(engine: &dyn Engine, vol: &str) -> Result<Option<InboundRecord>> {
-    engine
-        .get(Cf::Meta, &inbound_key(vol))?
-        .map(|v| meta::decode(INBOUND_VERSION, "replica record", &v))
-        .transpose()
+    let Some(v) = engine.get(Cf::Meta, &inbound_key(vol))? else {
+        return Ok(None);
+    };
+    if v.first() == Some(&1) {
+        let o: InboundRecordV1 = meta::decode(1, "replica record", &v)?;
+        return Ok(Some(InboundRecord {
+            origin: o.origin,
+            last: o.last,
+            last_created: o.last_created,
+            applied: o.applied,
+            token: 0,
+            settings: None,
+        }));
+    }
+    meta::decode(INBOUND_VERSION, "replica record", &v).map(Some)
 }
 
 pub fn fence(engine: &dyn Engine, vol: &str) -> Result<u64> {
@@ -378,33 +439,24 @@ pub fn has_layers(engine: &dyn Engine, ids: &[LayerId]) -> Result<Vec<bool>> {
 
 /// Applies a received snapshot (see the module header): `staged` holds the rows of every
 /// tree of `inc` this host does not hold yet, by LayerId. Refuses a name taken by a local
-/// (non-replica) volume or a replica of another origin, a broken parent chain, rows that do
-/// not hash to their LayerId, and extents whose chunks are not here.
+/// (non-replica) volume, a replica of another origin unless `commit.token` is higher than the
+/// token recorded with it (a new owner after a promote or move: the replica switches to the
+/// new origin), a broken parent chain, rows that do not hash to their LayerId, and extents
+/// whose chunks are not here. With `commit.lazy`, chunks the new trees reference that are not
+/// here are recorded as `missing/<chunk id>` keys (`chunk::MissingChunk`) in the same batch
+/// instead of refusing the commit.
+///
+/// Trees are applied by LayerId, so a new origin's snapshots reuse every tree this replica
+/// already holds (the promoted volume starts at a snapshot of the old origin); snapshots the
+/// new origin does not list in `keep` are dropped with its first applied snapshot, and a
+/// same-named snapshot whose top tree came from another origin is replaced.
 pub fn apply(
     reg: &Registry,
     inc: &Incoming,
     staged: &HashMap<LayerId, Vec<Row>>,
+    commit: &CommitInfo,
 ) -> Result<Applied> {
-    apply_mode(reg, inc, staged, false)
-}
-
-/// [`apply`] for a lazily shipped snapshot: chunks the new trees reference that are not
-/// here are recorded as `missing/<chunk id>` keys (`chunk::MissingChunk`) in the same batch
-/// instead of refusing the commit.
-pub fn apply_lazy(
-    reg: &Registry,
-    inc: &Incoming,
-    staged: &HashMap<LayerId, Vec<Row>>,
-) -> Result<Applied> {
-    apply_mode(reg, inc, staged, true)
-}
-
-fn apply_mode(
-    reg: &Registry,
-    inc: &Incoming,
-    staged: &HashMap<LayerId, Vec<Row>>,
-    lazy: bool,
-) -> Result<Applied> {
+    let lazy = commit.lazy;
     let name = crate::ids::VolumeName::new(&inc.volume)?;
     layer::check_snapshot_name(&inc.snapshot)?;
     if inc.trees.is_empty() {
@@ -424,31 +476,42 @@ fn apply_mode(
     reg.locked(|| {
         let existing = reg.get(&name)?;
         let inb = inbound(engine, &inc.volume)?;
+        let tree_origin = format!("{}:{}", inc.origin, inc.volume);
         if let Some(rec) = &existing {
-            match &inb {
-                None => {
-                    return Err(Error::Exists(format!(
-                        "volume {} on this host is a local volume, not a replica of {}",
-                        inc.volume, inc.origin
-                    )))
-                }
-                Some(i) if i.origin != inc.origin => {
-                    return Err(Error::Exists(format!(
-                        "volume {} on this host is a replica of {}, not of {}",
-                        inc.volume, i.origin, inc.origin
-                    )))
-                }
-                Some(_) => {}
-            }
+            let prev = check_origin(inc, inb.as_ref(), commit.token)?;
             if let Some(s) = layer::get_snapshot(engine, rec.id, &inc.snapshot)? {
-                let top = layer::get_tree(engine, s.tree)?.and_then(|t| t.layer);
-                if top == Some(inc.trees[0].layer) {
+                let top = layer::get_tree(engine, s.tree)?;
+                if top.as_ref().and_then(|t| t.layer) == Some(inc.trees[0].layer) {
+                    if let (Some(prev), Some(i)) = (prev, &inb) {
+                        // A new origin's first commit is of a snapshot held already: the
+                        // replica follows the new origin from now on.
+                        let mut b = Batch::new();
+                        let rec = InboundRecord {
+                            origin: inc.origin.clone(),
+                            token: commit.token,
+                            settings: commit.settings.or(i.settings),
+                            ..i.clone()
+                        };
+                        b.put(
+                            Cf::Meta,
+                            inbound_key(&inc.volume),
+                            meta::encode(INBOUND_VERSION, &rec),
+                        );
+                        engine.write(b, true)?;
+                        tracing::info!(volume = %inc.volume, from = %prev, to = %inc.origin, token = commit.token, "replica follows a new origin (higher fencing token)");
+                    }
                     return Ok(Applied::Already);
                 }
-                return Err(Error::Exists(format!(
-                    "replica {}@{} exists with other contents",
-                    inc.volume, inc.snapshot
-                )));
+                let from_other = top.as_ref().is_some_and(|t| t.origin != tree_origin);
+                if !from_other {
+                    return Err(Error::Exists(format!(
+                        "replica {}@{} exists with other contents",
+                        inc.volume, inc.snapshot
+                    )));
+                }
+            }
+            if let Some(prev) = prev {
+                tracing::info!(volume = %inc.volume, from = %prev, to = %inc.origin, token = commit.token, "replica follows a new origin (higher fencing token)");
             }
         }
         let mut b = Batch::new();
@@ -513,7 +576,7 @@ fn apply_mode(
                     ino_hw: t.ino_hw,
                     parent: parent_tree,
                     layer: Some(t.layer),
-                    origin: format!("{}:{}", inc.origin, inc.volume),
+                    origin: tree_origin.clone(),
                     bytes,
                 },
             );
@@ -580,6 +643,10 @@ fn apply_mode(
                     last: inc.snapshot.clone(),
                     last_created: inc.created,
                     applied: meta::Ts::now().secs,
+                    token: commit.token,
+                    settings: commit
+                        .settings
+                        .or(inb.as_ref().and_then(|i| i.settings)),
                 },
             ),
         );
@@ -591,9 +658,30 @@ fn apply_mode(
     })
 }
 
+/// The origin check of a commit to an existing replica: `Ok(None)` for its recorded
+/// origin, `Ok(Some(previous origin))` for a new origin whose token is higher than the one
+/// recorded (a new owner after a promote or move), an error for a local volume or another
+/// origin with an equal or lower token (a stale or competing owner).
+fn check_origin(inc: &Incoming, inb: Option<&InboundRecord>, token: u64) -> Result<Option<String>> {
+    match inb {
+        None => Err(Error::Exists(format!(
+            "volume {} on this host is a local volume, not a replica of {}",
+            inc.volume, inc.origin
+        ))),
+        Some(i) if i.origin == inc.origin => Ok(None),
+        Some(i) if token > i.token => Ok(Some(i.origin.clone())),
+        Some(i) => Err(Error::Exists(format!(
+            "volume {} on this host is a replica of {} (fencing token {}); {} sent token {token}, which is not higher: refused (a stale or competing owner; a new owner after a promote or move has a higher token)",
+            inc.volume, i.origin, i.token, inc.origin
+        ))),
+    }
+}
+
 /// Promote, last step: the replica `vol` (already rolled back to its last received snapshot:
 /// an empty top over that snapshot's trees) becomes a normal writable volume: its record is
-/// no longer read-only and its `repl-in` record is deleted (so replication into it stops), in
+/// no longer read-only, its `repl-in` record is deleted (so replication into it stops) and,
+/// when the origin's settings are known, `repl/<vol>` and `repl-ship/<vol>` take them over
+/// (so the new owner keeps replicating with the same replica count, rpo and shipping), in
 /// one synced batch. Returns the snapshot it starts from. Its snapshots stay.
 pub fn finish_promote(reg: &Registry, vol: &str) -> Result<SnapshotRecord> {
     let name = crate::ids::VolumeName::new(vol)?;
@@ -609,16 +697,28 @@ pub fn finish_promote(reg: &Registry, vol: &str) -> Result<SnapshotRecord> {
         let mut b = Batch::new();
         b.put(Cf::Volumes, vol.as_bytes().to_vec(), rec.encode());
         b.delete(Cf::Meta, inbound_key(vol));
+        // Keep replicating as the origin did (its settings came with its commits).
+        if let Some(o) = inb.settings.filter(|o| o.replicas > 0 || o.rpo_secs > 0) {
+            let s = ReplSettings {
+                replicas: o.replicas,
+                rpo_secs: o.rpo_secs,
+                progress: BTreeMap::new(),
+            };
+            b.put(Cf::Meta, settings_key(vol), meta::encode(REPL_VERSION, &s));
+            let ship: &[u8] = if o.lazy { b"lazy" } else { b"full" };
+            b.put(Cf::Meta, ship_key(vol), ship.to_vec());
+        }
         engine.write(b, true)?;
-        tracing::info!(volume = %vol, origin = %inb.origin, snapshot = %snap.name, "replica promoted: a writable volume now");
+        tracing::info!(volume = %vol, origin = %inb.origin, snapshot = %snap.name, settings = ?inb.settings, "replica promoted: a writable volume now");
         Ok(snap)
     })
 }
 
 /// `volume move`, the giving side, last step: the local volume (already rolled back to the
 /// moved snapshot) becomes a read-only replica of `origin` (its new owner): record read-only,
-/// `repl-in/<vol>` naming `origin` and the snapshot, this host's replication settings of the
-/// volume dropped, and `repl-fence/<vol>` raised to `token` (single host: the new owner's).
+/// `repl-in/<vol>` naming `origin`, the snapshot, `token` and this host's settings of the
+/// volume (until the new owner sends its own), this host's replication settings of the volume
+/// dropped, and `repl-fence/<vol>` raised to `token` (single host: the new owner's).
 pub fn make_replica(
     reg: &Registry,
     vol: &str,
@@ -631,6 +731,8 @@ pub fn make_replica(
     reg.locked(|| {
         let mut rec = reg.require(&name)?;
         rec.read_only = true;
+        // What this host did with the volume, in case it is promoted back one day.
+        let settings = origin_settings(engine, vol)?;
         let mut b = Batch::new();
         b.put(Cf::Volumes, vol.as_bytes().to_vec(), rec.encode());
         b.put(
@@ -643,6 +745,8 @@ pub fn make_replica(
                     last: snap.name.clone(),
                     last_created: snap.created,
                     applied: meta::Ts::now().secs,
+                    token,
+                    settings: Some(settings),
                 },
             ),
         );
@@ -728,6 +832,205 @@ mod tests {
         );
         check_fence(&e, "db", 5).unwrap();
         check_fence(&e, "other", 1).unwrap();
+    }
+
+    /// A tree of one inode row (`ino`), on top of `parent`, as a sender describes it.
+    fn tree(ino: u64, parent: Option<LayerId>) -> (TreeMeta, Vec<Row>) {
+        let rec = InodeRecord::new(Kind::Dir, 0o755, 0, 0);
+        let rows = vec![Row {
+            cf: 0,
+            key: ino.to_be_bytes().to_vec(),
+            value: meta::encode(INODE_VERSION, &rec),
+        }];
+        let (layer, _) = layer_id_of_rows(&rows, parent).unwrap();
+        let m = TreeMeta {
+            layer,
+            parent,
+            kind: TreeKind::Frozen,
+            created: 1,
+            ino_hw: ino,
+        };
+        (m, rows)
+    }
+
+    fn incoming(origin: &str, snap: &str, trees: &[&TreeMeta], keep: &[&str]) -> Incoming {
+        Incoming {
+            volume: "db".into(),
+            origin: origin.into(),
+            snapshot: snap.into(),
+            created: 10,
+            used: 0,
+            trees: trees.iter().map(|t| (*t).clone()).collect(),
+            keep: keep.iter().map(|k| k.to_string()).collect(),
+        }
+    }
+
+    fn commit(token: u64, replicas: u32) -> CommitInfo {
+        CommitInfo {
+            token,
+            lazy: false,
+            settings: Some(OriginSettings {
+                replicas,
+                rpo_secs: 30,
+                lazy: false,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_replica_follows_a_new_origin_only_with_a_higher_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(
+            crate::store::Store::open(dir.path(), &crate::store::StoreOptions::default()).unwrap(),
+        );
+        let reg = Registry::new(store.clone());
+        let engine = &*store.engine;
+        let snaps = |reg: &Registry| -> Vec<String> {
+            let id = reg
+                .require(&crate::ids::VolumeName::new("db").unwrap())
+                .unwrap()
+                .id;
+            let mut v: Vec<String> = layer::snapshots(engine, id)
+                .unwrap()
+                .into_iter()
+                .map(|s| s.name)
+                .collect();
+            v.sort();
+            v
+        };
+        // Origin a (token 5) ships s1 (tree x) and s2 (tree y over x).
+        let (x, xr) = tree(1, None);
+        let (y, yr) = tree(2, Some(x.layer));
+        let staged: HashMap<LayerId, Vec<Row>> =
+            [(x.layer, xr.clone()), (y.layer, yr)].into_iter().collect();
+        let s1 = incoming("a", "s1", &[&x], &["s1"]);
+        assert_eq!(
+            apply(&reg, &s1, &staged, &commit(5, 2)).unwrap(),
+            Applied::New(1)
+        );
+        let s2 = incoming("a", "s2", &[&y, &x], &["s1", "s2"]);
+        assert_eq!(
+            apply(&reg, &s2, &staged, &commit(5, 2)).unwrap(),
+            Applied::New(1)
+        );
+        let i = inbound(engine, "db").unwrap().unwrap();
+        assert_eq!(
+            (i.origin.as_str(), i.token, i.last.as_str()),
+            ("a", 5, "s2")
+        );
+
+        // Another origin with an equal or lower token: refused, naming both.
+        for t in [5, 4] {
+            let e = apply(
+                &reg,
+                &incoming("b", "s1", &[&x], &["s1"]),
+                &staged,
+                &commit(t, 2),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("replica of a")
+                    && e.contains("not higher")
+                    && e.contains(&t.to_string()),
+                "{e}"
+            );
+        }
+        assert_eq!(inbound(engine, "db").unwrap().unwrap().origin, "a");
+
+        // b, promoted at s1 with a higher token: its first commit (s1, held) switches the
+        // replica to b; its own snapshot b1 (tree z over x) reuses x, and s2, which b never
+        // had, is dropped.
+        let b1 = incoming("b", "s1", &[&x], &["s1"]);
+        assert_eq!(
+            apply(&reg, &b1, &HashMap::new(), &commit(6, 1)).unwrap(),
+            Applied::Already
+        );
+        let i = inbound(engine, "db").unwrap().unwrap();
+        assert_eq!(
+            (i.origin.as_str(), i.token, i.last.as_str()),
+            ("b", 6, "s2")
+        );
+        let (z, zr) = tree(3, Some(x.layer));
+        let staged_b: HashMap<LayerId, Vec<Row>> = [(z.layer, zr)].into_iter().collect();
+        let b2 = incoming("b", "b1", &[&z, &x], &["s1", "b1"]);
+        assert_eq!(
+            apply(&reg, &b2, &staged_b, &commit(6, 1)).unwrap(),
+            Applied::New(1)
+        );
+        assert_eq!(snaps(&reg), vec!["b1".to_string(), "s1".to_string()]);
+        let i = inbound(engine, "db").unwrap().unwrap();
+        assert_eq!(
+            (i.origin.as_str(), i.token, i.last.as_str()),
+            ("b", 6, "b1")
+        );
+        assert_eq!(i.settings.map(|s| s.replicas), Some(1));
+
+        // The old origin is refused now (the receiver's fence refuses its lower token too).
+        let e = apply(
+            &reg,
+            &incoming("a", "s3", &[&y, &x], &["s3"]),
+            &staged,
+            &commit(5, 2),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("replica of b") && e.contains("not higher"),
+            "{e}"
+        );
+
+        // A same-named snapshot from the previous origin is replaced by the new one's.
+        let (w, wr) = tree(4, Some(x.layer));
+        let staged_c: HashMap<LayerId, Vec<Row>> = [(w.layer, wr.clone())].into_iter().collect();
+        let c1 = incoming("c", "b1", &[&w, &x], &["b1"]);
+        assert_eq!(
+            apply(&reg, &c1, &staged_c, &commit(7, 1)).unwrap(),
+            Applied::New(1)
+        );
+        assert_eq!(snaps(&reg), vec!["b1".to_string()]);
+        // ... but one of the same origin with other contents is still refused.
+        let (v, vr) = tree(5, Some(x.layer));
+        let staged_v: HashMap<LayerId, Vec<Row>> = [(v.layer, vr)].into_iter().collect();
+        let e = apply(
+            &reg,
+            &incoming("c", "b1", &[&v, &x], &["b1"]),
+            &staged_v,
+            &commit(7, 1),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("other contents"), "{e}");
+
+        // Promote of the replica takes the origin's settings over.
+        let snap = finish_promote(&reg, "db").unwrap();
+        assert_eq!(snap.name, "b1");
+        let s = settings(engine, "db").unwrap().unwrap();
+        assert_eq!((s.replicas, s.rpo_secs), (1, 30));
+        assert!(inbound(engine, "db").unwrap().is_none());
+    }
+
+    #[test]
+    fn version_1_replica_records_read_with_token_0() {
+        #[derive(Serialize)]
+        struct V1 {
+            origin: String,
+            last: String,
+            last_created: i64,
+            applied: i64,
+        }
+        let e = MemEngine::default();
+        let mut b = Batch::new();
+        let v1 = V1 {
+            origin: "a".into(),
+            last: "s".into(),
+            last_created: 3,
+            applied: 4,
+        };
+        b.put(Cf::Meta, inbound_key("db"), meta::encode(1, &v1));
+        e.write(b, false).unwrap();
+        let i = inbound(&e, "db").unwrap().unwrap();
+        assert_eq!((i.origin.as_str(), i.token, i.settings), ("a", 0, None));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Failover and move (issue 7): three daemons A, B, C, each in its own network namespace,
 //! one etcd in a fourth namespace joined to each of them. Replication ships with the
 //! cluster's fencing token to the hosts etcd placed; a replica is promoted once its owner's
-//! lease lapsed and then holds exactly its last replicated snapshot; a stale owner's
+//! lease lapsed and then holds exactly its last replicated snapshot, keeps replicating with
+//! the volume's settings, and the other replica follows the new owner; a stale owner's
 //! shipments are refused; a partitioned owner stops writing before anyone can promote; a
 //! volume moves to a peer (cluster mode and a single host).
 #![allow(dead_code)]
@@ -9,11 +10,12 @@
 mod common;
 #[path = "common/etcd.rs"]
 mod etcd;
+#[path = "common/fakepeer.rs"]
+mod fakepeer;
 #[path = "common/netns.rs"]
 mod netns;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use etcd::Etcd;
+use fakepeer::*;
 use netns::*;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 const TTL: u64 = 4;
@@ -149,135 +151,6 @@ fn promote_until_ok(d: &Daemon, vol: &str, since: Instant) -> (Instant, Value, u
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// A hand-made peer, to send what a deposed owner would (protocol v2 encodings)
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-enum Msg {
-    Hello {
-        host: String,
-        version: u16,
-    },
-    Ping {
-        nonce: u64,
-    },
-    Pong {
-        nonce: u64,
-    },
-    HasChunks {
-        ids: Vec<[u8; 32]>,
-    },
-    Have {
-        which: Vec<bool>,
-    },
-    GetChunk {
-        id: [u8; 32],
-    },
-    Chunk {
-        id: [u8; 32],
-        data: Vec<u8>,
-    },
-    Missing {
-        id: [u8; 32],
-    },
-    Error {
-        message: String,
-    },
-    HasLayers {
-        ids: Vec<[u8; 32]>,
-    },
-    PutChunk {
-        volume: String,
-        token: u64,
-        id: [u8; 32],
-        data: Vec<u8>,
-    },
-    Stored {
-        id: [u8; 32],
-        new: bool,
-    },
-}
-
-struct Fake {
-    s: TcpStream,
-    t: snow::TransportState,
-}
-
-impl Fake {
-    /// Connects (initiator), protocol v2, and exchanges hellos as `host`.
-    fn connect(addr: &str, key: &[u8; 32], host: &str) -> Fake {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut ours = b"VOLFSPR\0".to_vec();
-        ours.push(2);
-        ours.extend(1u16.to_be_bytes());
-        ours.extend(2u16.to_be_bytes());
-        s.write_all(&ours).unwrap();
-        let mut head = [0u8; 9];
-        s.read_exact(&mut head).unwrap();
-        let mut vs = vec![0u8; 2 * head[8] as usize];
-        s.read_exact(&mut vs).unwrap();
-        let mut theirs = head.to_vec();
-        theirs.extend(&vs);
-        let mut prologue = b"volfs peer protocol".to_vec();
-        prologue.extend(2u16.to_be_bytes());
-        prologue.extend(&ours);
-        prologue.extend(&theirs);
-        let b = snow::Builder::new("Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s".parse().unwrap())
-            .prologue(&prologue)
-            .psk(0, key);
-        let mut buf = vec![0u8; 65535];
-        let mut hs = b.build_initiator().unwrap();
-        let n = hs.write_message(&[], &mut buf).unwrap();
-        let mut v = (n as u16).to_be_bytes().to_vec();
-        v.extend(&buf[..n]);
-        s.write_all(&v).unwrap();
-        let mut l = [0u8; 2];
-        s.read_exact(&mut l).unwrap();
-        let mut m = vec![0u8; u16::from_be_bytes(l) as usize];
-        s.read_exact(&mut m).unwrap();
-        hs.read_message(&m, &mut buf).unwrap();
-        let mut f = Fake {
-            s,
-            t: hs.into_transport_mode().unwrap(),
-        };
-        f.send(&Msg::Hello {
-            host: host.into(),
-            version: 2,
-        });
-        assert!(matches!(f.recv(), Some(Msg::Hello { version: 2, .. })));
-        f
-    }
-
-    fn send(&mut self, m: &Msg) {
-        let plain = postcard::to_stdvec(m).unwrap();
-        let mut ct: Vec<u8> = Vec::new();
-        let mut buf = vec![0u8; 65535];
-        for p in plain.chunks(65535 - 16) {
-            let n = self.t.write_message(p, &mut buf).unwrap();
-            ct.extend(&buf[..n]);
-        }
-        let mut f = (ct.len() as u32).to_be_bytes().to_vec();
-        f.extend(ct);
-        self.s.write_all(&f).unwrap();
-    }
-
-    fn recv(&mut self) -> Option<Msg> {
-        let mut l = [0u8; 4];
-        self.s.read_exact(&mut l).ok()?;
-        let mut ct = vec![0u8; u32::from_be_bytes(l) as usize];
-        self.s.read_exact(&mut ct).ok()?;
-        let mut plain = Vec::new();
-        let mut buf = vec![0u8; 65535];
-        for p in ct.chunks(65535) {
-            let n = self.t.read_message(p, &mut buf).unwrap();
-            plain.extend(&buf[..n]);
-        }
-        Some(postcard::from_bytes(&plain).unwrap())
-    }
-}
-
 /// Sends one replica chunk of `vol` with `token` to the daemon in namespace `to` (from
 /// namespace `from`, posing as host `as_host`); returns the answer.
 fn put_chunk(
@@ -292,7 +165,8 @@ fn put_chunk(
     let key = key_bytes(std::fs::read_to_string(key).unwrap().trim());
     let (vol, host) = (vol.to_string(), as_host.to_string());
     net.run_in(from, move || {
-        let mut f = Fake::connect(&addr, &key, &host);
+        // A deposed owner would speak v2 (the first replication version).
+        let mut f = Fake::connect(&addr, &key, &host, &[1, 2]);
         let data = b"a stale shipment".to_vec();
         let id = *blake3::hash(&data).as_bytes();
         f.send(&Msg::PutChunk {
@@ -300,7 +174,8 @@ fn put_chunk(
             token,
             id,
             data,
-        });
+        })
+        .expect("sending the chunk");
         f.recv().expect("an answer")
     })
 }
@@ -357,6 +232,16 @@ fn owner_killed_replica_promoted_holds_last_replicated_snapshot() {
     let (acked, _, _) = writer.join().unwrap();
     let (first, rest) = c.hosts.split_at_mut(1);
     let (b, cc) = (&rest[0], &rest[1]);
+    // What each replica holds of A's snapshots: those only C has, B (the new owner) never had.
+    let on = |d: &Daemon| {
+        inspect(d, "db")["snapshots"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let b_had = on(b);
+    let only_c: Vec<Value> = on(cc).into_iter().filter(|s| !b_had.contains(s)).collect();
+    eprintln!("snapshots only C holds when A died: {only_c:?}");
     // B's latest replica snapshot, and what it holds.
     let snap = inspect(b, "db")["replica_snapshot"]
         .as_str()
@@ -403,7 +288,69 @@ fn owner_killed_replica_promoted_holds_last_replicated_snapshot() {
     });
     assert_eq!(lines(&rw.join("log")).last().unwrap(), "from b");
 
-    // C refuses a shipment with A's old token once it has seen B's ownership in etcd.
+    // B keeps replicating as A did (replicas=2, rpo=2s): to the placed hosts but itself and
+    // the dead A, that is to C, which follows B (a higher token) from A's snapshots on.
+    let info = inspect(b, "db");
+    assert_eq!(info["options"]["replicas"], "2", "{info}");
+    assert_eq!(info["options"]["rpo"], "2s", "{info}");
+    assert_eq!(info["replicas"], serde_json::json!(["c"]), "{info}");
+    b.cli_ok(&["snapshot", "create", "db", "--name", "b-1"]);
+    wait_for("C follows B up to b-1", Duration::from_secs(60), || {
+        let v = inspect(cc, "db");
+        v["replica_of"] == "b" && v["replica_snapshot"] == "b-1"
+    });
+    let on_b = lines(&rw.join("log"));
+    let ro_c = cc.mount("db", true);
+    assert_eq!(lines(&ro_c.join("log")), on_b, "C's replica is not B's b-1");
+    cc.unmount(&ro_c).unwrap();
+    // Snapshots of A's that B never had (C was ahead of B) are gone from C.
+    let c_snaps = inspect(cc, "db")["snapshots"].clone();
+    for s in &only_c {
+        assert!(
+            !c_snaps.as_array().unwrap().contains(s),
+            "C keeps {s}, which B never had: {c_snaps}"
+        );
+    }
+    // rpo shipping goes on from B: a change reaches C in an auto- snapshot.
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(rw.join("log"))
+            .unwrap();
+        f.write_all(b"more from b\n").unwrap();
+        f.sync_all().unwrap();
+    }
+    let want = lines(&rw.join("log"));
+    let mut looked_at = Value::Null;
+    wait_for(
+        "an rpo snapshot of B on C with the change",
+        Duration::from_secs(60),
+        || {
+            let v = inspect(cc, "db");
+            let snap = v["replica_snapshot"].clone();
+            if v["replica_of"] != "b"
+                || snap == looked_at
+                || !snap.as_str().is_some_and(|s| s.starts_with("auto-"))
+            {
+                return false;
+            }
+            looked_at = snap.clone();
+            // The snapshot's own view: the volume's connection (kept open a while after
+            // the unmount above) still serves the snapshot it was mounted at.
+            let ro_c = cc.mount(&format!("db@{}", snap.as_str().unwrap_or_default()), true);
+            let got = lines(&ro_c.join("log"));
+            cc.unmount(&ro_c).unwrap();
+            // An earlier rpo snapshot (atime of the reads above) may come first.
+            assert!(
+                want.starts_with(&got),
+                "C's replica is not a state of B's db"
+            );
+            got == want
+        },
+    );
+    assert_eq!(want.last().unwrap(), "more from b");
+
+    // C refuses a shipment with A's old token (it has seen B's ownership in etcd).
     wait_for("C sees B own db", Duration::from_secs(15), || {
         inspect(cc, "db")["owner"] == "b"
     });
@@ -415,7 +362,7 @@ fn owner_killed_replica_promoted_holds_last_replicated_snapshot() {
         m => panic!("a stale shipment was accepted: {m:?}"),
     }
     // A comes back with its data dir: it stays read-only and says B owns db; its worker
-    // ships nothing (C's replica still names A's last snapshot and nobody newer).
+    // ships nothing (C's replica still follows B, at the same snapshot).
     let c_before = inspect(cc, "db")["replica_snapshot"].clone();
     first[0].start_again();
     let a = &first[0];
@@ -430,7 +377,9 @@ fn owner_killed_replica_promoted_holds_last_replicated_snapshot() {
         "{out}"
     );
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(inspect(cc, "db")["replica_snapshot"], c_before);
+    let after = inspect(cc, "db");
+    assert_eq!(after["replica_snapshot"], c_before, "{after}");
+    assert_eq!(after["replica_of"], "b", "{after}");
     b.unmount(&rw).unwrap();
 }
 
@@ -612,4 +561,120 @@ fn move_between_two_single_hosts() {
         .json();
     assert!(p["note"].as_str().unwrap().contains("forced"), "{p}");
     assert_eq!(p["token"].as_i64(), Some(2), "{p}");
+}
+
+/// Single hosts a, b, c (no etcd; `host_name` set, peers added under those names).
+fn single_hosts(net: &Net, key: &Path) -> Vec<Daemon> {
+    let k = key.display().to_string();
+    let hosts: Vec<Daemon> = (0..3)
+        .map(|i| {
+            Daemon::start_in_netns(
+                &net.ns[i],
+                &[
+                    ("VOLFS_PEER_KEY_FILE", k.as_str()),
+                    ("VOLFS_HOST_NAME", NAMES[i]),
+                ],
+            )
+        })
+        .collect();
+    for (i, h) in hosts.iter().enumerate() {
+        wait_for_log(h, "peer listener");
+        for (j, name) in NAMES.iter().enumerate() {
+            if i != j {
+                h.cli_ok(&["peer", "add", name, &net.peer_addr(i, j)]);
+            }
+        }
+    }
+    hosts
+}
+
+fn replica_at(d: &Daemon, vol: &str, origin: &str, snap: &str) -> bool {
+    let v = inspect(d, vol);
+    v["replica_of"] == origin && v["replica_snapshot"] == snap
+}
+
+#[test]
+fn single_hosts_follow_a_promoted_replica_and_refuse_the_old_owner() {
+    let net = Net::new(3);
+    let (_kd, key) = key_file(&keygen());
+    let mut hosts = single_hosts(&net, &key);
+    let (a, b, c) = (&hosts[0], &hosts[1], &hosts[2]);
+    a.cli_ok(&["volume", "create", "db", "--opt", "replicas=2"]);
+    let mp = a.mount("db", false);
+    std::fs::write(mp.join("f"), b"from a\n").unwrap();
+    a.cli_ok(&["snapshot", "create", "db", "--name", "s1"]);
+    wait_for("B and C hold s1", Duration::from_secs(30), || {
+        replica_at(b, "db", "a", "s1") && replica_at(c, "db", "a", "s1")
+    });
+    // C gets s2, B does not: C is ahead of the replica that will be promoted.
+    net.set_link(0, 1, false);
+    std::fs::write(mp.join("f"), b"from a, after s1\n").unwrap();
+    a.cli_ok(&["snapshot", "create", "db", "--name", "s2"]);
+    wait_for("C holds s2", Duration::from_secs(30), || {
+        replica_at(c, "db", "a", "s2")
+    });
+    hosts[0].kill9();
+    let (b, c) = (&hosts[1], &hosts[2]);
+
+    // B is promoted (single host: forced, A cannot be asked) at s1, token 1.
+    let p = b
+        .cli_ok(&["volume", "promote", "db", "--force", "--json"])
+        .json();
+    assert_eq!(p["snapshot"], "s1", "{p}");
+    assert_eq!(p["token"].as_i64(), Some(1), "{p}");
+    let info = inspect(b, "db");
+    assert_eq!(info["options"]["replicas"], "2", "{info}");
+    let rw = b.mount("db", false);
+    assert_eq!(std::fs::read(rw.join("f")).unwrap(), b"from a\n");
+    std::fs::write(rw.join("f"), b"from b\n").unwrap();
+    b.cli_ok(&["snapshot", "create", "db", "--name", "b1"]);
+
+    // C follows B: B's data, B's snapshots, and A's s2 (which B never had) is gone.
+    wait_for("C follows B to b1", Duration::from_secs(60), || {
+        replica_at(c, "db", "b", "b1")
+    });
+    let snaps = inspect(c, "db")["snapshots"].clone();
+    let names: Vec<&str> = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    assert!(
+        names.contains(&"s1") && names.contains(&"b1") && !names.contains(&"s2"),
+        "{snaps}"
+    );
+    let ro = c.mount("db", true);
+    assert_eq!(std::fs::read(ro.join("f")).unwrap(), b"from b\n");
+    c.unmount(&ro).unwrap();
+    // B replicates to both other hosts: C is idle, A (down) is in error.
+    let st = inspect(b, "db");
+    let peers = st["replication"]["peers"].as_array().unwrap().clone();
+    let names: Vec<&str> = peers.iter().filter_map(|p| p["peer"].as_str()).collect();
+    assert_eq!(names, ["a", "c"], "{st}");
+
+    // A comes back still believing it owns db (token 0) and ships a new snapshot: C refuses
+    // it (its fence is B's token 1), and stays B's replica.
+    hosts[0].start_again();
+    let (a, c) = (&hosts[0], &hosts[2]);
+    a.cli_ok(&["snapshot", "create", "db", "--name", "s3"]);
+    wait_for("C refuses A's shipment", Duration::from_secs(30), || {
+        let v = inspect(a, "db");
+        v["replication"]["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| {
+                p["peer"] == "c"
+                    && p["error"].as_str().is_some_and(|e| {
+                        e.contains("fencing token 0") && e.contains("lower than 1")
+                    })
+            })
+    });
+    assert!(replica_at(c, "db", "b", "b1"), "{}", inspect(c, "db"));
+    let ro = c.mount("db@b1", true);
+    assert_eq!(std::fs::read(ro.join("f")).unwrap(), b"from b\n");
+    c.unmount(&ro).unwrap();
+    net.set_link(0, 1, true);
+    hosts[1].unmount(&rw).unwrap();
 }

@@ -7,17 +7,18 @@
 #![allow(dead_code)]
 
 mod common;
+#[path = "common/fakepeer.rs"]
+mod fakepeer;
 #[path = "common/netns.rs"]
 mod netns;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
+use fakepeer::*;
 use netns::*;
-use serde::{Deserialize, Serialize};
 
 const MIB: u64 = 1 << 20;
 
@@ -116,6 +117,26 @@ fn a_lazy_replica_mounts_first_reads_fetch_and_pull_fetches_the_rest() {
         "B stored {after_commit} bytes of packs for a lazily shipped 100 MiB snapshot"
     );
 
+    // fsck counts the chunks not fetched yet apart, not as damage, and --repair leaves
+    // them alone (the reads below fetch them).
+    let out = b.cli(&["fsck", "--json"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let r = out.json();
+    assert!(r["problems"].as_array().unwrap().is_empty(), "{r}");
+    let not_fetched = r["not_fetched_chunks"].as_u64().unwrap();
+    // 100 MiB in chunks of at most 256 KiB.
+    assert!(not_fetched >= 400, "{r}");
+    assert_eq!(r["not_fetched_volumes"], serde_json::json!(["big"]), "{r}");
+    let out = b.cli(&["fsck", "--repair"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(
+        out.stdout.contains(&format!(
+            "not yet fetched, {not_fetched} chunk(s): lazy replica(s) big"
+        )),
+        "{out}"
+    );
+    assert!(out.stdout.contains("no problems found"), "{out}");
+
     // Mounted before the chunks are there; a read fetches what it needs.
     let rm = b.mount("big", true);
     let t0 = Instant::now();
@@ -149,6 +170,9 @@ fn a_lazy_replica_mounts_first_reads_fetch_and_pull_fetches_the_rest() {
     assert!(r["failed"].as_array().unwrap().is_empty(), "{r}");
     let out = b.cli_ok(&["volume", "pull", "big"]);
     assert!(out.stdout.contains("nothing was missing"), "{out}");
+    let r = b.cli_ok(&["fsck", "--json"]).json();
+    assert_eq!(r["not_fetched_chunks"], 0, "{r}");
+    assert!(r["problems"].as_array().unwrap().is_empty(), "{r}");
     let m = net.metrics(1, &b);
     assert_eq!(
         metric(&m, "volfs_chunk_bytes_fetched_by_pull_total", &[]).unwrap(),
@@ -271,92 +295,6 @@ fn a_chunk_no_peer_can_give_is_eio_within_the_deadline() {
     a.unmount(&ma).unwrap();
 }
 
-// A hand-made peer that answers every GetChunk with wrong bytes (protocol v1).
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-enum Msg {
-    Hello { host: String, version: u16 },
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
-    HasChunks { ids: Vec<[u8; 32]> },
-    Have { which: Vec<bool> },
-    GetChunk { id: [u8; 32] },
-    Chunk { id: [u8; 32], data: Vec<u8> },
-    Missing { id: [u8; 32] },
-    Error { message: String },
-}
-
-struct Fake {
-    s: TcpStream,
-    t: snow::TransportState,
-}
-
-impl Fake {
-    fn responder(mut s: TcpStream, key: &[u8; 32]) -> Option<Fake> {
-        s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-        let mut ours = b"VOLFSPR\0".to_vec();
-        ours.push(1);
-        ours.extend(1u16.to_be_bytes());
-        s.write_all(&ours).ok()?;
-        let mut head = [0u8; 9];
-        s.read_exact(&mut head).ok()?;
-        let mut vs = vec![0u8; 2 * head[8] as usize];
-        s.read_exact(&mut vs).ok()?;
-        let mut theirs = head.to_vec();
-        theirs.extend(&vs);
-        let mut prologue = b"volfs peer protocol".to_vec();
-        prologue.extend(1u16.to_be_bytes());
-        prologue.extend(&theirs);
-        prologue.extend(&ours);
-        let mut hs = snow::Builder::new("Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s".parse().unwrap())
-            .prologue(&prologue)
-            .psk(0, key)
-            .build_responder()
-            .unwrap();
-        let mut buf = vec![0u8; 65535];
-        let mut l = [0u8; 2];
-        s.read_exact(&mut l).ok()?;
-        let mut m = vec![0u8; u16::from_be_bytes(l) as usize];
-        s.read_exact(&mut m).ok()?;
-        hs.read_message(&m, &mut buf).ok()?;
-        let n = hs.write_message(&[], &mut buf).ok()?;
-        let mut v = (n as u16).to_be_bytes().to_vec();
-        v.extend(&buf[..n]);
-        s.write_all(&v).ok()?;
-        Some(Fake {
-            s,
-            t: hs.into_transport_mode().ok()?,
-        })
-    }
-
-    fn send(&mut self, m: &Msg) -> Option<()> {
-        let plain = postcard::to_stdvec(m).unwrap();
-        let mut ct: Vec<u8> = Vec::new();
-        let mut buf = vec![0u8; 65535];
-        for p in plain.chunks(65535 - 16) {
-            let n = self.t.write_message(p, &mut buf).ok()?;
-            ct.extend(&buf[..n]);
-        }
-        let mut f = (ct.len() as u32).to_be_bytes().to_vec();
-        f.extend(ct);
-        self.s.write_all(&f).ok()
-    }
-
-    fn recv(&mut self) -> Option<Msg> {
-        let mut l = [0u8; 4];
-        self.s.read_exact(&mut l).ok()?;
-        let mut ct = vec![0u8; u32::from_be_bytes(l) as usize];
-        self.s.read_exact(&mut ct).ok()?;
-        let mut plain = Vec::new();
-        let mut buf = vec![0u8; 65535];
-        for p in ct.chunks(65535) {
-            let n = self.t.read_message(p, &mut buf).ok()?;
-            plain.extend(&buf[..n]);
-        }
-        postcard::from_bytes(&plain).ok()
-    }
-}
-
 #[test]
 fn a_peer_sending_wrong_bytes_is_passed_over_and_nothing_is_stored() {
     let net = Net::new(3);
@@ -375,7 +313,7 @@ fn a_peer_sending_wrong_bytes_is_passed_over_and_nothing_is_stored() {
     });
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
-            let Some(mut f) = Fake::responder(s, &k) else {
+            let Some(mut f) = Fake::handshake(s, &k, false, &[1]) else {
                 continue;
             };
             if !matches!(f.recv(), Some(Msg::Hello { .. })) {

@@ -7,6 +7,8 @@
 #![allow(dead_code)]
 
 mod common;
+#[path = "common/fakepeer.rs"]
+mod fakepeer;
 #[path = "common/netns.rs"]
 mod netns;
 
@@ -16,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
+use fakepeer::*;
 use netns::*;
-use serde::{Deserialize, Serialize};
 
 // ---------------------------------------------------------------------------------------------
 // Network namespaces
@@ -98,120 +100,6 @@ fn assert_eio(p: &Path) {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// A hand-made peer (for what a real daemon never sends)
-// ---------------------------------------------------------------------------------------------
-
-/// The messages of peer protocol v1, as docs/FORMAT.md describes them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-enum Msg {
-    Hello { host: String, version: u16 },
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
-    HasChunks { ids: Vec<[u8; 32]> },
-    Have { which: Vec<bool> },
-    GetChunk { id: [u8; 32] },
-    Chunk { id: [u8; 32], data: Vec<u8> },
-    Missing { id: [u8; 32] },
-    Error { message: String },
-}
-
-fn preamble(versions: &[u16]) -> Vec<u8> {
-    let mut v = b"VOLFSPR\0".to_vec();
-    v.push(versions.len() as u8);
-    for x in versions {
-        v.extend(x.to_be_bytes());
-    }
-    v
-}
-
-struct Fake {
-    s: TcpStream,
-    t: snow::TransportState,
-}
-
-impl Fake {
-    fn handshake(mut s: TcpStream, key: &[u8; 32], initiator: bool) -> Fake {
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let ours = preamble(&[1]);
-        s.write_all(&ours).unwrap();
-        let mut head = [0u8; 9];
-        s.read_exact(&mut head).unwrap();
-        let mut vs = vec![0u8; 2 * head[8] as usize];
-        s.read_exact(&mut vs).unwrap();
-        let mut theirs = head.to_vec();
-        theirs.extend(&vs);
-        let (ini, resp) = if initiator {
-            (&ours, &theirs)
-        } else {
-            (&theirs, &ours)
-        };
-        let mut prologue = b"volfs peer protocol".to_vec();
-        prologue.extend(1u16.to_be_bytes());
-        prologue.extend(ini);
-        prologue.extend(resp);
-        let b = snow::Builder::new("Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s".parse().unwrap())
-            .prologue(&prologue)
-            .psk(0, key);
-        let mut buf = vec![0u8; 65535];
-        let read_hs = |s: &mut TcpStream| {
-            let mut l = [0u8; 2];
-            s.read_exact(&mut l).unwrap();
-            let mut m = vec![0u8; u16::from_be_bytes(l) as usize];
-            s.read_exact(&mut m).unwrap();
-            m
-        };
-        let write_hs = |s: &mut TcpStream, m: &[u8]| {
-            let mut v = (m.len() as u16).to_be_bytes().to_vec();
-            v.extend(m);
-            s.write_all(&v).unwrap();
-        };
-        let t = if initiator {
-            let mut hs = b.build_initiator().unwrap();
-            let n = hs.write_message(&[], &mut buf).unwrap();
-            write_hs(&mut s, &buf[..n]);
-            let m = read_hs(&mut s);
-            hs.read_message(&m, &mut buf).unwrap();
-            hs.into_transport_mode().unwrap()
-        } else {
-            let mut hs = b.build_responder().unwrap();
-            let m = read_hs(&mut s);
-            hs.read_message(&m, &mut buf).unwrap();
-            let n = hs.write_message(&[], &mut buf).unwrap();
-            write_hs(&mut s, &buf[..n]);
-            hs.into_transport_mode().unwrap()
-        };
-        Fake { s, t }
-    }
-
-    fn send(&mut self, m: &Msg) {
-        let plain = postcard::to_stdvec(m).unwrap();
-        let mut ct: Vec<u8> = Vec::new();
-        let mut buf = vec![0u8; 65535];
-        for p in plain.chunks(65535 - 16) {
-            let n = self.t.write_message(p, &mut buf).unwrap();
-            ct.extend(&buf[..n]);
-        }
-        let mut f = (ct.len() as u32).to_be_bytes().to_vec();
-        f.extend(ct);
-        self.s.write_all(&f).unwrap();
-    }
-
-    fn recv(&mut self) -> Option<Msg> {
-        let mut l = [0u8; 4];
-        self.s.read_exact(&mut l).ok()?;
-        let mut ct = vec![0u8; u32::from_be_bytes(l) as usize];
-        self.s.read_exact(&mut ct).ok()?;
-        let mut plain = Vec::new();
-        let mut buf = vec![0u8; 65535];
-        for p in ct.chunks(65535) {
-            let n = self.t.read_message(p, &mut buf).unwrap();
-            plain.extend(&buf[..n]);
-        }
-        Some(postcard::from_bytes(&plain).unwrap())
-    }
-}
-
 /// True when the other side closes the connection (EOF or reset) within 10 s.
 fn closed(s: &mut TcpStream) -> bool {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -247,13 +135,13 @@ fn peer_add_ls_rm_round_trip() {
         "{}",
         ls.stdout
     );
-    assert!(ls.stdout.contains("authenticated, v2"), "{}", ls.stdout);
+    assert!(ls.stdout.contains("authenticated, v3"), "{}", ls.stdout);
     let j = peers_json(&a);
     assert_eq!(j.len(), 1, "{j:?}");
     assert_eq!(j[0]["name"], "b");
     assert_eq!(j[0]["connected"], true, "{j:?}");
     assert_eq!(j[0]["authenticated"], true, "{j:?}");
-    assert_eq!(j[0]["version"], 2, "{j:?}");
+    assert_eq!(j[0]["version"], 3, "{j:?}");
     assert!(j[0]["latency_ms"].as_f64().is_some(), "{j:?}");
     assert!(j[0]["error"].is_null(), "{j:?}");
 
@@ -373,7 +261,7 @@ fn garbage_versions_and_bad_frames_close_only_that_connection() {
         s.write_all(&preamble(&[99])).unwrap();
         assert!(closed(&mut s), "version 99: connection not closed");
         // Authenticated, then a frame over the limit.
-        let mut f = Fake::handshake(TcpStream::connect(&a_addr).unwrap(), &k, true);
+        let mut f = Fake::handshake(TcpStream::connect(&a_addr).unwrap(), &k, true, &[1]).unwrap();
         f.send(&Msg::Hello {
             host: "fake".into(),
             version: 1,
@@ -384,7 +272,7 @@ fn garbage_versions_and_bad_frames_close_only_that_connection() {
         f.s.write_all(&0xffff_fff0u32.to_be_bytes()).unwrap();
         assert!(closed(&mut f.s), "oversized frame: connection not closed");
         // Authenticated, then bytes that do not decrypt.
-        let mut f = Fake::handshake(TcpStream::connect(&a_addr).unwrap(), &k, true);
+        let mut f = Fake::handshake(TcpStream::connect(&a_addr).unwrap(), &k, true, &[1]).unwrap();
         let mut junk = 100u32.to_be_bytes().to_vec();
         junk.extend([0x5a; 100]);
         f.s.write_all(&junk).unwrap();
@@ -393,7 +281,7 @@ fn garbage_versions_and_bad_frames_close_only_that_connection() {
             "undecryptable frame: connection not closed"
         );
         // Too many ids in one request.
-        let mut f = Fake::handshake(TcpStream::connect(&a_addr).unwrap(), &k, true);
+        let mut f = Fake::handshake(TcpStream::connect(&a_addr).unwrap(), &k, true, &[1]).unwrap();
         f.send(&Msg::Hello {
             host: "fake".into(),
             version: 1,
@@ -460,7 +348,9 @@ fn corrupt_chunk_is_repaired_from_a_peer_and_bad_copies_are_refused() {
         // Serve connections until the test says stop (a connection with "stop" as host).
         for s in l.incoming() {
             let Ok(s) = s else { continue };
-            let mut f = Fake::handshake(s, &k, false);
+            let Some(mut f) = Fake::handshake(s, &k, false, &[1]) else {
+                continue;
+            };
             let Some(Msg::Hello { host, .. }) = f.recv() else {
                 continue;
             };
@@ -567,7 +457,7 @@ fn corrupt_chunk_is_repaired_from_a_peer_and_bad_copies_are_refused() {
     let stop_ip = net.ip_of(0, 2);
     net.run_in(0, move || {
         let s = TcpStream::connect(format!("{stop_ip}:9568")).unwrap();
-        let mut f = Fake::handshake(s, &k, true);
+        let mut f = Fake::handshake(s, &k, true, &[1]).unwrap();
         f.send(&Msg::Hello {
             host: "stop".into(),
             version: 1,

@@ -173,6 +173,22 @@ async fn timed<T, E: std::fmt::Display>(
     }
 }
 
+/// Every key under `PREFIX` + `under` (the one prefix read of this module).
+async fn get_prefix(
+    client: &mut Client,
+    what: &str,
+    under: &str,
+) -> Result<etcd_client::GetResponse> {
+    timed(
+        what,
+        client.get(
+            format!("{PREFIX}{under}"),
+            Some(GetOptions::new().with_prefix()),
+        ),
+    )
+    .await
+}
+
 impl Cluster {
     /// Starts cluster mode if `etcd_endpoints` is set: the thread with the lease keeper and
     /// the fencer. Waits up to 3 s for the first contact so that volumes taken over at start
@@ -551,14 +567,7 @@ impl Cluster {
 
     /// Reads every owner and replicas key into the cache.
     async fn refresh(&self, client: &mut Client) -> Result<()> {
-        let r = timed(
-            "get volumes",
-            client.get(
-                format!("{PREFIX}volumes/"),
-                Some(GetOptions::new().with_prefix()),
-            ),
-        )
-        .await?;
+        let r = get_prefix(client, "get volumes", "volumes/").await?;
         let mut owners = BTreeMap::new();
         let mut replicas = BTreeMap::new();
         for kv in r.kvs() {
@@ -741,16 +750,9 @@ impl Cluster {
         })
     }
 
-    /// Chooses `n` other live hosts (fewest replicas first, then by name).
-    async fn place(&self, client: &mut Client, n: usize) -> Result<Vec<String>> {
-        let r = timed(
-            "get hosts",
-            client.get(
-                format!("{PREFIX}hosts/"),
-                Some(GetOptions::new().with_prefix()),
-            ),
-        )
-        .await?;
+    /// The other live hosts, fewest replicas first, then by name.
+    async fn live_others(&self, client: &mut Client) -> Result<Vec<String>> {
+        let r = get_prefix(client, "get hosts", "hosts/").await?;
         let counts: HashMap<String, usize> = {
             let inner = self.inner.lock();
             let mut c = HashMap::new();
@@ -768,6 +770,13 @@ impl Cluster {
             .map(|h| h.host)
             .filter(|h| *h != self.host)
             .collect();
+        hosts.sort_by_key(|h| (counts.get(h).copied().unwrap_or(0), h.clone()));
+        Ok(hosts)
+    }
+
+    /// Chooses `n` other live hosts (fewest replicas first, then by name).
+    async fn place(&self, client: &mut Client, n: usize) -> Result<Vec<String>> {
+        let mut hosts = self.live_others(client).await?;
         if hosts.len() < n {
             return Err(Error::Invalid(format!(
                 "replicas={n} needs {n} other live host(s); live: {}",
@@ -778,8 +787,50 @@ impl Cluster {
                 }
             )));
         }
-        hosts.sort_by_key(|h| (counts.get(h).copied().unwrap_or(0), h.clone()));
         hosts.truncate(n);
+        Ok(hosts)
+    }
+
+    /// After this host took `vol` over (promote, move): its replica hosts are the previous
+    /// ones without this host, topped up to `want` (when known) with other live hosts
+    /// (fewest replicas first); written guarded by the new `token`. Fewer live hosts than
+    /// wanted is not an error: the list is what there is (the log says so).
+    async fn replace_replicas(
+        &self,
+        client: &mut Client,
+        vol: &str,
+        token: i64,
+        want: Option<usize>,
+    ) -> Result<Vec<String>> {
+        let r = timed("get replicas", client.get(replicas_key(vol), None)).await?;
+        let old: Vec<String> = r
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice(kv.value()).ok())
+            .unwrap_or_default();
+        let mut hosts: Vec<String> = old.iter().filter(|h| **h != self.host).cloned().collect();
+        let n = want.unwrap_or(hosts.len());
+        if hosts.len() < n {
+            let live = self.live_others(client).await?;
+            // Keep listed hosts that are live first, then add others.
+            hosts.retain(|h| live.contains(h));
+            for h in live {
+                if hosts.len() >= n {
+                    break;
+                }
+                if !hosts.contains(&h) {
+                    hosts.push(h);
+                }
+            }
+            if hosts.len() < n {
+                tracing::warn!(volume = %vol, "cluster: replicas={n}, but only {} other live host(s): {hosts:?}", hosts.len());
+            }
+        }
+        hosts.truncate(n);
+        if hosts != old {
+            self.write_replicas(client, vol, token, &hosts).await?;
+            tracing::info!(volume = %vol, token, ?hosts, "cluster: replicas placed for the new owner");
+        }
         Ok(hosts)
     }
 
@@ -863,8 +914,11 @@ impl Cluster {
         })
     }
 
-    /// `volfs volume promote`: takes over a local replica once the owner's lease lapsed.
-    pub fn promote(self: &Arc<Self>, vol: &str) -> Result<i64> {
+    /// `volfs volume promote` (and the receiving side of a move): takes over a local replica
+    /// once the owner's lease lapsed (or its key was handed over), then places the volume's
+    /// replicas for this host (`want`: the replica count the origin replicated with, when
+    /// known; see `replace_replicas`).
+    pub fn promote(self: &Arc<Self>, vol: &str, want: Option<usize>) -> Result<i64> {
         if let Some(Role::Owner { token }) = self.role(vol) {
             if self.lease_fresh() {
                 return Err(Error::Invalid(format!(
@@ -900,6 +954,10 @@ impl Cluster {
                     me.inner.lock().roles.insert(vol.clone(), Role::Owner { token });
                     me.persist();
                     tracing::info!(volume = %vol, token, "cluster: host {} promoted its replica: it owns the volume now", me.host);
+                    // Ownership is taken: a failed placement is logged, not a failed promote.
+                    if let Err(e) = me.replace_replicas(&mut client, &vol, token, want).await {
+                        tracing::warn!(volume = %vol, token, "cluster: placing replicas after the promote: {e}");
+                    }
                     Ok(token)
                 }
                 Err(o) => Err(Error::Busy(format!(
@@ -997,14 +1055,7 @@ impl Cluster {
         let hosts = self.client().and_then(|mut client| {
             self.call(async move {
                 me.refresh(&mut client).await?;
-                let r = timed(
-                    "get hosts",
-                    client.get(
-                        format!("{PREFIX}hosts/"),
-                        Some(GetOptions::new().with_prefix()),
-                    ),
-                )
-                .await?;
+                let r = get_prefix(&mut client, "get hosts", "hosts/").await?;
                 let mut out = Vec::new();
                 for kv in r.kvs() {
                     let Ok(h) = serde_json::from_slice::<HostValue>(kv.value()) else {

@@ -1242,7 +1242,7 @@ pub fn promote(d: &Daemon, name: &str, force: bool) -> volfs::Result<api::Promot
                 "promote: volume {name} is not a replica, and a single host owns all its volumes (no etcd_endpoints)"
             )));
         };
-        let token = c.promote(name.as_str())?;
+        let token = c.promote(name.as_str(), None)?;
         c.apply_fences(&d.mounts);
         let snaps = d.mounts.registry().snapshots(&name)?;
         let (at, basis) = match snaps.iter().max_by_key(|s| s.created) {
@@ -1260,8 +1260,9 @@ pub fn promote(d: &Daemon, name: &str, force: bool) -> volfs::Result<api::Promot
         });
     };
     check_unused(d, &name, "promote")?;
+    let want = inb.settings.map(|s| s.replicas as usize);
     let (token, note) = match d.mounts.cluster() {
-        Some(c) => (c.promote(name.as_str())?, None),
+        Some(c) => (c.promote(name.as_str(), want)?, None),
         None => {
             let note = if force {
                 format!("forced: origin {} was not asked", inb.origin)
@@ -1370,8 +1371,8 @@ impl crate::peer::Promoter for PeerPromoter {
         let d = &self.0;
         let name = VolumeName::new(volume)?;
         let engine = d.mounts.registry().store().engine.clone();
-        match volfs::replica::inbound(&*engine, volume)? {
-            Some(i) if i.origin == from => {}
+        let want = match volfs::replica::inbound(&*engine, volume)? {
+            Some(i) if i.origin == from => i.settings.map(|s| s.replicas as usize),
             Some(i) => {
                 return Err(Error::ReadOnly(format!(
                     "volume {volume} here is a replica of {}, not of {from}",
@@ -1383,10 +1384,10 @@ impl crate::peer::Promoter for PeerPromoter {
                     "volume {volume} here is not a replica of {from}"
                 )))
             }
-        }
+        };
         check_unused(d, &name, "promote")?;
         let token = match d.mounts.cluster() {
-            Some(c) => c.promote(volume)?.max(0) as u64,
+            Some(c) => c.promote(volume, want)?.max(0) as u64,
             None => token,
         };
         volfs::replica::check_fence(&*engine, volume, token)?;

@@ -294,11 +294,12 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
             .get("peer_key_file")
             .unwrap_or(&config::Source::Default),
     )?;
-    let peers = Arc::new(peer::Peers::new(
-        peer_key,
-        store.clone(),
-        metrics.peer.clone(),
-    ));
+    let mut peers = peer::Peers::new(peer_key, store.clone(), metrics.peer.clone());
+    if !cfg.host_name.is_empty() {
+        // This host's name in hellos on a single host too (cluster mode uses its own).
+        peers.host = cfg.host_name.clone();
+    }
+    let peers = Arc::new(peers);
     let peer_listener = match (peer_key, cfg.peer_listen.as_str()) {
         (None, _) | (_, "") => None,
         (Some(_), addr) => {
@@ -430,7 +431,7 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
         replication::start(daemon.clone());
         if let Some(l) = peer_listener {
             let l = tokio::net::TcpListener::from_std(l)?;
-            tracing::info!(addr = %l.local_addr()?, "peer listener: Noise_NNpsk0, protocol v1, v2");
+            tracing::info!(addr = %l.local_addr()?, "peer listener: Noise_NNpsk0, protocol v1, v2, v3");
             tokio::spawn(peer::server::serve(l, peers));
         }
         if let Some(l) = plugin_listener {

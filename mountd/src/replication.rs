@@ -41,14 +41,17 @@ pub struct Live {
 /// (`placed` is the etcd `volumes/<name>/replicas` key): those hosts, this host left out, each
 /// looked up as the peer record of the same name (so a peer must be added under its host
 /// name, `volfs peer add HOST ADDR`); a placed host without a record is returned in the
-/// second list. A single host: the first `n` peers by name.
+/// second list. A single host: the first `n` peers by name other than `me` (this host's
+/// name: a promoted or moved volume's new owner may have a peer record of itself among the
+/// hosts it shares its peer list with).
 pub fn placement(
+    me: &str,
     peers: &[PeerRecord],
-    placed: Option<(&str, Vec<String>)>,
+    placed: Option<Vec<String>>,
     n: usize,
 ) -> (Vec<PeerRecord>, Vec<String>) {
     match placed {
-        Some((me, hosts)) => {
+        Some(hosts) => {
             let mut found = Vec::new();
             let mut missing = Vec::new();
             for h in hosts.into_iter().filter(|h| h != me) {
@@ -60,7 +63,7 @@ pub fn placement(
             (found, missing)
         }
         None => {
-            let mut p = peers.to_vec();
+            let mut p: Vec<PeerRecord> = peers.iter().filter(|p| p.name != me).cloned().collect();
             p.sort_by(|a, b| a.name.cmp(&b.name));
             p.truncate(n);
             (p, Vec::new())
@@ -71,8 +74,8 @@ pub fn placement(
 /// [`placement`] for a volume of this daemon.
 pub fn targets(d: &Daemon, vol: &str, n: usize) -> volfs::Result<(Vec<PeerRecord>, Vec<String>)> {
     let peers = d.peers.records()?;
-    let placed = d.mounts.cluster().map(|c| (c.host(), c.replicas(vol)));
-    Ok(placement(&peers, placed, n))
+    let placed = d.mounts.cluster().map(|c| c.replicas(vol));
+    Ok(placement(d.peers.host_name(), &peers, placed, n))
 }
 
 /// The fencing token of this host's ownership of `volume`, the one place it is decided
@@ -234,8 +237,13 @@ async fn run_volume(d: Arc<Daemon>, vol: String) {
                 Err(e) => tracing::warn!(volume = %vol, "replication: rpo snapshot: {e}"),
             }
         }
-        let placed = d.mounts.cluster().map(|c| (c.host(), c.replicas(&vol)));
-        let (targets, missing) = placement(&view.peers, placed, view.settings.replicas as usize);
+        let placed = d.mounts.cluster().map(|c| c.replicas(&vol));
+        let (targets, missing) = placement(
+            d.peers.host_name(),
+            &view.peers,
+            placed,
+            view.settings.replicas as usize,
+        );
         for h in &missing {
             set_live(&d, &vol, h, |l| {
                 l.state = "error";
@@ -557,12 +565,13 @@ async fn ship_one(
         .map_err(|e| e.to_string())?
     };
     // ship=lazy: trees and commit only; the replica fetches chunks on read or pull.
-    let lazy = {
+    let settings = {
         let (store, v) = (store.clone(), vol.to_string());
-        blocking(move || replica::ship_lazy(&*store.engine, &v))
+        blocking(move || replica::origin_settings(&*store.engine, &v))
             .await
             .map_err(|e| e.to_string())?
     };
+    let lazy = settings.lazy;
     let chunks = if lazy { Vec::new() } else { chunks };
     let have = client.has_chunks(&chunks).await.map_err(wire)?;
     let need: Vec<ChunkId> = chunks
@@ -619,11 +628,42 @@ async fn ship_one(
         trees: metas,
         keep: keep.to_vec(),
     };
-    let (new, already) = if lazy {
-        client.commit_lazy(token, inc).await.map_err(wire)?
-    } else {
-        client.commit(token, inc).await.map_err(wire)?
-    };
+    let (new, already) = client
+        .commit_with(token, lazy, settings, inc)
+        .await
+        .map_err(wire)?;
     tracing::info!(volume = %vol, replica = %peer.name, snapshot = %s.name, new_trees = new, already, lazy, chunks = need.len(), bytes = total, "snapshot replicated");
     Ok(layers[0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(name: &str) -> PeerRecord {
+        PeerRecord {
+            name: name.into(),
+            addr: format!("{name}:9568"),
+            added: 0,
+        }
+    }
+
+    #[test]
+    fn placement_leaves_this_host_out() {
+        let peers = [peer("c"), peer("a"), peer("b")];
+        let names = |v: Vec<PeerRecord>| v.into_iter().map(|p| p.name).collect::<Vec<_>>();
+        // A single host: the first n peers by name, never itself.
+        assert_eq!(names(placement("b", &peers, None, 2).0), ["a", "c"]);
+        assert_eq!(names(placement("z", &peers, None, 2).0), ["a", "b"]);
+        assert_eq!(names(placement("a", &peers, None, 5).0), ["b", "c"]);
+        // Cluster mode: the placed hosts but this one; a host without a record is named.
+        let (found, missing) = placement(
+            "b",
+            &peers,
+            Some(vec!["b".into(), "c".into(), "d".into()]),
+            2,
+        );
+        assert_eq!(names(found), ["c"]);
+        assert_eq!(missing, ["d"]);
+    }
 }

@@ -1338,6 +1338,14 @@ fn fsck(client: &Client, args: FsckArgs, out: &mut dyn Write) -> Result<i32> {
                 r.garbage_trees
             )?;
         }
+        if r.not_fetched_chunks > 0 {
+            writeln!(
+                out,
+                "not yet fetched, {} chunk(s): lazy replica(s) {} (not damage: reads fetch them from peers; volfs volume pull fetches them all)",
+                r.not_fetched_chunks,
+                r.not_fetched_volumes.join(", ")
+            )?;
+        }
         for p in &r.problems {
             writeln!(out, "{}: {} [{}]", p.kind, one_line(&p.detail), p.outcome)?;
         }

@@ -293,6 +293,35 @@ impl PeerClient {
         }
     }
 
+    /// Commits a snapshot (lazily shipped with `lazy`) with the origin's replication
+    /// settings: `CommitV3` on a v3 channel, else `Commit` or `CommitLazy` (the settings
+    /// are not sent). `(new trees, already there)`.
+    pub async fn commit_with(
+        &mut self,
+        token: u64,
+        lazy: bool,
+        settings: volfs::replica::OriginSettings,
+        snapshot: volfs::replica::Incoming,
+    ) -> Result<(u32, bool), WireError> {
+        if self.ch.version < super::wire::SETTINGS_VERSION {
+            return if lazy {
+                self.commit_lazy(token, snapshot).await
+            } else {
+                self.commit(token, snapshot).await
+            };
+        }
+        let m = MsgV1::CommitV3 {
+            token,
+            lazy,
+            settings,
+            snapshot,
+        };
+        match self.ask(&m).await? {
+            MsgV1::Committed { new_trees, already } => Ok((new_trees, already)),
+            m => Err(unexpected(&m)),
+        }
+    }
+
     /// Asks the peer to take over a volume whose replica it holds (`volume move`): its new
     /// token and the snapshot its writable volume starts from.
     pub async fn promote(

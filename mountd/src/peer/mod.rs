@@ -32,7 +32,7 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:9568";
 pub struct Peers {
     /// The cluster key; `None`: peers are off (no listener, nothing to connect with).
     pub key: Option<[u8; 32]>,
-    /// This host's name, sent in hellos.
+    /// This host's name, sent in hellos: `host_name`, else the machine's hostname.
     pub host: String,
     pub store: Arc<Store>,
     pub counters: PeerCounters,
@@ -319,8 +319,68 @@ impl ChunkSource for PeerSource {
 /// Default of the `peer_fetch_timeout_ms` config key.
 pub const DEFAULT_FETCH_TIMEOUT_MS: u64 = 10_000;
 
+/// First backoff of a peer whose fetch failed; it doubles per consecutive failure.
+pub const FETCH_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+/// Longest backoff of a failing peer.
+pub const MAX_FETCH_BACKOFF: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Recent fetch failures per peer (by record name), so that a peer that just failed (an
+/// error, no answer in time, wrong bytes) is not asked first again for every chunk: until
+/// its backoff ([`FETCH_BACKOFF`], doubling per consecutive failure, at most
+/// [`MAX_FETCH_BACKOFF`]) has passed it is asked after the healthy peers, never skipped (it
+/// may be the only one holding a chunk). A success clears its record. An answer "I do not
+/// hold it" is not a failure.
+#[derive(Debug, Default)]
+pub struct PeerHealth {
+    /// Consecutive failures and until when the peer is asked last.
+    failures: HashMap<String, (u32, std::time::Instant)>,
+}
+
+impl PeerHealth {
+    pub fn failed(&mut self, peer: &str, now: std::time::Instant) {
+        let e = self.failures.entry(peer.to_string()).or_insert((0, now));
+        e.0 = e.0.saturating_add(1);
+        let wait = FETCH_BACKOFF
+            .saturating_mul(1u32 << (e.0 - 1).min(16))
+            .min(MAX_FETCH_BACKOFF);
+        e.1 = now + wait;
+    }
+
+    pub fn succeeded(&mut self, peer: &str) {
+        self.failures.remove(peer);
+    }
+
+    /// Is `peer` in its backoff at `now`?
+    pub fn backing_off(&self, peer: &str, now: std::time::Instant) -> bool {
+        self.failures
+            .get(peer)
+            .is_some_and(|(_, until)| now < *until)
+    }
+
+    /// The order to ask `records` in for one chunk: peers not backing off first (the
+    /// preferred one, the replica's origin, ahead of the others), then those backing off,
+    /// the one whose backoff ends first ahead; otherwise the given (name) order.
+    pub fn order(
+        &self,
+        mut records: Vec<PeerRecord>,
+        preferred: impl Fn(&PeerRecord) -> bool,
+        now: std::time::Instant,
+    ) -> Vec<PeerRecord> {
+        // Stable sort: ties keep the name order.
+        records.sort_by_key(|r| {
+            let until = self
+                .backing_off(&r.name, now)
+                .then(|| self.failures.get(&r.name).map(|(_, u)| *u))
+                .flatten();
+            (until.is_some(), until, !preferred(r))
+        });
+        records
+    }
+}
+
 /// The read path's fallback ([`volfs::chunk::ChunkStore::set_fallback`]): fetches a chunk
-/// that is not local from the peers, the replica's origin first, then the others by name.
+/// that is not local from the peers, the replica's origin first, then the others by name,
+/// except that peers that failed recently are asked last ([`PeerHealth`]).
 /// The whole fetch has a deadline (`peer_fetch_timeout_ms`); each peer gets an equal share
 /// of it (at least 1 s, at most what is left), so one that hangs cannot keep the others
 /// from being asked, and a FUSE thread never waits longer than the deadline. Connections
@@ -333,6 +393,8 @@ pub struct PeerFetch {
     pool: Arc<parking_lot::Mutex<HashMap<String, Vec<PeerClient>>>>,
     /// The hello host name each peer (by record name) gave, to find the origin.
     hosts: Arc<parking_lot::Mutex<HashMap<String, String>>>,
+    /// Recent failures: a peer that failed is asked after the healthy ones for a while.
+    health: Arc<parking_lot::Mutex<PeerHealth>>,
 }
 
 /// At most this many idle connections per peer are kept.
@@ -350,6 +412,7 @@ impl PeerFetch {
             timeout,
             pool: Default::default(),
             hosts: Default::default(),
+            health: Default::default(),
         }
     }
 }
@@ -367,26 +430,32 @@ impl ChunkSource for PeerFetch {
         if self.peers.key.is_none() {
             return Err("peers are off on this host (no cluster key)".into());
         }
-        let mut records = self.peers.records().map_err(|e| e.to_string())?;
+        let records = self.peers.records().map_err(|e| e.to_string())?;
         if records.is_empty() {
             return Err("no peers are configured".into());
         }
-        if let Some(origin) = first {
+        let records = {
             let hosts = self.hosts.lock();
-            // Stable sort: the origin first, the rest stay in name order.
-            records.sort_by_key(|r| {
-                !(r.name == origin || hosts.get(&r.name).is_some_and(|h| h == origin))
-            });
-        }
+            self.health.lock().order(
+                records,
+                |r| {
+                    first.is_some_and(|origin| {
+                        r.name == origin || hosts.get(&r.name).is_some_and(|h| h == origin)
+                    })
+                },
+                std::time::Instant::now(),
+            )
+        };
         let n = records.len() as u32;
         let timeout = self.timeout;
         let share = (timeout / n).max(std::time::Duration::from_secs(1));
         let deadline = std::time::Instant::now() + timeout;
         let (tx, rx) = std::sync::mpsc::channel();
-        let (peers, pool, hosts, id) = (
+        let (peers, pool, hosts, health, id) = (
             self.peers.clone(),
             self.pool.clone(),
             self.hosts.clone(),
+            self.health.clone(),
             *id,
         );
         self.rt.spawn(async move {
@@ -417,12 +486,19 @@ impl ChunkSource for PeerFetch {
                 };
                 match tokio::time::timeout(limit, attempt).await {
                     Ok(Ok(Some(data))) => {
+                        health.lock().succeeded(&rec.name);
                         let _ = tx.send(Ok((data, format!("peer {} ({})", rec.name, rec.addr))));
                         return;
                     }
                     Ok(Ok(None)) => why.push(format!("peer {}: does not hold it", rec.name)),
-                    Ok(Err(e)) => why.push(format!("peer {}: {e}", rec.name)),
-                    Err(_) => why.push(format!("peer {}: no answer within {limit:?}", rec.name)),
+                    Ok(Err(e)) => {
+                        health.lock().failed(&rec.name, std::time::Instant::now());
+                        why.push(format!("peer {}: {e}", rec.name))
+                    }
+                    Err(_) => {
+                        health.lock().failed(&rec.name, std::time::Instant::now());
+                        why.push(format!("peer {}: no answer within {limit:?}", rec.name))
+                    }
                 }
             }
             let _ = tx.send(Err(why.join("; ")));
@@ -433,5 +509,75 @@ impl ChunkSource for PeerFetch {
                 "no peer answered within {timeout:?} (peer_fetch_timeout_ms)"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn recs(names: &[&str]) -> Vec<PeerRecord> {
+        names
+            .iter()
+            .map(|n| PeerRecord {
+                name: n.to_string(),
+                addr: format!("{n}:9568"),
+                added: 0,
+            })
+            .collect()
+    }
+
+    fn names(v: Vec<PeerRecord>) -> Vec<String> {
+        v.into_iter().map(|r| r.name).collect()
+    }
+
+    #[test]
+    fn failed_peers_are_asked_after_healthy_ones_until_their_backoff_ends() {
+        let mut h = PeerHealth::default();
+        let t0 = Instant::now();
+        let all = recs(&["a", "b", "c", "d"]);
+        let origin = |r: &PeerRecord| r.name == "c";
+        // No failures: the origin first, then name order.
+        assert_eq!(
+            names(h.order(all.clone(), origin, t0)),
+            ["c", "a", "b", "d"]
+        );
+        // The origin and a fail: both go last, the one whose backoff ends first ahead.
+        h.failed("c", t0);
+        h.failed("a", t0 + Duration::from_millis(10));
+        assert!(h.backing_off("c", t0));
+        assert_eq!(
+            names(h.order(all.clone(), origin, t0)),
+            ["b", "d", "c", "a"]
+        );
+        // A second failure of c doubles its backoff: a is back first.
+        h.failed("c", t0 + Duration::from_millis(20));
+        let t1 = t0 + Duration::from_millis(1500);
+        assert!(!h.backing_off("a", t1) && h.backing_off("c", t1));
+        assert_eq!(
+            names(h.order(all.clone(), origin, t1)),
+            ["a", "b", "d", "c"]
+        );
+        // Backoff over: the origin is first again; a success clears the record at once.
+        let t2 = t0 + Duration::from_secs(3);
+        assert_eq!(
+            names(h.order(all.clone(), origin, t2)),
+            ["c", "a", "b", "d"]
+        );
+        h.failed("b", t2);
+        h.succeeded("b");
+        assert_eq!(
+            names(h.order(all.clone(), origin, t2)),
+            ["c", "a", "b", "d"]
+        );
+        // Only failing peers: all still asked (never skipped).
+        h.failed("d", t2);
+        assert_eq!(names(h.order(recs(&["d"]), origin, t2)), ["d"]);
+        // The backoff is bounded.
+        for _ in 0..40 {
+            h.failed("d", t2);
+        }
+        assert!(!h.backing_off("d", t2 + MAX_FETCH_BACKOFF));
     }
 }

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use volfs::ids::ChunkId;
 
 use super::channel::{Channel, Role};
-use super::wire::{MsgV1, WireError, LAZY_VERSION, MAX_IDS, REPLICATION_VERSION};
+use super::wire::{MsgV1, WireError, LAZY_VERSION, MAX_IDS, REPLICATION_VERSION, SETTINGS_VERSION};
 use super::Peers;
 
 pub const MAX_CONNECTIONS: usize = 64;
@@ -147,9 +147,11 @@ async fn serve_channel(ch: &mut Channel, peers: &Peers) -> Result<(), WireError>
             | MsgV1::TreeRows { .. }
             | MsgV1::Commit { .. }
             | MsgV1::CommitLazy { .. }
+            | MsgV1::CommitV3 { .. }
             | MsgV1::Promote { .. }) => {
                 if version < REPLICATION_VERSION
                     || (matches!(m, MsgV1::CommitLazy { .. }) && version < LAZY_VERSION)
+                    || (matches!(m, MsgV1::CommitV3 { .. }) && version < SETTINGS_VERSION)
                 {
                     return Err(WireError::Protocol(format!(
                         "a replication message on a version {version} channel"
@@ -278,10 +280,33 @@ async fn replication_request(
             }
         }
         MsgV1::Commit { token, snapshot } => {
-            commit(peers, registry, host, staged, token, snapshot, false).await
+            let c = volfs::replica::CommitInfo {
+                token,
+                lazy: false,
+                settings: None,
+            };
+            commit(peers, registry, host, staged, c, snapshot).await
         }
         MsgV1::CommitLazy { token, snapshot } => {
-            commit(peers, registry, host, staged, token, snapshot, true).await
+            let c = volfs::replica::CommitInfo {
+                token,
+                lazy: true,
+                settings: None,
+            };
+            commit(peers, registry, host, staged, c, snapshot).await
+        }
+        MsgV1::CommitV3 {
+            token,
+            lazy,
+            settings,
+            snapshot,
+        } => {
+            let c = volfs::replica::CommitInfo {
+                token,
+                lazy,
+                settings: Some(settings),
+            };
+            commit(peers, registry, host, staged, c, snapshot).await
         }
         MsgV1::Promote { volume, token } => {
             let Some(p) = peers.promoter.get().cloned() else {
@@ -308,15 +333,15 @@ async fn replication_request(
     })
 }
 
-/// `Commit` / `CommitLazy`: applies the staged trees as a snapshot of the replica.
+/// `Commit` / `CommitLazy` / `CommitV3`: applies the staged trees as a snapshot of the
+/// replica.
 async fn commit(
     peers: &Peers,
     registry: std::sync::Arc<volfs::volume::Registry>,
     host: &str,
     staged: &mut Staging,
-    token: u64,
+    info: volfs::replica::CommitInfo,
     mut snapshot: volfs::replica::Incoming,
-    lazy: bool,
 ) -> MsgV1 {
     let refused = |e: volfs::Error| MsgV1::Error {
         message: e.to_string(),
@@ -331,12 +356,13 @@ async fn commit(
     let store = peers.store.clone();
     let cluster = peers.cluster.get().cloned();
     let r = tokio::task::spawn_blocking(move || {
-        check_token(cluster.as_deref(), &*store.engine, &snapshot.volume, token)?;
-        if lazy {
-            volfs::replica::apply_lazy(&registry, &snapshot, &rows)
-        } else {
-            volfs::replica::apply(&registry, &snapshot, &rows)
-        }
+        check_token(
+            cluster.as_deref(),
+            &*store.engine,
+            &snapshot.volume,
+            info.token,
+        )?;
+        volfs::replica::apply(&registry, &snapshot, &rows, &info)
     })
     .await;
     match r {

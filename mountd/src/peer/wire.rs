@@ -10,13 +10,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// The first bytes each side sends.
 pub const MAGIC: &[u8; 8] = b"VOLFSPR\0";
 /// The protocol versions this build speaks, lowest first.
-pub const VERSIONS: &[u16] = &[1, 2];
+pub const VERSIONS: &[u16] = &[1, 2, 3];
 /// The first version that can receive replicas.
 pub const REPLICATION_VERSION: u16 = 2;
 /// The first version that can receive lazily shipped snapshots (`CommitLazy`, appended to
 /// v2's messages in the same release as v2 itself; a v2 build without it closes the
 /// connection on it, which the origin's inspect shows).
 pub const LAZY_VERSION: u16 = 2;
+/// The first version whose commits carry the origin's replication settings (`CommitV3`), so
+/// that a promoted replica keeps replicating; a v2 peer gets `Commit`/`CommitLazy`.
+pub const SETTINGS_VERSION: u16 = 3;
 /// At most this many versions in a preamble.
 pub const MAX_VERSIONS: usize = 32;
 /// Largest encrypted frame (the ciphertext after the 4-byte length): a 256 KiB chunk, its
@@ -264,6 +267,15 @@ pub enum MsgV1 {
         token: u64,
         snapshot: String,
         created: i64,
+    },
+    // ---- version 3 (index 19): commits carry the origin's replication settings ----
+    /// `Commit` (or, with `lazy`, `CommitLazy`) plus how the origin replicates the volume,
+    /// which the replica keeps for a promote. Answer `Committed`. Only on v3 channels.
+    CommitV3 {
+        token: u64,
+        lazy: bool,
+        settings: volfs::replica::OriginSettings,
+        snapshot: volfs::replica::Incoming,
     },
 }
 
