@@ -484,13 +484,26 @@ impl ChunkStore {
 
     /// [`ChunkStore::put`] for a chunk whose id the caller computed ([`ids_of`]).
     pub fn put_hashed(&self, id: ChunkId, data: &[u8]) -> Result<(ChunkId, Option<ChunkLoc>)> {
+        self.put_hashed_cached(id, data, true)
+    }
+
+    /// [`ChunkStore::put_hashed`], keeping a copy in the read cache only with `cache`: the
+    /// middle of a large streamed write is rarely read back soon, and copying it costs.
+    pub fn put_hashed_cached(
+        &self,
+        id: ChunkId,
+        data: &[u8],
+        cache: bool,
+    ) -> Result<(ChunkId, Option<ChunkLoc>)> {
         debug_assert_eq!(id, ChunkId::of(data));
         if self.contains(&id)? {
             self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
             return Ok((id, None));
         }
         let loc = self.append(&id, data)?;
-        self.cache.insert(id, Arc::new(data.to_vec()));
+        if cache {
+            self.cache.insert(id, Arc::new(data.to_vec()));
+        }
         self.stats.written.fetch_add(1, Ordering::Relaxed);
         Ok((id, Some(loc)))
     }

@@ -333,9 +333,13 @@ impl VolumeFs {
                 }
                 let ids = crate::chunk::ids_of(&region[..consumed], &cuts);
                 let mut pos = 0usize;
+                // A streamed range caches only its last chunk (the one a following write may
+                // have to merge with); rewrites and small files cache everything.
+                let streamed = region.len() > bufpool::POOLED_FROM;
                 for (n, id) in cuts.into_iter().zip(ids) {
                     let piece = &region[pos..pos + n];
-                    let (id, loc) = chunks.put_hashed(id, piece)?;
+                    let cache = !streamed || pos + n == consumed;
+                    let (id, loc) = chunks.put_hashed_cached(id, piece, cache)?;
                     if let Some(loc) = loc {
                         ChunkStore::index(&mut b, &id, &loc);
                     }
