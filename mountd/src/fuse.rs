@@ -491,6 +491,11 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let t = self.m.time(Op::Flush);
+        if self.fs.flush_is_noop(ino.0) {
+            // Nothing buffered (a close after reads, or of a file just created): answered
+            // here, without a hop to an I/O thread.
+            return reply.ok();
+        }
         let (fs, m) = (self.fs.clone(), self.m.clone());
         self.pool.run(move || {
             let _t = t;
@@ -509,10 +514,14 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let t = self.m.time(Op::Release);
+        let ino = try_reply!(self, "release", reply, self.fs.take_handle(fh.0, ino.0));
+        if self.fs.release_node_quick(ino) {
+            return reply.ok();
+        }
         let (fs, m) = (self.fs.clone(), self.m.clone());
         self.pool.run(move || {
             let _t = t;
-            Self::empty(&fs, &m, reply, fs.release(fh.0, ino.0), "release");
+            Self::empty(&fs, &m, reply, fs.release_node(ino), "release");
         });
     }
 

@@ -150,6 +150,12 @@ type Node = Mutex<NodeState>;
 type Gate<'a> = parking_lot::RwLockReadGuard<'a, ()>;
 type NodeGuard = parking_lot::ArcMutexGuard<parking_lot::RawMutex, NodeState>;
 
+/// A loaded node with nothing to commit: no buffered data, a clean record, no write-log
+/// records held.
+fn quiet(st: &NodeState) -> bool {
+    !st.evicted && st.dirty.is_empty() && !st.rec_dirty && st.held.is_none()
+}
+
 #[derive(Default)]
 pub struct VolumeStats {
     pub bytes_read: AtomicU64,
@@ -600,12 +606,55 @@ impl VolumeFs {
     /// its last close. A handle this process never issued is one the kernel opened with the
     /// process before (see `adopted`).
     pub fn release(&self, fh: u64, ino: u64) -> Result<()> {
-        let ino = match self.handles.remove(&fh) {
-            Some((_, Handle::File { ino })) => ino,
-            Some((_, Handle::Dir { .. })) => return posix(libc::EBADF),
-            None if self.adopted => ino,
-            None => return posix(libc::EBADF),
+        let ino = self.take_handle(fh, ino)?;
+        self.release_node(ino)
+    }
+
+    /// The first half of `release`: forgets the handle; returns its inode.
+    pub fn take_handle(&self, fh: u64, ino: u64) -> Result<u64> {
+        match self.handles.remove(&fh) {
+            Some((_, Handle::File { ino })) => Ok(ino),
+            Some((_, Handle::Dir { .. })) => posix(libc::EBADF),
+            None if self.adopted => Ok(ino),
+            None => posix(libc::EBADF),
+        }
+    }
+
+    /// The close of an open of `ino` when it certainly needs no I/O: nothing buffered, the
+    /// record clean, no write-log records held, and not the last open of an unlinked file.
+    /// Never blocks: a node that is busy or not loaded, or a frozen volume, answers false and
+    /// changes nothing (the caller then runs [`VolumeFs::release_node`] on an I/O thread).
+    pub fn release_node_quick(&self, ino: u64) -> bool {
+        let Some(_w) = self.gate.try_read_recursive() else {
+            return false;
         };
+        let Some(node) = self.nodes.get(&ino).map(|n| n.clone()) else {
+            return false;
+        };
+        let Some(mut st) = node.try_lock_arc() else {
+            return false;
+        };
+        if !quiet(&st) || (st.rec.nlink == 0 && st.opens <= 1) {
+            return false;
+        }
+        st.opens = st.opens.saturating_sub(1);
+        self.maybe_evict(ino, &mut st);
+        true
+    }
+
+    /// Whether a `flush` of `ino` has nothing to do (see [`VolumeFs::release_node_quick`]);
+    /// never blocks.
+    pub fn flush_is_noop(&self, ino: u64) -> bool {
+        let Some(node) = self.nodes.get(&ino).map(|n| n.clone()) else {
+            return false;
+        };
+        let quiet = node.try_lock().is_some_and(|st| quiet(&st));
+        quiet
+    }
+
+    /// The second half of `release`: commits what is buffered, deletes an unlinked file at
+    /// its last close.
+    pub fn release_node(&self, ino: u64) -> Result<()> {
         let _w = self.gate();
         let mut st = self.lock(ino)?;
         st.opens = st.opens.saturating_sub(1);
