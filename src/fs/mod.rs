@@ -538,6 +538,7 @@ impl VolumeFs {
     pub fn setattr(&self, ino: u64, s: &SetAttr) -> Result<Attr> {
         let _w = self.writer()?;
         let mut st = self.lock_own(ino)?;
+        let before = st.rec.clone();
         let now = Ts::now();
         let mut b = Batch::new();
         if let Some(size) = s.size {
@@ -572,6 +573,11 @@ impl VolumeFs {
             None => {}
         }
         st.rec.ctime = s.ctime.map(Ts::from).unwrap_or(now);
+        if b.is_empty() && st.rec == before {
+            // Nothing changes: the kernel handing back the times it has (with the writeback
+            // cache it sends them before it drops an inode, e.g. at unlink). No index write.
+            return Ok(attr_of(ino, &st.rec));
+        }
         self.persist_rec(&mut b, ino, &st.rec);
         self.engine.write(b, false)?;
         st.rec_dirty = false;
