@@ -360,7 +360,7 @@ fn an_old_buffered_write_does_not_pin_the_write_logs_memory() {
     small.write_all(b"a few bytes, buffered").unwrap();
     write_back(&small);
     // ... while another file streams 768 MiB through the log (each write is logged; its
-    // commits every 16 MiB make its own records dead, but they sit behind the small one).
+    // commits every 64 MiB make its own records dead, but they sit behind the small one).
     let chunk = pseudo_random(1 << 20, 7);
     let mut big = File::create(m.join("big")).unwrap();
     let mut peak = 0;

@@ -7,7 +7,8 @@
 //! quarter of the daemon's CPU time in a sequential write was page faults. Buffers that a
 //! range outgrows past [`POOLED_FROM`] bytes come from here, and a commit gives them back.
 //!
-//! The pool keeps at most [`MAX_POOLED`] buffers (about 70 MiB) and lets them all go when no
+//! The pool keeps at most [`MAX_POOLED`] buffers (about 130 MiB; one streamed file needs two:
+//! the range being committed and the tail that goes on) and lets them all go when no
 //! buffer was taken for [`IDLE`] (`trim`, called by the daemon's periodic memory release),
 //! so that idle daemons stay small.
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use parking_lot::Mutex;
 pub(crate) const BUF_CAP: usize = super::data::FILE_DIRTY_LIMIT as usize + (2 << 20);
 /// A dirty range that grows past this many bytes moves into a pooled buffer.
 pub(crate) const POOLED_FROM: usize = 1 << 20;
-const MAX_POOLED: usize = 4;
+const MAX_POOLED: usize = 2;
 const IDLE: Duration = Duration::from_secs(30);
 
 struct Pool {

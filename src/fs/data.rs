@@ -23,8 +23,10 @@ use crate::error::{posix, Error, Result};
 use crate::ids::ChunkId;
 use crate::meta::{self, Extent, Kind, Ts};
 
-/// A file buffering more than this commits its complete chunks.
-pub(super) const FILE_DIRTY_LIMIT: u64 = 16 << 20;
+/// A file buffering more than this commits its complete chunks. 64 MiB rather than 16: a
+/// 1 GiB streamed write + fsync took 3.3-3.6 s against 3.4-4.1 s (fewer, larger commits,
+/// each cut and hashed on two threads, its pack writes overlapping the next).
+pub(super) const FILE_DIRTY_LIMIT: u64 = 64 << 20;
 /// A volume buffering more than this commits the file being written in full.
 const VOLUME_DIRTY_LIMIT: u64 = 256 << 20;
 
