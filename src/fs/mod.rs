@@ -120,7 +120,9 @@ enum Handle {
     },
     Dir {
         ino: u64,
-        entries: Arc<Vec<DirEntry>>,
+        /// The listing, taken by each read from offset 0 (the first read, and rewinddir);
+        /// `None` until then.
+        entries: Option<Arc<Vec<DirEntry>>>,
     },
 }
 

@@ -403,18 +403,21 @@ impl VolumeFs {
             return posix(libc::ENOTDIR);
         }
         drop(st);
-        let entries = Arc::new(self.list_dir(ino)?);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.insert(fh, Handle::Dir { ino, entries });
+        self.handles.insert(fh, Handle::Dir { ino, entries: None });
         Ok(fh)
     }
 
-    /// Entries from position `offset` on. A listing is taken at opendir and again whenever a
-    /// reader starts over at offset 0 (rewinddir).
+    /// Entries from position `offset` on. The listing is taken at the first read and again
+    /// whenever a reader starts over at offset 0 (rewinddir); once per open, not at opendir
+    /// and again at the first read (a 100,000-entry directory was listed twice).
     /// A handle this process never issued (see `adopted`) gets a fresh listing of `dir`.
     pub fn readdir(&self, fh: u64, dir: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
         let ino = match self.handles.get(&fh).as_deref() {
-            Some(Handle::Dir { entries, .. }) if offset != 0 => return Ok(entries.clone()),
+            Some(Handle::Dir {
+                entries: Some(entries),
+                ..
+            }) if offset != 0 => return Ok(entries.clone()),
             Some(Handle::Dir { ino, .. }) => *ino,
             None if self.adopted => dir,
             _ => return posix(libc::EBADF),
@@ -424,7 +427,7 @@ impl VolumeFs {
             fh,
             Handle::Dir {
                 ino,
-                entries: entries.clone(),
+                entries: Some(entries.clone()),
             },
         );
         Ok(entries)
