@@ -205,16 +205,7 @@ impl DirectWriter {
             .name("pack-write".into())
             .spawn(move || {
                 for (buf, at) in job_rx {
-                    let r = match direct.write_all_at(buf.bytes(), at) {
-                        Ok(()) => Ok(false),
-                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                            tracing::warn!(
-                                "O_DIRECT writes refused ({e}); pack writes go buffered"
-                            );
-                            file.write_all_at(buf.bytes(), at).map(|()| true)
-                        }
-                        Err(e) => Err(e),
-                    };
+                    let r = write_direct(&direct, &file, buf.bytes(), at);
                     if done_tx.send((buf, r)).is_err() {
                         break;
                     }
@@ -222,6 +213,20 @@ impl DirectWriter {
             })
             .ok()?;
         Some(DirectWriter { jobs, done })
+    }
+}
+
+/// Writes `data` at `at` with `O_DIRECT`; if the file system took the open but refuses the
+/// write (`EINVAL`), through the page cache instead. `Ok(true)`: it was refused, and later
+/// writes should go buffered.
+fn write_direct(direct: &File, file: &File, data: &[u8], at: u64) -> std::io::Result<bool> {
+    match direct.write_all_at(data, at) {
+        Ok(()) => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::warn!("O_DIRECT writes refused ({e}); pack writes go buffered");
+            file.write_all_at(data, at).map(|()| true)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -303,18 +308,15 @@ impl PackWriter {
 
     fn write_in_place(&mut self, whole: usize) -> std::io::Result<()> {
         let data = &self.buf.bytes()[..whole];
-        match &self.direct {
-            Some(d) => match d.write_all_at(data, self.base) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    // The file system took the open but not the write: stay buffered.
-                    tracing::warn!("O_DIRECT writes refused ({e}); pack writes go buffered");
-                    self.direct = None;
-                    self.file.write_all_at(data, self.base)?;
-                }
-                Err(e) => return Err(e),
-            },
-            None => self.file.write_all_at(data, self.base)?,
+        let refused = match &self.direct {
+            Some(d) => write_direct(d, &self.file, data, self.base)?,
+            None => {
+                self.file.write_all_at(data, self.base)?;
+                false
+            }
+        };
+        if refused {
+            self.direct = None;
         }
         self.base += whole as u64;
         self.os_len = self.os_len.max(self.base);

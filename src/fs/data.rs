@@ -316,6 +316,9 @@ impl VolumeFs {
                 let len = (end - a) as usize;
                 let cuts = chunker::split(&region, !keep_tail);
                 let consumed: usize = cuts.iter().sum();
+                // A streamed range (see `bufpool`): it caches only its last chunk (the one a
+                // following write may have to merge with) and goes on in a reused buffer.
+                let streamed = region.len() > bufpool::POOLED_FROM;
                 if consumed == 0 {
                     // Only in keep-tail mode, which has no committed bytes at the edges: the
                     // region is the buffered data itself.
@@ -335,9 +338,6 @@ impl VolumeFs {
                 }
                 let ids = crate::chunk::ids_of(&region[..consumed], &cuts);
                 let mut pos = 0usize;
-                // A streamed range caches only its last chunk (the one a following write may
-                // have to merge with); rewrites and small files cache everything.
-                let streamed = region.len() > bufpool::POOLED_FROM;
                 for (n, id) in cuts.into_iter().zip(ids) {
                     let piece = &region[pos..pos + n];
                     let cache = !streamed || pos + n == consumed;
@@ -365,8 +365,7 @@ impl VolumeFs {
                     // Only in keep-tail mode; the region had no committed bytes on its left, so
                     // the kept tail is all uncommitted data.
                     let tail = &region[consumed..];
-                    let kept = if region.len() > bufpool::POOLED_FROM {
-                        // A streamed range goes on in a reused buffer.
+                    let kept = if streamed {
                         let mut v = bufpool::take();
                         v.extend_from_slice(tail);
                         v
@@ -750,7 +749,6 @@ impl VolumeFs {
     }
 }
 
-/// Bytes `[from, from + len)` of an extent.
 /// Returns a commit's buffers to the pool (see `bufpool`).
 fn give_back(done: Vec<(u64, Arc<Vec<u8>>, usize, usize)>) {
     for (_, region, ..) in done {
@@ -760,6 +758,7 @@ fn give_back(done: Vec<(u64, Arc<Vec<u8>>, usize, usize)>) {
     }
 }
 
+/// Bytes `[from, from + len)` of an extent.
 fn extent_bytes(chunks: &Arc<ChunkStore>, e: &Extent, from: u32, len: u32) -> Result<Vec<u8>> {
     let c = chunks.get(&e.chunk)?;
     let s = (e.chunk_off + from) as usize;

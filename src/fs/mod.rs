@@ -433,9 +433,14 @@ impl VolumeFs {
     }
 
     /// Returns the node of `ino`, loading it from the index if needed.
+    /// The node of `ino` if it is in memory (never loads it).
+    fn loaded(&self, ino: u64) -> Option<Arc<Node>> {
+        self.nodes.get(&ino).map(|n| n.clone())
+    }
+
     fn node(&self, ino: u64) -> Result<Arc<Node>> {
-        if let Some(n) = self.nodes.get(&ino) {
-            return Ok(n.clone());
+        if let Some(n) = self.loaded(ino) {
+            return Ok(n);
         }
         let (tree, rec) = self
             .stack()
@@ -636,7 +641,7 @@ impl VolumeFs {
         let Some(_w) = self.gate.try_read_recursive() else {
             return false;
         };
-        let Some(node) = self.nodes.get(&ino).map(|n| n.clone()) else {
+        let Some(node) = self.loaded(ino) else {
             return false;
         };
         let Some(mut st) = node.try_lock_arc() else {
@@ -653,7 +658,7 @@ impl VolumeFs {
     /// Whether a `flush` of `ino` has nothing to do (see [`VolumeFs::release_node_quick`]);
     /// never blocks.
     pub fn flush_is_noop(&self, ino: u64) -> bool {
-        let Some(node) = self.nodes.get(&ino).map(|n| n.clone()) else {
+        let Some(node) = self.loaded(ino) else {
             return false;
         };
         let quiet = node.try_lock().is_some_and(|st| quiet(&st));

@@ -409,8 +409,7 @@ impl VolumeFs {
     }
 
     /// Entries from position `offset` on. The listing is taken at the first read and again
-    /// whenever a reader starts over at offset 0 (rewinddir); once per open, not at opendir
-    /// and again at the first read (a 100,000-entry directory was listed twice).
+    /// whenever a reader starts over at offset 0 (rewinddir), not at opendir.
     /// A handle this process never issued (see `adopted`) gets a fresh listing of `dir`.
     pub fn readdir(&self, fh: u64, dir: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
         let ino = match self.handles.get(&fh).as_deref() {
