@@ -5,10 +5,12 @@
 //! streamed fills a dirty buffer up to [`BUF_CAP`] bytes, commits it and starts the next, so
 //! without reuse each buffer's pages are faulted in and zeroed by the kernel again: a
 //! quarter of the daemon's CPU time in a sequential write was page faults. Buffers that a
-//! range outgrows past [`POOLED_FROM`] bytes come from here, and a commit gives them back.
+//! range outgrows past a quarter of [`POOLED_FROM`] bytes come from here (`data::write_at`),
+//! and a commit gives them back.
 //!
-//! The pool keeps at most [`MAX_POOLED`] buffers (about 130 MiB; one streamed file needs two:
-//! the range being committed and the tail that goes on) and lets them all go when no
+//! The pool keeps at most [`MAX_POOLED`] buffers (about 260 MiB; one streamed file needs two:
+//! the range being committed and the tail that goes on, and kernel writeback starts a few
+//! ranges out of order that later join) and lets them all go when no
 //! buffer was taken for [`IDLE`] (`trim`, called by the daemon's periodic memory release),
 //! so that idle daemons stay small.
 use std::time::{Duration, Instant};
@@ -20,7 +22,7 @@ use parking_lot::Mutex;
 pub(crate) const BUF_CAP: usize = super::data::FILE_DIRTY_LIMIT as usize + (2 << 20);
 /// A dirty range that grows past this many bytes moves into a pooled buffer.
 pub(crate) const POOLED_FROM: usize = 1 << 20;
-const MAX_POOLED: usize = 2;
+const MAX_POOLED: usize = 4;
 const IDLE: Duration = Duration::from_secs(30);
 
 struct Pool {

@@ -845,10 +845,14 @@ fn insert_dirty(d: &mut BTreeMap<u64, Vec<u8>>, off: u64, data: &[u8]) -> u64 {
 }
 
 /// Writes `data` at `at` (at most `v.len()`) into `v`: overwrites what overlaps and appends
-/// the rest. A buffer that outgrows [`bufpool::POOLED_FROM`] continues in a pooled one.
+/// the rest. A buffer that outgrows [`bufpool::POOLED_FROM`]` / 4` continues in a pooled
+/// one: kernel writeback sends a stream as writes of up to 1 MiB, several at a time and not
+/// always in order, and about a hundred ranges per GiB start anew and later join their left
+/// neighbour. Grown in the heap, each passed through a fresh 1 MiB mapping, faulted in and
+/// unmapped again (a third of the daemon's page faults in a sequential write).
 fn write_at(v: &mut Vec<u8>, at: usize, data: &[u8]) {
     let new_len = (at + data.len()).max(v.len());
-    if new_len > v.capacity() && new_len > bufpool::POOLED_FROM && new_len <= bufpool::BUF_CAP {
+    if new_len > v.capacity() && new_len > bufpool::POOLED_FROM / 4 && new_len <= bufpool::BUF_CAP {
         let mut pooled = bufpool::take();
         pooled.extend_from_slice(v);
         bufpool::give(std::mem::replace(v, pooled));
