@@ -738,8 +738,10 @@ impl Mounts {
             ))
         })?;
         fs.attach_log(log)?;
-        start_log_flusher(vol, fs);
+        // The flusher starts after the replay: a commit in the middle of it would cover the
+        // inode's records still to be adopted (`WriteLog::adopt`).
         let r = fs.replay(pending);
+        start_log_flusher(vol, fs);
         if r.writes > 0 {
             tracing::info!(volume = %vol, writes = r.writes, bytes = r.bytes, "replayed acknowledged writes the previous server had not committed");
         }

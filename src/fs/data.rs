@@ -29,6 +29,8 @@ use crate::meta::{self, Extent, Kind, Ts};
 pub(super) const FILE_DIRTY_LIMIT: u64 = 64 << 20;
 /// A volume buffering more than this commits the file being written in full.
 const VOLUME_DIRTY_LIMIT: u64 = 256 << 20;
+/// A write that finds the write log full for this long fails with `ENOSPC`.
+const LOG_FULL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Commit {
@@ -138,7 +140,7 @@ impl VolumeFs {
     /// set-group-ID and capabilities (an unprivileged writer; FUSE_WRITE_KILL_SUIDGID).
     pub fn write(&self, ino: u64, off: u64, data: &[u8], kill_privs: bool) -> Result<u32> {
         let _w = self.writer()?;
-        let mut st = self.buffer(ino, off, data, kill_privs, false)?;
+        let mut st = self.buffer(ino, off, data, kill_privs, None)?;
         if st.dirty_bytes > FILE_DIRTY_LIMIT {
             self.commit(ino, &mut st, Commit::KeepTail, false)?;
         } else if self.dirty_total.load(Ordering::Relaxed) > VOLUME_DIRTY_LIMIT {
@@ -148,16 +150,47 @@ impl VolumeFs {
     }
 
     /// The part of `write` that logs and buffers the bytes; returns the locked node.
-    /// `replay`: a write the previous server process acknowledged (see `recovery`), which the
-    /// quota admitted then and must not refuse now.
+    /// `replay`: a write the previous server process acknowledged (see `recovery`), with the
+    /// position of its record in the write log; the quota admitted it then and must not
+    /// refuse it now.
     pub(super) fn buffer(
         &self,
         ino: u64,
         off: u64,
         data: &[u8],
         kill_privs: bool,
-        replay: bool,
+        replay: Option<u64>,
     ) -> Result<super::NodeGuard> {
+        // A full write log (files holding its tail are being committed by its flusher) is
+        // waited for with the inode unlocked, so that the flusher can commit this file too.
+        let since = std::time::Instant::now();
+        loop {
+            if let Some(st) = self.try_buffer(ino, off, data, kill_privs, replay)? {
+                return Ok(st);
+            }
+            if since.elapsed() > LOG_FULL_WAIT {
+                return Err(Error::NoSpace(format!(
+                    "volume {}: the write log stayed full for {} s (buffered writes could not be committed)",
+                    self.name,
+                    LOG_FULL_WAIT.as_secs()
+                )));
+            }
+            if let Some(log) = self.log.get() {
+                log.wait_space(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// One attempt of [`VolumeFs::buffer`]: `None` (nothing changed) if the write log had no
+    /// room.
+    fn try_buffer(
+        &self,
+        ino: u64,
+        off: u64,
+        data: &[u8],
+        kill_privs: bool,
+        replay: Option<u64>,
+    ) -> Result<Option<super::NodeGuard>> {
         let end = off
             .checked_add(data.len() as u64)
             .ok_or(Error::Posix(libc::EFBIG))?;
@@ -169,7 +202,7 @@ impl VolumeFs {
             return posix(libc::EINVAL);
         }
         if data.is_empty() {
-            return Ok(st);
+            return Ok(Some(st));
         }
         if kill_privs {
             self.own(ino, &mut st)?;
@@ -191,7 +224,7 @@ impl VolumeFs {
             if new > 0 {
                 let used =
                     self.used.load(Ordering::Relaxed) + self.reserved.load(Ordering::Relaxed);
-                if used + new > q as i64 && !replay {
+                if used + new > q as i64 && replay.is_none() {
                     return Err(Error::NoSpace(format!(
                         "volume {} is at its size limit of {q} bytes",
                         self.name
@@ -203,7 +236,14 @@ impl VolumeFs {
         // Logged before it is acknowledged: a server process that takes over after a crash
         // replays it (see `crate::writelog`).
         if let Some(log) = self.log.get() {
-            log.write(ino, off, data, &mut st.held)?;
+            match replay {
+                Some(pos) => log.adopt(ino, pos, &mut st.held),
+                None => {
+                    if !log.write(ino, off, data, &mut st.held)? {
+                        return Ok(None);
+                    }
+                }
+            }
         }
         st.reserved += reserve;
         self.reserved.fetch_add(reserve, Ordering::Relaxed);
@@ -224,7 +264,7 @@ impl VolumeFs {
         self.stats
             .bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(st)
+        Ok(Some(st))
     }
 
     /// Commits buffered data (see the module comment). With `sync`, packs are synced before

@@ -32,12 +32,13 @@ impl VolumeFs {
     }
 
     /// Buffers again the writes a previous process acknowledged and never committed (from
-    /// [`WriteLog::open`]), in their order. They are logged anew in the attached log.
+    /// [`WriteLog::open`]), in their order. Their records stay in the log as the inodes'
+    /// ([`WriteLog::adopt`]): the replay needs no space in it.
     pub fn replay(&self, pending: Vec<Pending>) -> Replayed {
         let mut r = Replayed::default();
         let _w = self.gate();
         for w in pending {
-            match self.buffer(w.ino, w.off, &w.data, false, true) {
+            match self.buffer(w.ino, w.off, &w.data, false, Some(w.pos)) {
                 Ok(_) => {
                     r.writes += 1;
                     r.bytes += w.data.len() as u64;
@@ -86,6 +87,7 @@ impl VolumeFs {
             }
             let Some(log) = f.log.get() else { return };
             log.wait_pressure(interval);
+            log.trim_idle(crate::writelog::IDLE_TRIM);
             if let Err(e) = f.commit_stale(age, PRESSURE_SPAN / 2) {
                 tracing::warn!(volume = %f.name, "committing buffered writes: {e}");
             }
