@@ -43,6 +43,10 @@ pub struct Config {
     /// kernel's FUSE default is 1% with a strict per-device limit, which stalls writers at
     /// ~50 MiB of dirty data); 0 keeps the kernel default.
     pub fuse_dirty_max_ratio: u32,
+    /// With the writeback cache: a strict per-connection dirty limit of this many MiB, instead
+    /// of `fuse_dirty_max_ratio`'s share. The kernel starts writing back at half of it, so the
+    /// daemon chunks while a stream is written instead of all at its fsync; 0 = no byte limit.
+    pub fuse_dirty_max_mb: u64,
     /// Mount volume connections as type `fuse.volfs` (true) or plain `fuse` (false, which
     /// fstests requires).
     pub fuse_subtype: bool,
@@ -105,6 +109,7 @@ impl Default for Config {
             attr_ttl_ms: 10_000,
             writeback_cache: true,
             fuse_dirty_max_ratio: 50,
+            fuse_dirty_max_mb: 0,
             fuse_subtype: true,
             log_format: "text".into(),
             log_level: "info".into(),
@@ -211,6 +216,10 @@ impl Config {
             "fuse_dirty_max_ratio" if self.fuse_dirty_max_ratio > 100 => Err(format!(
                 "{} is not a percentage: expected 0 (kernel default) to 100",
                 self.fuse_dirty_max_ratio
+            )),
+            "fuse_dirty_max_mb" if self.fuse_dirty_max_mb != 0 && !(16..=1 << 20).contains(&self.fuse_dirty_max_mb) => Err(format!(
+                "{} MiB: expected 0 (no byte limit) or 16 to 1048576",
+                self.fuse_dirty_max_mb
             )),
             "chunk_cache_mb" if self.chunk_cache_mb > (1 << 20) => Err(format!(
                 "{} MiB is more than 1 TiB of cache",
@@ -453,6 +462,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown config key \"nope\""), "{e}");
+    }
+
+    #[test]
+    fn fuse_dirty_max_mb_is_checked() {
+        for (v, ok) in [
+            ("0", true),
+            ("15", false),
+            ("16", true),
+            ("256", true),
+            ("2000000", false),
+        ] {
+            let (_d, p) = file(&format!("fuse_dirty_max_mb = {v}\n"));
+            match Config::load(Some(&p), &[]) {
+                Ok(l) => {
+                    assert!(ok, "{v} accepted");
+                    assert_eq!(l.config.fuse_dirty_max_mb.to_string(), v);
+                }
+                Err(e) => {
+                    assert!(!ok, "{v} refused: {e}");
+                    assert!(e.to_string().contains("fuse_dirty_max_mb"), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

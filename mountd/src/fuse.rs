@@ -39,6 +39,8 @@ pub struct FuseOptions {
     /// FUSE-only strict limit lifted; `None` keeps the kernel's FUSE default (1%, strict),
     /// under which writers stall at ~50 MiB of dirty data.
     pub dirty_max_ratio: Option<u32>,
+    /// A strict dirty limit in bytes for the connection instead (`fuse_dirty_max_mb`).
+    pub dirty_max_bytes: Option<u64>,
 }
 
 impl Default for FuseOptions {
@@ -49,6 +51,7 @@ impl Default for FuseOptions {
             workers: 4,
             subtype: true,
             dirty_max_ratio: Some(50),
+            dirty_max_bytes: None,
         }
     }
 }

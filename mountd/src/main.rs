@@ -272,6 +272,7 @@ fn run(loaded: config::Loaded) -> anyhow::Result<()> {
         workers: cfg.fuse_threads.max(1),
         subtype: cfg.fuse_subtype,
         dirty_max_ratio: (cfg.fuse_dirty_max_ratio > 0).then_some(cfg.fuse_dirty_max_ratio),
+        dirty_max_bytes: (cfg.fuse_dirty_max_mb > 0).then_some(cfg.fuse_dirty_max_mb << 20),
     };
     let link = handover::Link::from_env();
     let mounts = mounts::Mounts::new(registry, &cfg.run_dir, fuse_opts, metrics.clone(), link)?;

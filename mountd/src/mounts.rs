@@ -351,9 +351,11 @@ impl Mounts {
             }
         }
         let fuse_opts = self.fuse_options(rec.size.is_some());
-        let fuse_opts_dirty = fuse_opts
-            .dirty_max_ratio
-            .filter(|_| fuse_opts.writeback_cache);
+        let fuse_opts_dirty = match (fuse_opts.dirty_max_bytes, fuse_opts.dirty_max_ratio) {
+            _ if !fuse_opts.writeback_cache => None,
+            (Some(b), _) => Some(DirtyLimit::Bytes(b)),
+            (None, r) => r.map(DirtyLimit::Ratio),
+        };
         fs.set_kernel_times(fuse_opts.writeback_cache);
         let vm = self.metrics.volume(vol.as_str());
         let session = fuser::Session::from_fd(
@@ -1082,24 +1084,37 @@ impl Mounts {
     }
 }
 
+/// How much dirty data a connection's backing device may hold (see [`tune_bdi`]).
+#[derive(Clone, Copy, Debug)]
+enum DirtyLimit {
+    Ratio(u32),
+    Bytes(u64),
+}
+
 /// Tunes one connection's backing device (`/sys/class/bdi/MAJ:MIN`):
-/// - `dirty`: let it hold that percent of the kernel's dirty-page limit, like a local disk,
-///   instead of FUSE's strict 1% (writers of a volfs volume would otherwise stall at ~50 MiB of
-///   dirty pages, and random writes would never coalesce). The daemon is root and trusted,
-///   which is what the FUSE default guards against.
+/// - `dirty`, a ratio: let it hold that percent of the kernel's dirty-page limit, like a
+///   local disk, instead of FUSE's strict 1% (writers of a volfs volume would otherwise stall
+///   at ~50 MiB of dirty pages, and random writes would never coalesce). The daemon is root
+///   and trusted, which is what the FUSE default guards against.
+/// - `dirty`, bytes: a strict limit of that many bytes; the kernel writes back from half of
+///   it on, so a stream is chunked while it is written, not all at its fsync.
 /// - read-ahead of 4 MiB instead of FUSE's 128 KiB, so several 1 MiB reads are in flight and
 ///   the dispatch threads serve them in parallel.
 ///
 /// Best effort: a kernel without these knobs keeps its defaults, with a log line.
-fn tune_bdi(dev: u64, dirty: Option<u32>) {
+fn tune_bdi(dev: u64, dirty: Option<DirtyLimit>) {
     let bdi = PathBuf::from(format!(
         "/sys/class/bdi/{}:{}",
         libc::major(dev),
         libc::minor(dev)
     ));
-    let mut knobs = vec![("read_ahead_kb", 4096)];
-    if let Some(ratio) = dirty {
-        knobs.extend([("strict_limit", 0), ("max_ratio", ratio)]);
+    let mut knobs: Vec<(&str, u64)> = vec![("read_ahead_kb", 4096)];
+    match dirty {
+        Some(DirtyLimit::Ratio(ratio)) => {
+            knobs.extend([("strict_limit", 0), ("max_ratio", u64::from(ratio))])
+        }
+        Some(DirtyLimit::Bytes(b)) => knobs.extend([("max_bytes", b), ("strict_limit", 1)]),
+        None => {}
     }
     for (knob, value) in knobs {
         if let Err(e) = std::fs::write(bdi.join(knob), format!("{value}\n")) {
