@@ -101,6 +101,15 @@ pub struct Pending {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Held(u64);
 
+/// An inode's first live record.
+#[derive(Clone, Copy)]
+struct Live {
+    ino: u64,
+    since: Instant,
+    /// `State::skipped` when the record was placed (0 for records of an opened log).
+    skipped: u64,
+}
+
 struct State {
     /// Position of the next record.
     head: u64,
@@ -111,8 +120,15 @@ struct State {
     /// The ring's bytes from 0 to here may be resident (version 2): written in this lap or
     /// an earlier one and not given back since.
     touched: u64,
-    /// The first live record of each inode that has some, by position: (inode, since when).
-    live: BTreeMap<u64, (u64, Instant)>,
+    /// The first live record of each inode that has some, by position.
+    live: BTreeMap<u64, Live>,
+    /// Bytes skipped by lap starts so far (version 2): positions minus this are bytes used.
+    skipped: u64,
+    /// `skipped` when the tail's record was placed.
+    tail_skipped: u64,
+    /// A write found the ring full since the tail last moved: the flusher commits the file
+    /// that holds the tail, however little it holds.
+    full: bool,
     /// While a replay runs: the tail the log was opened with (its records stay).
     replay_hold: Option<u64>,
     /// The last append, and whether the ring's pages were given back since.
@@ -178,6 +194,9 @@ impl WriteLog {
                 punched: tail - tail % PUNCH_STEP,
                 touched: ring,
                 live: BTreeMap::new(),
+                skipped: 0,
+                tail_skipped: 0,
+                full: false,
                 replay_hold: None,
                 last_append: Instant::now(),
                 trimmed: false,
@@ -198,8 +217,9 @@ impl WriteLog {
 
     /// The position where a record of `size` bytes goes, the head being at `st.head`: the
     /// next lap if it would cross the end of the ring, or early, past [`EARLY_LAP`] of the
-    /// ring, when the tail has left the next lap's first bytes (`limit` as in `append`).
-    /// The second keeps a log that holds little in the first pages of its ring.
+    /// ring, when the tail is so far into this lap that the next one has room for
+    /// [`EARLY_LAP`] bytes (`limit` as in `append`). The second keeps a log that holds
+    /// little in the first pages of its ring.
     fn placed(&self, st: &State, size: u64, limit: u64) -> u64 {
         let pos = st.head;
         if self.ring == 0 {
@@ -207,7 +227,9 @@ impl WriteLog {
         }
         let off = self.at(pos) - HEADER_SIZE;
         let next = pos + (self.ring - off);
-        if off + size > self.ring || (off >= EARLY_LAP && next + size - st.tail <= limit) {
+        if off + size > self.ring
+            || (off >= EARLY_LAP && next + size.max(EARLY_LAP) - st.tail <= limit)
+        {
             next
         } else {
             pos
@@ -359,7 +381,14 @@ impl WriteLog {
     /// starts and before any request is answered.
     pub fn adopt(&self, ino: u64, pos: u64, held: &mut Option<Held>) {
         if held.is_none() {
-            self.st.lock().live.insert(pos, (ino, Instant::now()));
+            self.st.lock().live.insert(
+                pos,
+                Live {
+                    ino,
+                    since: Instant::now(),
+                    skipped: 0,
+                },
+            );
             *held = Some(Held(pos));
         }
     }
@@ -409,6 +438,7 @@ impl WriteLog {
             return Ok(None);
         }
         if pos != st.head {
+            st.skipped += pos - st.head;
             // A new lap: what the last one used past its head is given back (nothing there
             // is live: the tail is past this lap's start).
             let from = self.at(st.head) - HEADER_SIZE;
@@ -444,14 +474,20 @@ impl WriteLog {
         let mut st = self.st.lock();
         let limit = self.ring.saturating_sub(RESERVE);
         let Some(pos) = self.append(&mut st, KIND_WRITE, ino, off, data, limit)? else {
+            st.full = true;
             self.pressure.notify_one();
             return Ok(false);
         };
         if held.is_none() {
-            st.live.insert(pos, (ino, Instant::now()));
+            let live = Live {
+                ino,
+                since: Instant::now(),
+                skipped: st.skipped,
+            };
+            st.live.insert(pos, live);
             *held = Some(Held(pos));
         }
-        if st.head - st.tail > PRESSURE_SPAN {
+        if used(&st, st.tail, st.tail_skipped) > PRESSURE_SPAN {
             self.pressure.notify_one();
         }
         Ok(true)
@@ -468,7 +504,7 @@ impl WriteLog {
     /// Waits until the log is longer than [`PRESSURE_SPAN`], or `timeout` passed.
     pub fn wait_pressure(&self, timeout: Duration) {
         let mut st = self.st.lock();
-        if st.head - st.tail <= PRESSURE_SPAN {
+        if !st.full && used(&st, st.tail, st.tail_skipped) <= PRESSURE_SPAN {
             self.pressure.wait_for(&mut st, timeout);
         }
     }
@@ -492,13 +528,21 @@ impl WriteLog {
             let pos = self
                 .append(&mut st, KIND_WRITE, ino, *off, data, self.ring)?
                 .ok_or_else(full)?;
-            new_first.get_or_insert(pos);
+            let skipped = st.skipped;
+            new_first.get_or_insert((
+                pos,
+                Live {
+                    ino,
+                    since: Instant::now(),
+                    skipped,
+                },
+            ));
         }
         self.append(&mut st, KIND_COMMITTED, ino, upto, &[], self.ring)?
             .ok_or_else(full)?;
         st.live.remove(&first);
-        *held = new_first.map(|p| {
-            st.live.insert(p, (ino, Instant::now()));
+        *held = new_first.map(|(p, live)| {
+            st.live.insert(p, live);
             Held(p)
         });
         self.reclaim(&mut st);
@@ -508,15 +552,13 @@ impl WriteLog {
     /// Moves the tail to the first live record; a version 1 log gives back whole steps
     /// before it.
     fn reclaim(&self, st: &mut State) {
-        let tail = st
-            .live
-            .keys()
-            .next()
-            .copied()
-            .into_iter()
-            .chain(st.replay_hold)
-            .min()
-            .unwrap_or(st.head);
+        let first = st.live.iter().next().map(|(p, l)| (*p, l.skipped));
+        let (tail, tail_skipped) = match (first, st.replay_hold) {
+            (Some(f), Some(h)) if h < f.0 => (h, 0),
+            (None, Some(h)) => (h, 0),
+            (Some(f), _) => f,
+            (None, None) => (st.head, st.skipped),
+        };
         if tail == st.tail {
             return;
         }
@@ -525,6 +567,8 @@ impl WriteLog {
             return;
         }
         st.tail = tail;
+        st.tail_skipped = tail_skipped;
+        st.full = false;
         self.space.notify_all();
         if self.ring != 0 {
             return;
@@ -557,20 +601,32 @@ impl WriteLog {
     }
 
     /// Inodes whose oldest uncommitted write is older than `age`, or which hold more than
-    /// `span` bytes of log behind the head: committing them lets the log shrink.
+    /// `span` bytes of log behind the head, and, when a write found the ring full, the one
+    /// that holds the tail: committing them lets the log shrink.
     pub fn stale(&self, age: Duration, span: u64) -> Vec<u64> {
         let st = self.st.lock();
         st.live
             .iter()
-            .filter(|(pos, (_, since))| since.elapsed() >= age || st.head - **pos > span)
-            .map(|(_, (ino, _))| *ino)
+            .enumerate()
+            .filter(|(i, (pos, l))| {
+                (st.full && *i == 0)
+                    || l.since.elapsed() >= age
+                    || used(&st, **pos, l.skipped) > span
+            })
+            .map(|(_, (_, l))| l.ino)
             .collect()
     }
 
-    /// Bytes between the tail and the head (what a replay would read).
+    /// Whether a write found the ring full and the tail has not moved since.
+    pub fn is_full(&self) -> bool {
+        self.st.lock().full
+    }
+
+    /// Bytes of records from the tail to the head (what a replay would read, less what lap
+    /// starts skipped).
     pub fn span(&self) -> u64 {
         let st = self.st.lock();
-        st.head - st.tail
+        used(&st, st.tail, st.tail_skipped)
     }
 
     pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
@@ -587,6 +643,12 @@ fn random_key() -> Result<u64> {
         return Err(io("drawing a key", std::io::Error::last_os_error()));
     }
     Ok(u64::from_le_bytes(b))
+}
+
+/// Bytes of records from position `from` (placed when `State::skipped` was `skipped`) to
+/// the head.
+fn used(st: &State, from: u64, skipped: u64) -> u64 {
+    (st.head - from).saturating_sub(st.skipped - skipped)
 }
 
 /// Frees `[off, off + len)` of a file (reads as zeros afterwards).
@@ -798,11 +860,34 @@ mod tests {
     }
 
     #[test]
+    fn an_early_lap_does_not_count_as_log_length() {
+        let log = WriteLog::create(tempfile::tempfile().unwrap()).unwrap();
+        let (mut a, mut b) = (None, None);
+        for i in 0..40 {
+            log.write(1, i << 20, &[1u8; 1 << 20], &mut a).unwrap();
+        }
+        log.committed(1, &mut a, &BTreeMap::new()).unwrap();
+        let before = log.st.lock().head;
+        log.write(2, 0, b"x", &mut b).unwrap();
+        assert!(
+            log.st.lock().head - before > 100 << 20,
+            "a lap started early"
+        );
+        assert_eq!(log.span(), record_size(1));
+        assert!(log.stale(Duration::from_secs(3600), 1 << 20).is_empty());
+        log.write(2, 1, &[2u8; 4 << 20], &mut b).unwrap();
+        assert_eq!(log.stale(Duration::from_secs(3600), 1 << 20), vec![2]);
+        assert_eq!(plain(&reopen(&log).1).len(), 2);
+    }
+
+    #[test]
     fn a_full_ring_refuses_writes_until_a_commit_frees_it() {
         let f = tempfile::tempfile().unwrap();
         let log = std::sync::Arc::new(WriteLog::create_with_ring(f, SMALL).unwrap());
         let mut a = None;
-        let mut n = 0u64;
+        assert!(log.write(1, 0, b"first", &mut a).unwrap());
+        assert!(log.stale(Duration::from_secs(3600), u64::MAX).is_empty());
+        let mut n = 1u64;
         for size in [4 << 20, 4096, 1] {
             while log.write(1, n << 22, &vec![3u8; size], &mut a).unwrap() {
                 n += 1;
@@ -810,9 +895,13 @@ mod tests {
             }
         }
         assert!(log.span() <= SMALL - RESERVE);
+        let hour = Duration::from_secs(3600);
         let mut b = None;
         assert!(!log.write(2, 0, b"small too", &mut b).unwrap());
         assert!(b.is_none());
+        // The flusher is told to commit the file that holds the tail, however young.
+        assert!(log.is_full());
+        assert_eq!(log.stale(hour, u64::MAX), vec![1]);
         // A writer that found it full waits for space and tries again.
         let l2 = log.clone();
         let waiter = std::thread::spawn(move || {

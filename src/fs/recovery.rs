@@ -90,6 +90,12 @@ impl VolumeFs {
             log.trim_idle(crate::writelog::IDLE_TRIM);
             if let Err(e) = f.commit_stale(age, PRESSURE_SPAN / 2) {
                 tracing::warn!(volume = %f.name, "committing buffered writes: {e}");
+                // Not again at once (a full disk, say): the pressure would bring us back
+                // at once.
+                std::thread::sleep(Duration::from_millis(100));
+            } else if log.is_full() {
+                // The file holding the tail could not be committed now (busy or gone).
+                std::thread::sleep(Duration::from_millis(10));
             }
         }
     }
