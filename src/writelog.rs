@@ -27,9 +27,8 @@
 //!   index) or discarded; replay skips them.
 //! - `pos` is a position in an endless log; the record lies at file offset
 //!   `4096 + (pos - 4096) % ring`. A record never wraps: one that would cross the end of the
-//!   ring starts at the next lap, `4096 + k * ring`; so may any record once the head is
-//!   [`EARLY_LAP`] into the ring and the tail has left the next lap's first bytes. The `pos`
-//!   field tells a record of this lap from an older one at the same place.
+//!   ring starts at the next lap, `4096 + k * ring`. The `pos` field tells a record of this
+//!   lap from an older one at the same place.
 //! - `tail`: no record before it is needed; the space before it is reused by later laps.
 //! - `key`: random, drawn when the log is created. The ring holds stale bytes of older laps,
 //!   file data among them; a record is valid only with its trailer, so no data a volume's
@@ -37,12 +36,12 @@
 //!
 //! Why a ring: version 1 appended at ever higher offsets and punched the space behind its
 //! tail, so each logged byte cost a fresh shmem page and its release: a quarter of the
-//! daemon's CPU in a sequential write. The ring's pages are reused; what a lap used past
-//! the point where the next one started early is given back then, and the whole ring when
-//! the log has been empty for [`IDLE_TRIM`]. A log that holds little (writes committed
-//! soon) thus keeps about [`EARLY_LAP`] of memory, and a burst's pages go after it. Version 1 logs (24-byte header, no
-//! ring: `pos` is the file offset, the key is a constant) are still read, and written on in
-//! that form.
+//! daemon's CPU in a sequential write. The ring's pages are reused. The flusher gives back
+//! the free part of the ring beyond what the head will reach soon ([`WriteLog::trim_unused`]:
+//! twice what was appended since its last pass, at least [`KEEP_AHEAD`]), so a log that is
+//! written slowly keeps ~16 MiB, and a burst's pages go after it; and the whole ring when the
+//! log has been empty for [`IDLE_TRIM`]. Version 1 logs (24-byte header, no ring: `pos` is
+//! the file offset, the key is a constant) are still read, and written on in that form.
 //!
 //! Durability contract: a record is complete once its append returned; the trailer is written
 //! after the rest of the record (one sequential write), so a record cut short by a crash has
@@ -78,9 +77,8 @@ pub const RING: u64 = 256 << 20;
 /// Writes leave this much of the ring to `committed` records and the tails they log again,
 /// so that a commit can always free space.
 const RESERVE: u64 = 16 << 20;
-/// A log whose head is this far into its ring starts the next lap as soon as the tail
-/// allows: a log that holds little keeps only about this much of its ring in memory.
-const EARLY_LAP: u64 = 16 << 20;
+/// The least of the ring's free space ahead of the head that [`WriteLog::trim_unused`] keeps.
+pub const KEEP_AHEAD: u64 = 16 << 20;
 /// A log with no live record and no append for this long gives its pages back.
 pub const IDLE_TRIM: Duration = Duration::from_secs(30);
 
@@ -117,9 +115,12 @@ struct State {
     tail: u64,
     /// Everything in `[HEADER_SIZE, punched)` was given back (version 1).
     punched: u64,
-    /// The ring's bytes from 0 to here may be resident (version 2): written in this lap or
-    /// an earlier one and not given back since.
-    touched: u64,
+    /// Bytes appended since the last [`WriteLog::trim_unused`], and when that was.
+    appended: u64,
+    last_trim: Instant,
+    /// (head, tail) when `trim_unused` last gave space back: nothing new to give until one
+    /// moves.
+    trim_mark: (u64, u64),
     /// The first live record of each inode that has some, by position.
     live: BTreeMap<u64, Live>,
     /// Bytes skipped by lap starts so far (version 2): positions minus this are bytes used.
@@ -177,8 +178,7 @@ impl WriteLog {
         file.set_len(0).map_err(|e| io("truncating", e))?;
         file.set_len(HEADER_SIZE + ring)
             .map_err(|e| io("sizing", e))?;
-        let mut log = Self::with(file, ring, random_key()?, HEADER_SIZE);
-        log.st.get_mut().touched = 0;
+        let log = Self::with(file, ring, random_key()?, HEADER_SIZE);
         log.write_header(HEADER_SIZE)?;
         Ok(log)
     }
@@ -192,7 +192,9 @@ impl WriteLog {
                 head: tail,
                 tail,
                 punched: tail - tail % PUNCH_STEP,
-                touched: ring,
+                appended: 0,
+                last_trim: Instant::now(),
+                trim_mark: (0, 0),
                 live: BTreeMap::new(),
                 skipped: 0,
                 tail_skipped: 0,
@@ -215,24 +217,13 @@ impl WriteLog {
         }
     }
 
-    /// The position where a record of `size` bytes goes, the head being at `st.head`: the
-    /// next lap if it would cross the end of the ring, or early, past [`EARLY_LAP`] of the
-    /// ring, when the tail is so far into this lap that the next one has room for
-    /// [`EARLY_LAP`] bytes (`limit` as in `append`). The second keeps a log that holds
-    /// little in the first pages of its ring.
-    fn placed(&self, st: &State, size: u64, limit: u64) -> u64 {
-        let pos = st.head;
-        if self.ring == 0 {
-            return pos;
-        }
-        let off = self.at(pos) - HEADER_SIZE;
-        let next = pos + (self.ring - off);
-        if off + size > self.ring
-            || (off >= EARLY_LAP && next + size.max(EARLY_LAP) - st.tail <= limit)
-        {
-            next
-        } else {
+    /// The position where a record of `size` bytes goes, the head being at `pos`: the next
+    /// lap if it would cross the end of the ring.
+    fn placed(&self, pos: u64, size: u64) -> u64 {
+        if self.ring == 0 || self.at(pos) + size <= HEADER_SIZE + self.ring {
             pos
+        } else {
+            pos + (HEADER_SIZE + self.ring - self.at(pos))
         }
     }
 
@@ -433,22 +424,11 @@ impl WriteLog {
             )));
         }
         let size = record_size(data.len());
-        let pos = self.placed(st, size, limit);
+        let pos = self.placed(st.head, size);
         if self.ring != 0 && pos + size - st.tail > limit {
             return Ok(None);
         }
-        if pos != st.head {
-            st.skipped += pos - st.head;
-            // A new lap: what the last one used past its head is given back (nothing there
-            // is live: the tail is past this lap's start).
-            let from = self.at(st.head) - HEADER_SIZE;
-            if st.touched >= from + PUNCH_STEP {
-                match punch(&self.file, HEADER_SIZE + from, st.touched - from) {
-                    Ok(()) => st.touched = from,
-                    Err(e) => tracing::warn!("write log: freeing the end of a lap: {e}"),
-                }
-            }
-        }
+        st.skipped += pos - st.head;
         let mut head = [0u8; RECORD_HEADER];
         head[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
         head[4] = kind;
@@ -461,7 +441,7 @@ impl WriteLog {
         let parts: [&[u8]; 4] = [&head, data, &pad[..pad8(data.len()) - data.len()], &trailer];
         write_all_vectored_at(&self.file, &parts, self.at(pos)).map_err(|e| io("appending", e))?;
         st.head = pos + size;
-        st.touched = st.touched.max(self.at(pos) - HEADER_SIZE + size);
+        st.appended += size;
         st.last_append = Instant::now();
         st.trimmed = false;
         Ok(Some(pos))
@@ -596,8 +576,38 @@ impl WriteLog {
             return false;
         }
         st.trimmed = true;
-        st.touched = 0;
         true
+    }
+
+    /// Gives back the ring's free space beyond what the head will soon reach: twice what was
+    /// appended since the last pass, at least [`KEEP_AHEAD`] (run by the flusher, at most
+    /// once per `every`). A log written fast keeps its whole ring (its pages are reused at
+    /// once); one written slowly keeps little. Returns the bytes given back.
+    pub fn trim_unused(&self, every: Duration) -> u64 {
+        let mut st = self.st.lock();
+        if self.ring == 0 || st.trimmed || st.last_trim.elapsed() < every {
+            return 0;
+        }
+        let ahead = st.appended.saturating_mul(2).max(KEEP_AHEAD);
+        st.appended = 0;
+        st.last_trim = Instant::now();
+        // Free: [head, tail + ring) in positions; keep the first `ahead` bytes of it.
+        let (from, to) = (st.head + ahead, st.tail + self.ring);
+        if from + PUNCH_STEP > to || st.trim_mark == (st.head, st.tail) {
+            return 0;
+        }
+        let start = self.at(from);
+        let first = (to - from).min(HEADER_SIZE + self.ring - start);
+        let mut r = punch(&self.file, start, first);
+        if r.is_ok() && first < to - from {
+            r = punch(&self.file, HEADER_SIZE, to - from - first);
+        }
+        if let Err(e) = r {
+            tracing::warn!("write log: freeing unused space: {e}");
+            return 0;
+        }
+        st.trim_mark = (st.head, st.tail);
+        to - from
     }
 
     /// Inodes whose oldest uncommitted write is older than `age`, or which hold more than
@@ -827,57 +837,41 @@ mod tests {
     }
 
     #[test]
-    fn a_log_that_holds_little_stays_in_the_first_pages_of_its_ring() {
+    fn a_log_written_slowly_gives_back_what_it_does_not_use() {
         let f = tempfile::tempfile().unwrap();
         let log = WriteLog::create(f.try_clone().unwrap()).unwrap();
         let mut a = None;
         let burst = vec![5u8; 1 << 20];
-        // A burst: 100 MiB held at once.
+        // A burst: 100 MiB held at once, then committed.
         for i in 0..100 {
             log.write(1, i << 20, &burst, &mut a).unwrap();
         }
         log.committed(1, &mut a, &BTreeMap::new()).unwrap();
         assert!(resident(&f) >= 100 << 20);
-        // Then a trickle, each write committed soon: the head laps early and the burst's
-        // pages are given back.
+        // Right after it, the head may soon need twice as much again: little goes.
+        let given = log.trim_unused(Duration::ZERO);
+        assert!(given < 60 << 20, "{given}");
+        assert_eq!(log.trim_unused(Duration::ZERO), 0, "nothing moved since");
+        // Then a trickle, each write committed soon: the burst's pages go.
         let small = vec![6u8; 64 << 10];
-        for i in 0..2000 {
+        for i in 0..4000u64 {
             log.write(2, i << 16, &small, &mut a).unwrap();
             if i % 8 == 7 {
                 log.committed(2, &mut a, &BTreeMap::new()).unwrap();
             }
+            if i % 16 == 15 {
+                log.trim_unused(Duration::ZERO);
+            }
         }
-        let laps = (log.st.lock().head - HEADER_SIZE) / RING;
-        assert!(laps >= 2, "the head went round early: {laps} laps");
         assert!(
-            resident(&f) <= EARLY_LAP + (2 << 20),
-            "{} bytes resident",
-            resident(&f)
+            log.st.lock().head > HEADER_SIZE + RING,
+            "the head went round"
         );
+        let r = resident(&f);
+        assert!(r <= KEEP_AHEAD + (4 << 20), "{r} bytes resident");
         assert_eq!(plain(&reopen(&log).1), Vec::new());
         log.write(3, 0, b"still found", &mut a).unwrap();
         assert_eq!(plain(&reopen(&log).1), vec![w(3, 0, b"still found")]);
-    }
-
-    #[test]
-    fn an_early_lap_does_not_count_as_log_length() {
-        let log = WriteLog::create(tempfile::tempfile().unwrap()).unwrap();
-        let (mut a, mut b) = (None, None);
-        for i in 0..40 {
-            log.write(1, i << 20, &[1u8; 1 << 20], &mut a).unwrap();
-        }
-        log.committed(1, &mut a, &BTreeMap::new()).unwrap();
-        let before = log.st.lock().head;
-        log.write(2, 0, b"x", &mut b).unwrap();
-        assert!(
-            log.st.lock().head - before > 100 << 20,
-            "a lap started early"
-        );
-        assert_eq!(log.span(), record_size(1));
-        assert!(log.stale(Duration::from_secs(3600), 1 << 20).is_empty());
-        log.write(2, 1, &[2u8; 4 << 20], &mut b).unwrap();
-        assert_eq!(log.stale(Duration::from_secs(3600), 1 << 20), vec![2]);
-        assert_eq!(plain(&reopen(&log).1).len(), 2);
     }
 
     #[test]

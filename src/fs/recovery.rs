@@ -88,6 +88,7 @@ impl VolumeFs {
             let Some(log) = f.log.get() else { return };
             log.wait_pressure(interval);
             log.trim_idle(crate::writelog::IDLE_TRIM);
+            log.trim_unused(Duration::from_secs(1));
             if let Err(e) = f.commit_stale(age, PRESSURE_SPAN / 2) {
                 tracing::warn!(volume = %f.name, "committing buffered writes: {e}");
                 // Not again at once (a full disk, say): the pressure would bring us back
