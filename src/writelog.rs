@@ -68,7 +68,7 @@ const HEADER_SIZE: u64 = 4096;
 const RECORD_HEADER: usize = 40;
 /// Larger records are refused on append and treated as the end of the log on replay.
 const MAX_RECORD: usize = 64 << 20;
-/// Space before the tail (version 1) or past the end of a lap (version 2) is given back in
+/// Space before the tail (version 1) or free space of the ring (version 2) is given back in
 /// steps of at least this size.
 const PUNCH_STEP: u64 = 2 << 20;
 /// Size of a new log's ring. Twice [`PRESSURE_SPAN`], at which the flusher starts
@@ -104,8 +104,6 @@ pub struct Held(u64);
 struct Live {
     ino: u64,
     since: Instant,
-    /// `State::skipped` when the record was placed (0 for records of an opened log).
-    skipped: u64,
 }
 
 struct State {
@@ -123,10 +121,6 @@ struct State {
     trim_mark: (u64, u64),
     /// The first live record of each inode that has some, by position.
     live: BTreeMap<u64, Live>,
-    /// Bytes skipped by lap starts so far (version 2): positions minus this are bytes used.
-    skipped: u64,
-    /// `skipped` when the tail's record was placed.
-    tail_skipped: u64,
     /// A write found the ring full since the tail last moved: the flusher commits the file
     /// that holds the tail, however little it holds.
     full: bool,
@@ -196,8 +190,6 @@ impl WriteLog {
                 last_trim: Instant::now(),
                 trim_mark: (0, 0),
                 live: BTreeMap::new(),
-                skipped: 0,
-                tail_skipped: 0,
                 full: false,
                 replay_hold: None,
                 last_append: Instant::now(),
@@ -223,8 +215,13 @@ impl WriteLog {
         if self.ring == 0 || self.at(pos) + size <= HEADER_SIZE + self.ring {
             pos
         } else {
-            pos + (HEADER_SIZE + self.ring - self.at(pos))
+            self.next_lap(pos)
         }
+    }
+
+    /// The start of the lap after the one `pos` is in (version 2).
+    fn next_lap(&self, pos: u64) -> u64 {
+        pos + (HEADER_SIZE + self.ring - self.at(pos))
     }
 
     /// Opens a log a previous process wrote, and returns the writes it holds that were never
@@ -276,7 +273,7 @@ impl WriteLog {
                 Some(r) => Some((pos, r)),
                 // A record that did not fit before the end of the ring is at the next lap.
                 None if ring != 0 && log.at(pos) != HEADER_SIZE => {
-                    let next = pos + (HEADER_SIZE + ring - log.at(pos));
+                    let next = log.next_lap(pos);
                     log.record_at(next, end)?.map(|r| (next, r))
                 }
                 None => None,
@@ -372,14 +369,8 @@ impl WriteLog {
     /// starts and before any request is answered.
     pub fn adopt(&self, ino: u64, pos: u64, held: &mut Option<Held>) {
         if held.is_none() {
-            self.st.lock().live.insert(
-                pos,
-                Live {
-                    ino,
-                    since: Instant::now(),
-                    skipped: 0,
-                },
-            );
+            let since = Instant::now();
+            self.st.lock().live.insert(pos, Live { ino, since });
             *held = Some(Held(pos));
         }
     }
@@ -428,7 +419,6 @@ impl WriteLog {
         if self.ring != 0 && pos + size - st.tail > limit {
             return Ok(None);
         }
-        st.skipped += pos - st.head;
         let mut head = [0u8; RECORD_HEADER];
         head[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
         head[4] = kind;
@@ -459,15 +449,11 @@ impl WriteLog {
             return Ok(false);
         };
         if held.is_none() {
-            let live = Live {
-                ino,
-                since: Instant::now(),
-                skipped: st.skipped,
-            };
-            st.live.insert(pos, live);
+            let since = Instant::now();
+            st.live.insert(pos, Live { ino, since });
             *held = Some(Held(pos));
         }
-        if used(&st, st.tail, st.tail_skipped) > PRESSURE_SPAN {
+        if st.head - st.tail > PRESSURE_SPAN {
             self.pressure.notify_one();
         }
         Ok(true)
@@ -484,7 +470,7 @@ impl WriteLog {
     /// Waits until the log is longer than [`PRESSURE_SPAN`], or `timeout` passed.
     pub fn wait_pressure(&self, timeout: Duration) {
         let mut st = self.st.lock();
-        if !st.full && used(&st, st.tail, st.tail_skipped) <= PRESSURE_SPAN {
+        if !st.full && st.head - st.tail <= PRESSURE_SPAN {
             self.pressure.wait_for(&mut st, timeout);
         }
     }
@@ -508,21 +494,14 @@ impl WriteLog {
             let pos = self
                 .append(&mut st, KIND_WRITE, ino, *off, data, self.ring)?
                 .ok_or_else(full)?;
-            let skipped = st.skipped;
-            new_first.get_or_insert((
-                pos,
-                Live {
-                    ino,
-                    since: Instant::now(),
-                    skipped,
-                },
-            ));
+            new_first.get_or_insert(pos);
         }
         self.append(&mut st, KIND_COMMITTED, ino, upto, &[], self.ring)?
             .ok_or_else(full)?;
         st.live.remove(&first);
-        *held = new_first.map(|(p, live)| {
-            st.live.insert(p, live);
+        *held = new_first.map(|p| {
+            let since = Instant::now();
+            st.live.insert(p, Live { ino, since });
             Held(p)
         });
         self.reclaim(&mut st);
@@ -532,13 +511,12 @@ impl WriteLog {
     /// Moves the tail to the first live record; a version 1 log gives back whole steps
     /// before it.
     fn reclaim(&self, st: &mut State) {
-        let first = st.live.iter().next().map(|(p, l)| (*p, l.skipped));
-        let (tail, tail_skipped) = match (first, st.replay_hold) {
-            (Some(f), Some(h)) if h < f.0 => (h, 0),
-            (None, Some(h)) => (h, 0),
-            (Some(f), _) => f,
-            (None, None) => (st.head, st.skipped),
-        };
+        let first = st.live.keys().next().copied();
+        let tail = first
+            .into_iter()
+            .chain(st.replay_hold)
+            .min()
+            .unwrap_or(st.head);
         if tail == st.tail {
             return;
         }
@@ -547,7 +525,6 @@ impl WriteLog {
             return;
         }
         st.tail = tail;
-        st.tail_skipped = tail_skipped;
         st.full = false;
         self.space.notify_all();
         if self.ring != 0 {
@@ -619,9 +596,7 @@ impl WriteLog {
             .iter()
             .enumerate()
             .filter(|(i, (pos, l))| {
-                (st.full && *i == 0)
-                    || l.since.elapsed() >= age
-                    || used(&st, **pos, l.skipped) > span
+                (st.full && *i == 0) || l.since.elapsed() >= age || st.head - **pos > span
             })
             .map(|(_, (_, l))| l.ino)
             .collect()
@@ -632,11 +607,10 @@ impl WriteLog {
         self.st.lock().full
     }
 
-    /// Bytes of records from the tail to the head (what a replay would read, less what lap
-    /// starts skipped).
+    /// Bytes between the tail and the head (what a replay would read).
     pub fn span(&self) -> u64 {
         let st = self.st.lock();
-        used(&st, st.tail, st.tail_skipped)
+        st.head - st.tail
     }
 
     pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
@@ -653,12 +627,6 @@ fn random_key() -> Result<u64> {
         return Err(io("drawing a key", std::io::Error::last_os_error()));
     }
     Ok(u64::from_le_bytes(b))
-}
-
-/// Bytes of records from position `from` (placed when `State::skipped` was `skipped`) to
-/// the head.
-fn used(st: &State, from: u64, skipped: u64) -> u64 {
-    (st.head - from).saturating_sub(st.skipped - skipped)
 }
 
 /// Frees `[off, off + len)` of a file (reads as zeros afterwards).
