@@ -325,6 +325,31 @@ pub struct Status {
     /// One line on the cluster: `single host`, or the host, etcd and lease state.
     #[serde(default)]
     pub cluster: String,
+    /// The metadata index's background work and size (absent from older daemons).
+    #[serde(default)]
+    pub index: IndexStatus,
+}
+
+/// The metadata index (RocksDB) in [`Status`]: whether it is flushing or compacting now, and
+/// its size. Lookups are slower while a large compaction runs (it competes for the CPU and
+/// rewrites the table files lookups read), e.g. right after a million files were created.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IndexStatus {
+    pub running_flushes: u64,
+    pub running_compactions: u64,
+    /// Bytes compaction still has to rewrite (its backlog).
+    pub pending_compaction_bytes: u64,
+    /// Live table files plus memtables.
+    pub bytes: u64,
+}
+
+impl IndexStatus {
+    /// Nothing is being flushed or compacted, and nothing waits to be.
+    pub fn quiet(&self) -> bool {
+        self.running_flushes == 0
+            && self.running_compactions == 0
+            && self.pending_compaction_bytes == 0
+    }
 }
 
 /// One kind of background or maintenance work in [`Status`].

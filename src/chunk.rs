@@ -744,6 +744,14 @@ impl ChunkStore {
     /// fallback source when one is set ([`ChunkStore::set_fallback`]): verified against its
     /// id, stored and indexed (synced), so the next read is local.
     pub fn get(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
+        self.get_cached(id, true)
+    }
+
+    /// [`ChunkStore::get`], keeping a chunk read from disk in the read cache only with
+    /// `cache`: a streaming read that uses a chunk whole will not ask for it again (the
+    /// kernel's page cache has its bytes), and caching it would push out chunks that partial
+    /// reads come back for, and fault in fresh cache memory at disk speed.
+    pub fn get_cached(&self, id: &ChunkId, cache: bool) -> Result<Arc<Vec<u8>>> {
         if let Some(d) = self.cache.get(id) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(d);
@@ -760,7 +768,9 @@ impl ChunkStore {
             }
         };
         let data = Arc::new(data);
-        self.cache.insert(*id, data.clone());
+        if cache {
+            self.cache.insert(*id, data.clone());
+        }
         Ok(data)
     }
 

@@ -1672,6 +1672,7 @@ pub fn state(d: &Daemon) -> volfs::Result<DaemonState> {
             ));
         }
     }
+    let engine = store.engine.stats();
     Ok(DaemonState {
         status: Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -1698,8 +1699,14 @@ pub fn state(d: &Daemon) -> volfs::Result<DaemonState> {
             background,
             warnings,
             cluster,
+            index: api::IndexStatus {
+                running_flushes: engine.running_flushes,
+                running_compactions: engine.running_compactions,
+                pending_compaction_bytes: engine.pending_compaction_bytes,
+                bytes: engine.sst_bytes + engine.memtable_bytes,
+            },
         },
-        engine: store.engine.stats(),
+        engine,
         chunk_cache_bytes: store.chunks.cache_bytes(),
         store,
     })

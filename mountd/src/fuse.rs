@@ -19,7 +19,7 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
-use volfs::fs::{Attr, Caller, NewNode, SetAttr, SetTime, VolumeFs, Whence, XattrReply};
+use volfs::fs::{bufpool, Attr, Caller, NewNode, SetAttr, SetTime, VolumeFs, Whence, XattrReply};
 use volfs::meta::Kind;
 use volfs::Error;
 
@@ -456,9 +456,17 @@ impl Filesystem for FuseFs {
         reply: ReplyData,
     ) {
         let _t = self.m.time(Op::Read);
-        let d = try_reply!(self, "read", reply, self.fs.read(ino.0, offset, size));
+        // One pooled buffer per read in flight (see `bufpool`), given back after the reply.
+        let mut d = bufpool::take_read();
+        try_reply!(
+            self,
+            "read",
+            reply,
+            self.fs.read_into(ino.0, offset, size, &mut d)
+        );
         self.m.read_bytes.inc_by(d.len() as u64);
-        reply.data(&d)
+        reply.data(&d);
+        bufpool::give_read(d);
     }
 
     fn write(

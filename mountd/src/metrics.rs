@@ -705,6 +705,12 @@ impl Collector for StateCollector {
         )?;
         gauge(
             &mut enc,
+            "index_running_flushes",
+            "RocksDB memtable flushes running now",
+            e.running_flushes as i64,
+        )?;
+        gauge(
+            &mut enc,
             "index_table_bytes",
             "Bytes of the metadata index's table files",
             e.sst_bytes as i64,

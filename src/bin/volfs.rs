@@ -1616,6 +1616,15 @@ fn write_status(out: &mut dyn Write, st: &Status) -> io::Result<()> {
     writeln!(out, "logical:        {}", human_bytes(st.logical_bytes))?;
     writeln!(out, "dedup ratio:    {:.2}", st.dedup_ratio)?;
     writeln!(out, "corrupt chunks: {}", st.corrupt_chunks)?;
+    let ix = &st.index;
+    let busy = match (ix.running_flushes, ix.running_compactions) {
+        _ if ix.quiet() => "quiet".to_string(),
+        (f, c) => format!(
+            "{f} flush(es), {c} compaction(s) running, {} to compact",
+            human_bytes(ix.pending_compaction_bytes)
+        ),
+    };
+    writeln!(out, "index:          {} ({busy})", human_bytes(ix.bytes))?;
     for t in &st.background {
         let now = match (&t.progress, t.running) {
             (Some(p), true) => format!("running: {}", p.describe()),

@@ -92,13 +92,23 @@ impl VolumeFs {
     }
 
     pub fn read(&self, ino: u64, off: u64, len: u32) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.read_into(ino, off, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// [`VolumeFs::read`] into `buf` (cleared first), so that a caller can reuse one buffer:
+    /// a fresh 1 MiB buffer per read is a fresh mapping whose pages the kernel faults in and
+    /// zeroes, then unmaps (see `bufpool`).
+    pub fn read_into(&self, ino: u64, off: u64, len: u32, buf: &mut Vec<u8>) -> Result<()> {
+        buf.clear();
         let mut st = self.lock(ino)?;
         if st.rec.kind == Kind::Dir {
             return posix(libc::EISDIR);
         }
         let size = st.rec.size;
         if off >= size || len == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let end = size.min(off + len as u64);
         let pieces = overlapping(self.extents(ino, &mut st)?, off, end);
@@ -111,11 +121,14 @@ impl VolumeFs {
             .collect();
         drop(st);
         // Chunk reads happen without the inode lock; chunks are immutable.
-        let mut buf = vec![0u8; (end - off) as usize];
+        buf.resize((end - off) as usize, 0);
         for (eoff, e) in pieces {
-            let chunk = self.store.chunks.get(&e.chunk)?;
             let s = eoff.max(off);
             let t = (eoff + e.len as u64).min(end);
+            // A chunk this read uses whole is not cached (see `ChunkStore::get_cached`); one
+            // cut by the read's edge is: the next read wants its other part.
+            let whole = s == eoff && t == eoff + e.len as u64;
+            let chunk = self.store.chunks.get_cached(&e.chunk, !whole)?;
             let src = (e.chunk_off as u64 + (s - eoff)) as usize;
             let src_end = src + (t - s) as usize;
             let bytes = chunk.get(src..src_end).ok_or_else(|| Error::Corrupt {
@@ -133,7 +146,7 @@ impl VolumeFs {
         self.stats
             .bytes_read
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        Ok(buf)
+        Ok(())
     }
 
     /// Buffers `data` at `off`. `kill_privs`: the kernel asks us to drop set-user-ID,
