@@ -701,6 +701,15 @@ impl ChunkStore {
         }
     }
 
+    /// Whether [`ChunkStore::flush`] or an append would wait now: another thread holds the
+    /// pack writer, or a pack write is in flight.
+    pub fn flush_would_wait(&self) -> bool {
+        match self.writer.try_lock() {
+            Some(w) => w.as_ref().is_some_and(|w| w.inflight.is_some()),
+            None => true,
+        }
+    }
+
     /// Makes every record appended so far durable (fdatasync of each pack written to).
     pub fn sync(&self) -> Result<()> {
         self.flush()?;

@@ -644,7 +644,7 @@ fn children(engine: &dyn Engine, t: TreeId, ino: u64) -> Result<Vec<(Vec<u8>, Di
         top: t,
         lower: Vec::new(),
     };
-    Ok(s.list(engine, ino, usize::MAX)?.into_iter().collect())
+    s.list(engine, ino, usize::MAX)
 }
 
 /// Reads a file's bytes from its extents, holes as zeros, streaming chunk by chunk.

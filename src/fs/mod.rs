@@ -925,4 +925,47 @@ mod tests {
             fs.release(fh, a.ino).unwrap();
         }
     }
+
+    #[test]
+    fn small_flushes_commit_inline_unless_they_would_read_or_are_large() {
+        let (_dir, fs) = volume();
+        let who = Caller {
+            uid: 0,
+            gid: 0,
+            pid: 1,
+        };
+        let new = NewNode {
+            kind: Kind::File,
+            perm: 0o644,
+            rdev: 0,
+            target: &[],
+        };
+        let (a, _fh) = fs
+            .make(ROOT_INO, b"f", new, who, Some(libc::O_RDWR))
+            .unwrap();
+        // A new small file: committed in place, nothing left buffered.
+        fs.write(a.ino, 0, &[7u8; 10_000], false).unwrap();
+        assert!(!fs.flush_is_noop(a.ino));
+        fs.flush_inline(a.ino)
+            .expect("small and new: inline")
+            .unwrap();
+        assert!(fs.flush_is_noop(a.ino));
+        // Appending at the end reads nothing back.
+        fs.write(a.ino, 10_000, b"tail", false).unwrap();
+        fs.flush_inline(a.ino).expect("append: inline").unwrap();
+        // More than INLINE_COMMIT_MAX buffered: left to an I/O thread.
+        let big: Vec<u8> = (0..4u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        fs.write(a.ino, 0, &big, false).unwrap();
+        assert!(fs.flush_inline(a.ino).is_none());
+        fs.flush(a.ino).unwrap();
+        // A write inside a committed extent would read its chunk back: left too.
+        fs.write(a.ino, 1_000_003, b"middle", false).unwrap();
+        assert!(fs.flush_inline(a.ino).is_none());
+        fs.flush(a.ino).unwrap();
+        let mut want = big.clone();
+        want[1_000_003..1_000_009].copy_from_slice(b"middle");
+        assert_eq!(fs.read(a.ino, 0, want.len() as u32 + 10).unwrap(), want);
+    }
 }
