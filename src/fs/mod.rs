@@ -887,9 +887,8 @@ mod tests {
         (dir, VolumeFs::load(store, &rec).unwrap())
     }
 
-    #[test]
-    fn a_fenced_volume_refuses_changes_and_commits_what_it_had() {
-        let (_dir, fs) = volume();
+    /// Creates and opens (read-write) a regular file in the root, as root.
+    fn new_file(fs: &VolumeFs, name: &[u8]) -> (Attr, Option<u64>) {
         let who = Caller {
             uid: 0,
             gid: 0,
@@ -901,9 +900,14 @@ mod tests {
             rdev: 0,
             target: &[],
         };
-        let (a, fh) = fs
-            .make(ROOT_INO, b"f", new, who, Some(libc::O_RDWR))
-            .unwrap();
+        fs.make(ROOT_INO, name, new, who, Some(libc::O_RDWR))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_fenced_volume_refuses_changes_and_commits_what_it_had() {
+        let (_dir, fs) = volume();
+        let (a, fh) = new_file(&fs, b"f");
         fs.write(a.ino, 0, b"before", false).unwrap();
         fs.set_fenced(Some("lease lapsed".into()));
         let e = fs.write(a.ino, 6, b"after", false).unwrap_err();
@@ -929,20 +933,7 @@ mod tests {
     #[test]
     fn small_flushes_commit_inline_unless_they_would_read_or_are_large() {
         let (_dir, fs) = volume();
-        let who = Caller {
-            uid: 0,
-            gid: 0,
-            pid: 1,
-        };
-        let new = NewNode {
-            kind: Kind::File,
-            perm: 0o644,
-            rdev: 0,
-            target: &[],
-        };
-        let (a, _fh) = fs
-            .make(ROOT_INO, b"f", new, who, Some(libc::O_RDWR))
-            .unwrap();
+        let (a, _fh) = new_file(&fs, b"f");
         // A new small file: committed in place, nothing left buffered.
         fs.write(a.ino, 0, &[7u8; 10_000], false).unwrap();
         assert!(!fs.flush_is_noop(a.ino));
