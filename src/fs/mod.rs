@@ -146,6 +146,34 @@ struct NodeState {
     opens: u32,
     /// Removed from the inode table; whoever holds this node must look the inode up again.
     evicted: bool,
+    /// Known to have no extended attributes: made by this process and none set since.
+    /// `getxattr`, `listxattr` and the kill-privileges check answer from memory, and a
+    /// delete skips the xattr scan (a new file costs two `getxattr` of `security.capability`).
+    no_xattrs: bool,
+}
+
+impl NodeState {
+    fn new(
+        rec: InodeRecord,
+        tree: TreeId,
+        extents: Option<BTreeMap<u64, Extent>>,
+        no_xattrs: bool,
+    ) -> Self {
+        NodeState {
+            rec,
+            tree,
+            extents,
+            dirty: BTreeMap::new(),
+            dirty_bytes: 0,
+            reserved: 0,
+            rec_dirty: false,
+            held: None,
+            lookups: 0,
+            opens: 0,
+            evicted: false,
+            no_xattrs,
+        }
+    }
 }
 
 type Node = Mutex<NodeState>;
@@ -446,20 +474,27 @@ impl VolumeFs {
             .stack()
             .inode(&*self.engine, ino)?
             .ok_or(Error::Posix(libc::ENOENT))?;
-        let node = Arc::new(Mutex::new(NodeState {
-            rec,
-            tree,
-            extents: None,
-            dirty: BTreeMap::new(),
-            dirty_bytes: 0,
-            reserved: 0,
-            rec_dirty: false,
-            held: None,
-            lookups: 0,
-            opens: 0,
-            evicted: false,
-        }));
+        let node = Arc::new(Mutex::new(NodeState::new(rec, tree, None, false)));
         Ok(self.nodes.entry(ino).or_insert(node).clone())
+    }
+
+    /// The node of an inode just made in the top tree, whose record `rec` the caller wrote:
+    /// no extents and no xattrs yet, so neither is looked up in the index.
+    /// A reader that found the new entry first (readdirplus) may have loaded the node
+    /// already: that one stays.
+    fn new_node(&self, ino: u64, rec: InodeRecord) -> Arc<Node> {
+        let tree = self.tree();
+        self.nodes
+            .entry(ino)
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(NodeState::new(
+                    rec,
+                    tree,
+                    Some(BTreeMap::new()),
+                    true,
+                )))
+            })
+            .clone()
     }
 
     /// Locks the state of `ino`, retrying if the node was evicted meanwhile.
@@ -705,7 +740,9 @@ impl VolumeFs {
                 }
                 None => self.delete_keys(b, Cf::Extents, &self.ikey(ino))?,
             }
-            self.delete_keys(b, Cf::Xattrs, &self.ikey(ino))?;
+            if !st.no_xattrs {
+                self.delete_keys(b, Cf::Xattrs, &self.ikey(ino))?;
+            }
         }
         b.delete(Cf::Orphans, self.ikey(ino));
         b.add(
@@ -958,5 +995,33 @@ mod tests {
         let mut want = big.clone();
         want[1_000_003..1_000_009].copy_from_slice(b"middle");
         assert_eq!(fs.read(a.ino, 0, want.len() as u32 + 10).unwrap(), want);
+    }
+
+    #[test]
+    fn a_new_file_answers_xattrs_from_memory_until_one_is_set() {
+        let (_dir, fs) = volume();
+        let (a, _fh) = new_file(&fs, b"x");
+        let data = |r: Result<xattr::XattrReply>| match r.unwrap() {
+            xattr::XattrReply::Data(v) => v,
+            xattr::XattrReply::Size(n) => panic!("asked for data, got size {n}"),
+        };
+        let e = fs.getxattr(a.ino, b"user.k", 10).err().map(|e| e.errno());
+        assert_eq!(e, Some(libc::ENODATA));
+        assert_eq!(data(fs.listxattr(a.ino, 100)), b"");
+        fs.setxattr(a.ino, b"user.k", b"v", 0).unwrap();
+        assert_eq!(data(fs.getxattr(a.ino, b"user.k", 10)), b"v");
+        assert_eq!(data(fs.listxattr(a.ino, 100)), b"user.k\0");
+        fs.removexattr(a.ino, b"user.k").unwrap();
+        let e = fs.getxattr(a.ino, b"user.k", 10).err().map(|e| e.errno());
+        assert_eq!(e, Some(libc::ENODATA));
+        // Deleting the file deletes what it had (the scan is skipped only while none was set).
+        fs.setxattr(a.ino, b"user.z", b"1", 0).unwrap();
+        let key = meta::xattr_key(fs.tree(), a.ino, b"user.z");
+        assert!(fs.engine.get(Cf::Xattrs, &key).unwrap().is_some());
+        fs.unlink(ROOT_INO, b"x").unwrap();
+        if let Some(fh) = _fh {
+            fs.release(fh, a.ino).unwrap();
+        }
+        assert!(fs.engine.get(Cf::Xattrs, &key).unwrap().is_none());
     }
 }

@@ -114,7 +114,11 @@ impl VolumeFs {
         self.persist_rec(&mut b, parent, &p.rec);
         self.engine.write(b, false)?;
         drop(p);
-        let mut st = self.lock(ino)?;
+        let mut st = self.new_node(ino, rec).lock_arc();
+        if st.evicted {
+            drop(st);
+            st = self.lock(ino)?;
+        }
         self.remember(ino, &mut st);
         let fh = open_flags.map(|_| {
             st.opens += 1;
@@ -206,7 +210,7 @@ impl VolumeFs {
         st.rec.nlink = 0;
         st.rec.ctime = now;
         self.delete_inode(b, ino);
-        if st.tree == self.tree() {
+        if st.tree == self.tree() && !st.no_xattrs {
             self.delete_keys(b, Cf::Xattrs, &self.ikey(ino))?;
         }
         Ok(())

@@ -54,6 +54,7 @@ impl VolumeFs {
         }
         let mut b = Batch::new();
         b.put(Cf::Xattrs, key, value.to_vec());
+        st.no_xattrs = false;
         st.rec.ctime = Ts::now();
         self.persist_rec(&mut b, ino, &st.rec);
         self.engine.write(b, false)
@@ -62,6 +63,9 @@ impl VolumeFs {
     pub fn getxattr(&self, ino: u64, name: &[u8], size: u32) -> Result<XattrReply> {
         check(name)?;
         let st = self.lock(ino)?;
+        if st.no_xattrs {
+            return posix(libc::ENODATA);
+        }
         match self
             .engine
             .get(Cf::Xattrs, &meta::xattr_key(st.tree, ino, name))?
@@ -74,6 +78,9 @@ impl VolumeFs {
     pub fn listxattr(&self, ino: u64, size: u32) -> Result<XattrReply> {
         let st = self.lock(ino)?;
         let mut out = Vec::new();
+        if st.no_xattrs {
+            return reply(out, size);
+        }
         for (k, _) in self
             .engine
             .scan_prefix(Cf::Xattrs, &meta::inode_key(st.tree, ino))?
@@ -120,7 +127,7 @@ impl VolumeFs {
             changed = true;
         }
         let key = meta::xattr_key(st.tree, ino, CAPABILITY_XATTR);
-        if self.engine.get(Cf::Xattrs, &key)?.is_some() {
+        if !st.no_xattrs && self.engine.get(Cf::Xattrs, &key)?.is_some() {
             self.own(ino, st)?;
             b.delete(Cf::Xattrs, meta::xattr_key(st.tree, ino, CAPABILITY_XATTR));
             changed = true;
