@@ -131,7 +131,6 @@ struct AlignedBuf {
 impl AlignedBuf {
     fn with_capacity(cap: usize) -> AlignedBuf {
         let mem = vec![0u8; cap + BLOCK];
-        crate::mem::advise_huge(mem.as_ptr(), mem.len());
         let start = mem.as_ptr().align_offset(BLOCK).min(BLOCK);
         AlignedBuf { mem, start, len: 0 }
     }

@@ -32,7 +32,6 @@ pub mod gc;
 pub mod ids;
 pub mod image;
 pub mod layer;
-pub mod mem;
 pub mod meta;
 pub mod progress;
 pub mod replica;

@@ -63,9 +63,7 @@ fn take_from(pool: &Mutex<Pool>) -> Vec<u8> {
         None => {
             let cap = p.cap;
             drop(p);
-            let v = Vec::with_capacity(cap);
-            crate::mem::advise_huge(v.as_ptr(), v.capacity());
-            v
+            Vec::with_capacity(cap)
         }
     }
 }
