@@ -323,16 +323,8 @@ impl VolumeFs {
                 let chunks = self.store.chunks.clone();
                 let ext = self.extents(ino, st)?;
                 // Widen to whole committed extents at the edges.
-                let left = ext
-                    .range(..a)
-                    .next_back()
-                    .map(|(o, e)| (*o, *e))
-                    .filter(|(o, e)| o + e.len as u64 > a);
-                let right = ext
-                    .range(..end)
-                    .next_back()
-                    .map(|(o, e)| (*o, *e))
-                    .filter(|(o, e)| o + e.len as u64 > end);
+                let left = straddling(ext, a);
+                let right = straddling(ext, end);
                 let start = left.map(|(o, _)| o).unwrap_or(a);
                 let stop = right.map(|(o, e)| o + e.len as u64).unwrap_or(end);
                 let keep_tail = mode == Commit::KeepTail && left.is_none() && end >= size;
@@ -524,16 +516,9 @@ impl VolumeFs {
             return Some(Err(e));
         }
         let ext = st.extents.as_ref()?;
-        let straddles = |at: u64| {
-            ext.range(..at)
-                .next_back()
-                .is_some_and(|(o, e)| o + e.len as u64 > at)
-        };
-        if st
-            .dirty
-            .iter()
-            .any(|(a, d)| straddles(*a) || straddles(a + d.len() as u64))
-        {
+        if st.dirty.iter().any(|(a, d)| {
+            straddling(ext, *a).is_some() || straddling(ext, a + d.len() as u64).is_some()
+        }) {
             return None;
         }
         Some(self.commit(ino, &mut st, Commit::All, false))
@@ -860,6 +845,15 @@ fn extent_bytes(chunks: &Arc<ChunkStore>, e: &Extent, from: u32, len: u32) -> Re
 }
 
 /// Extents that overlap `[a, b)`.
+/// The committed extent that starts before `at` and ends after it, if any: a commit of a
+/// range with an edge at `at` widens to it and reads its chunk back.
+fn straddling(ext: &BTreeMap<u64, Extent>, at: u64) -> Option<(u64, Extent)> {
+    ext.range(..at)
+        .next_back()
+        .map(|(o, e)| (*o, *e))
+        .filter(|(o, e)| o + e.len as u64 > at)
+}
+
 fn overlapping(ext: &BTreeMap<u64, Extent>, a: u64, b: u64) -> Vec<(u64, Extent)> {
     let mut out = Vec::new();
     if let Some((o, e)) = ext.range(..a).next_back() {

@@ -478,23 +478,20 @@ impl VolumeFs {
         Ok(self.nodes.entry(ino).or_insert(node).clone())
     }
 
-    /// The node of an inode just made in the top tree, whose record `rec` the caller wrote:
-    /// no extents and no xattrs yet, so neither is looked up in the index.
+    /// Puts in the table the node of an inode just made in the top tree, whose record `rec`
+    /// the caller wrote: no extents and no xattrs yet, so neither is looked up in the index.
     /// A reader that found the new entry first (readdirplus) may have loaded the node
     /// already: that one stays.
-    fn new_node(&self, ino: u64, rec: InodeRecord) -> Arc<Node> {
+    fn new_node(&self, ino: u64, rec: InodeRecord) {
         let tree = self.tree();
-        self.nodes
-            .entry(ino)
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(NodeState::new(
-                    rec,
-                    tree,
-                    Some(BTreeMap::new()),
-                    true,
-                )))
-            })
-            .clone()
+        self.nodes.entry(ino).or_insert_with(|| {
+            Arc::new(Mutex::new(NodeState::new(
+                rec,
+                tree,
+                Some(BTreeMap::new()),
+                true,
+            )))
+        });
     }
 
     /// Locks the state of `ino`, retrying if the node was evicted meanwhile.
@@ -1000,7 +997,7 @@ mod tests {
     #[test]
     fn a_new_file_answers_xattrs_from_memory_until_one_is_set() {
         let (_dir, fs) = volume();
-        let (a, _fh) = new_file(&fs, b"x");
+        let (a, fh) = new_file(&fs, b"x");
         let data = |r: Result<xattr::XattrReply>| match r.unwrap() {
             xattr::XattrReply::Data(v) => v,
             xattr::XattrReply::Size(n) => panic!("asked for data, got size {n}"),
@@ -1019,7 +1016,7 @@ mod tests {
         let key = meta::xattr_key(fs.tree(), a.ino, b"user.z");
         assert!(fs.engine.get(Cf::Xattrs, &key).unwrap().is_some());
         fs.unlink(ROOT_INO, b"x").unwrap();
-        if let Some(fh) = _fh {
+        if let Some(fh) = fh {
             fs.release(fh, a.ino).unwrap();
         }
         assert!(fs.engine.get(Cf::Xattrs, &key).unwrap().is_none());

@@ -114,11 +114,8 @@ impl VolumeFs {
         self.persist_rec(&mut b, parent, &p.rec);
         self.engine.write(b, false)?;
         drop(p);
-        let mut st = self.new_node(ino, rec).lock_arc();
-        if st.evicted {
-            drop(st);
-            st = self.lock(ino)?;
-        }
+        self.new_node(ino, rec);
+        let mut st = self.lock(ino)?;
         self.remember(ino, &mut st);
         let fh = open_flags.map(|_| {
             st.opens += 1;
